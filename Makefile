@@ -1,0 +1,23 @@
+# Two commands on a fresh machine: `make sim` (the local multi-site simulation) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# the CPU build of torch first, so nothing pulls a multi-GB CUDA build
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+.PHONY: setup sim test bench
+setup: $(STAMP)
+
+sim: $(STAMP)
+	$(VENV)/bin/mome sim $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_core.py

@@ -1,0 +1,100 @@
+"""One typed configuration for data, model, training and federation, read from Flower's run config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of a run. Flower run-config keys are the kebab-case field names."""
+
+    # data
+    modalities: str = "T1,T1ce,T2,FLAIR"  # federation-wide imaging vocabulary, in channel order
+    clinical_fields: str = "age=num:100,sex=cat:F|M,risk=cat:low|high"  # name=num:scale | name=cat:a|b
+    size: int = 48  # every case is resampled to size^3 voxels
+    val_fraction: float = 0.2  # share of a site's training cases held out for validation
+    # model
+    stem_channels: int = 8
+    channels: str = "16,32,64"  # shared body: feature channels per resolution level
+    modality_dropout: float = 0.25  # chance of hiding each present modality during training
+    aux_weight: float = 0.3  # weight of the per-modality auxiliary head losses
+    balance_alpha: float = 1.0  # strength of the modality loss factors (0 disables balancing)
+    gate_pool: int = 8  # gate sees channels average-pooled to gate_pool^3
+    gate_hidden: int = 32
+    gate_top_k: int = 0  # 0 = dense softmax over all experts
+    # training
+    seed: int = 0
+    lr: float = 3e-3
+    batch_size: int = 2
+    expert_epochs: int = 6
+    gate_epochs: int = 4
+    personalise_epochs: int = 3
+    # federation
+    strategy: str = "mome"  # mome | fedavg | fedavg-ft | local | centralized
+    warmup_rounds: int = 1
+    expert_rounds: int = 1
+    gate_rounds: int = 2
+    gate_aggregation: str = "fedavg"  # fedavg | dro
+    dro_temperature: float = 1.0
+    max_update_norm: float = 1e4
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.modalities.split(",") if m.strip())
+
+    @property
+    def channel_list(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.channels.split(","))
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case keys, as Flower's run config carries them."""
+        return {k.replace("_", "-"): v for k, v in self.to_dict().items()}
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> Config:
+    """Build a Config from run-config style keys (kebab or snake case); unknown keys are an error."""
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        default = known[name].default
+        kwargs[name] = _coerce(name, value, type(default))
+    return Config(**kwargs)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config key {name!r}: cannot read {value!r} as {kind.__name__}") from exc
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse 'key=value key2=value2' (the flwr --run-config style) into a mapping of strings."""
+    out: dict[str, Any] = {}
+    for item in text.split():
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip().strip('"')
+    return out

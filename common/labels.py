@@ -1,0 +1,73 @@
+"""What a site's labels mean: nnU-Net regions (sigmoid) or classes (softmax), read from dataset.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Output channels of a model and how label maps turn into targets and back."""
+
+    kind: str  # "regions" (nested binary channels) or "classes" (one-hot incl. background)
+    names: tuple[str, ...]  # one per output channel
+    members: tuple[tuple[int, ...], ...]  # label values making up each output channel
+    values: tuple[int, ...]  # every label value a label map may contain
+    regions_class_order: tuple[int, ...] = ()  # value painted for each region, in order
+
+    @property
+    def n_out(self) -> int:
+        return len(self.names)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Channels that Dice/HD95 are reported for (background excluded for classes)."""
+        return self.names if self.kind == "regions" else self.names[1:]
+
+    def to_target(self, label: np.ndarray) -> np.ndarray:
+        """Label map [...] -> float32 target [n_out, ...]."""
+        return np.stack([np.isin(label, m) for m in self.members]).astype(np.float32)
+
+    def to_label_map(self, probs: np.ndarray) -> np.ndarray:
+        """Probabilities [n_out, ...] -> label map with the dataset's own values (uint8)."""
+        if self.kind == "classes":
+            return np.asarray(self.members, dtype=np.int64)[:, 0][probs.argmax(0)].astype(np.uint8)
+        out = np.zeros(probs.shape[1:], dtype=np.uint8)
+        for channel, value in enumerate(self.regions_class_order):
+            out[probs[channel] > 0.5] = value  # nnU-Net paints regions in order, inner last
+        return out
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "names": list(self.names), "members": [list(m) for m in self.members],
+                "values": list(self.values), "regions_class_order": list(self.regions_class_order)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "LabelSpec":
+        return LabelSpec(d["kind"], tuple(d["names"]), tuple(tuple(m) for m in d["members"]),
+                         tuple(d["values"]), tuple(d.get("regions_class_order", ())))
+
+
+def label_spec_from_dataset_json(meta: dict) -> LabelSpec:
+    """Parse the `labels` (and `regions_class_order`) entries; raise ValueError on malformed input."""
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError("'labels' must be a non-empty mapping of name -> value or list of values")
+    parsed: dict[str, tuple[int, ...]] = {}
+    for name, value in labels.items():
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+            raise ValueError(f"label {name!r}: {value!r} is not a non-negative integer or list of them")
+        parsed[name] = tuple(items)
+    values = tuple(sorted({v for items in parsed.values() for v in items} | {0}))
+    if not any(isinstance(v, list) for v in labels.values()):
+        order = sorted(parsed.items(), key=lambda kv: kv[1][0])
+        return LabelSpec("classes", tuple(n for n, _ in order), tuple(m for _, m in order), values)
+    regions = {n: m for n, m in parsed.items() if m != (0,)}
+    order = meta.get("regions_class_order")
+    if order is None:
+        order = [max(m) for m in regions.values()]
+    if len(order) != len(regions):
+        raise ValueError(f"'regions_class_order' has {len(order)} entries for {len(regions)} regions")
+    return LabelSpec("regions", tuple(regions), tuple(regions.values()), values, tuple(int(v) for v in order))

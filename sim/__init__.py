@@ -1,0 +1,1 @@
+"""Synthetic multi-site federations of multimodal brain-MRI-like data for testing and demos."""

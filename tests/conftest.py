@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny synthetic federation written once per test session."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from common.config import Config
+
+TINY = Config(size=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_federation(tmp_path_factory) -> list[Path]:
+    """Four 24^3 sites of the mixed preset (read-only: copy before corrupting)."""
+    from sim.synth import generate_federation
+
+    out = tmp_path_factory.mktemp("federation")
+    return generate_federation(out, sites=4, preset="mixed", seed=0, size=24, cases=4, test_cases=2)
+
+
+@pytest.fixture
+def site_copy(tiny_federation, tmp_path) -> Path:
+    """A private copy of the first site to corrupt."""
+    return Path(shutil.copytree(tiny_federation[0], tmp_path / tiny_federation[0].name))
+
+
+def tree_checksums(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
