@@ -37,11 +37,15 @@ class Config:
     # federation
     strategy: str = "mome"  # mome | fedavg | fedavg-ft | local | centralized
     warmup_rounds: int = 1
+    warmup_epochs: int = 2  # local epochs per warm-up (and matching FedAvg) round
     expert_rounds: int = 1
     gate_rounds: int = 2
     gate_aggregation: str = "fedavg"  # fedavg | dro
     dro_temperature: float = 1.0
-    max_update_norm: float = 1e4
+    max_update_norm: float = 1e4  # bound on the L2 change a site may make to the weights it was sent
+    min_sites: int = 1  # the run starts once this many sites are connected
+    connect_timeout: float = 300.0  # seconds to wait for them
+    round_timeout: float = 900.0  # seconds to wait for sites' replies in one step
 
     @property
     def modality_names(self) -> tuple[str, ...]:

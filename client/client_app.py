@@ -1,0 +1,107 @@
+"""The Flower ClientApp: one handler per protocol action; replies carry only weights and scalars."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import Site
+from common.config import Config, config_from_mapping
+from common.wire import NUM_EXAMPLES, SITE_ID, Key, from_record, metric_record, to_record
+
+log = logging.getLogger("mome.client")
+SiteLocator = Callable[[Context], tuple[Path, str, Path | None]]
+
+
+def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
+    """Deployment: each SuperNode is told its data folder and site id in --node-config."""
+    node = context.node_config
+    if "data-dir" not in node:
+        raise ValueError("node config needs data-dir (and site-id): --node-config 'site-id=\"a\" data-dir=\"...\"'")
+    data_dir = Path(str(node["data-dir"]))
+    out_dir = Path(str(node["out-dir"])) if node.get("out-dir") else None
+    return data_dir, str(node.get("site-id", data_dir.name)), out_dir
+
+
+def make_client_app(locate: SiteLocator = node_config_locator) -> ClientApp:
+    """A ClientApp whose sites are found by `locate` (node config, or a simulation's partition map)."""
+    app = ClientApp()
+    opened: dict[tuple, Site] = {}  # per app instance: load and validate a site once per run
+
+    def site_for(msg: Message, context: Context) -> tuple[Site, Config]:
+        cfg = config_from_mapping(dict(msg.content[Key.CONFIG]))
+        data_dir, site_id, out_dir = locate(context)
+        key = (str(data_dir), site_id, str(out_dir), tuple(sorted(cfg.to_dict().items())))
+        if key not in opened:
+            start = time.perf_counter()
+            opened[key] = Site.open(data_dir, cfg, site_id, out_dir)
+            log.info("site %s: loaded %s in %.1f s", site_id, data_dir, time.perf_counter() - start)
+        return opened[key], cfg
+
+    def reply(msg: Message, site: Site, metrics: dict, state: dict | None = None,
+              n_examples: int = 0) -> Message:
+        content = RecordDict({Key.METRICS: metric_record({**metrics, NUM_EXAMPLES: n_examples}),
+                              "site": ConfigRecord({SITE_ID: site.site_id})})
+        if state is not None:
+            content[Key.MODEL] = to_record(state)
+        return Message(content, reply_to=msg)
+
+    @app.query("describe")
+    def describe(msg: Message, context: Context) -> Message:
+        site, _ = site_for(msg, context)
+        facts = site.describe()
+        content = RecordDict({"site": ConfigRecord({SITE_ID: site.site_id, "labels": json.dumps(facts["labels"]),
+                                                    "modalities": ",".join(facts["modalities"])}),
+                              Key.METRICS: metric_record({k: facts[k] for k in ("n_train", "n_val", "n_test",
+                                                                                 "skipped")})})
+        return Message(content, reply_to=msg)
+
+    @app.train("shared")
+    def train_shared(msg: Message, context: Context) -> Message:
+        site, cfg = site_for(msg, context)
+        state, metrics = site.train_model(from_record(msg.content[Key.MODEL]), int(_phase(msg)["epochs"]))
+        return reply(msg, site, metrics, state, metrics["n_train"])
+
+    @app.train("expert")
+    def train_expert(msg: Message, context: Context) -> Message:
+        return train_shared(msg, context)
+
+    @app.train("gate")
+    def train_gate(msg: Message, context: Context) -> Message:
+        site, cfg = site_for(msg, context)
+        experts = _experts(msg)
+        state, metrics = site.train_gate(list(experts.values()), from_record(msg.content[Key.GATE]),
+                                         int(_phase(msg)["epochs"]))
+        return reply(msg, site, metrics, state, metrics["n_train"] + metrics["n_val"])
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        site, cfg = site_for(msg, context)
+        phase = _phase(msg)
+        if Key.GATE in msg.content:
+            metrics = site.evaluate_mixture(_experts(msg), from_record(msg.content[Key.GATE]))
+        else:
+            metrics = site.evaluate_shared(from_record(msg.content[Key.MODEL]), int(phase["finetune-epochs"]),
+                                           str(phase["strategy"]))
+        return reply(msg, site, metrics, None, metrics["n_test"])
+
+    return app
+
+
+def _phase(msg: Message) -> ConfigRecord:
+    return msg.content["phase"]
+
+
+def _experts(msg: Message) -> dict[str, dict]:
+    prefix = str(Key.EXPERT_PREFIX)
+    return {name[len(prefix):]: from_record(rec) for name, rec in msg.content.array_records.items()
+            if name.startswith(prefix)}
+
+
+app = make_client_app()

@@ -1,0 +1,90 @@
+"""The model a site ends up using, saved as a folder: weights.npz + metadata.json (MONAI-bundle style)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+
+import numpy as np
+
+from common.config import Config, config_from_mapping
+from common.labels import LabelSpec
+
+
+@dataclass
+class Bundle:
+    """Experts (one for a single shared model) and an optional gate, with what predict needs to know."""
+
+    cfg: Config
+    label_spec: LabelSpec
+    experts: dict[str, dict[str, np.ndarray]]  # name (site id, or "shared") -> state
+    gate: dict[str, np.ndarray] | None = None
+    strategy: str = "mome"
+    site_id: str = ""
+
+    def metadata(self) -> dict:
+        return {
+            "format": "mome-bundle/1", "strategy": self.strategy, "site_id": self.site_id,
+            "experts": list(self.experts), "has_gate": self.gate is not None,
+            "modalities": list(self.cfg.modality_names), "clinical_fields": self.cfg.clinical_fields,
+            "labels": self.label_spec.to_dict(),
+            "preprocessing": {"normalise": "z-score per channel over non-zero voxels",
+                              "resample_to": [self.cfg.size] * 3},
+            "config": self.cfg.to_dict(), "versions": _versions(),
+        }
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("mome-fl", "torch", "monai", "flwr", "nibabel", "numpy"):
+        try:
+            out[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_bundle(bundle: Bundle, folder: Path) -> Path:
+    """Write into a temporary sibling folder, then swap it in, so a reader never sees half a bundle."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    arrays = {f"expert/{name}/{k}": v for name, state in bundle.experts.items() for k, v in state.items()}
+    if bundle.gate is not None:
+        arrays.update({f"gate/{k}": v for k, v in bundle.gate.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    (tmp / "weights.npz").write_bytes(buffer.getvalue())
+    (tmp / "metadata.json").write_text(json.dumps(bundle.metadata(), indent=2))
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_bundle(folder: Path) -> Bundle:
+    folder = Path(folder)
+    meta_path = folder / "metadata.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing; is {folder} a model bundle?")
+    meta = json.loads(meta_path.read_text())
+    experts: dict[str, dict[str, np.ndarray]] = {name: {} for name in meta["experts"]}
+    gate: dict[str, np.ndarray] | None = {} if meta["has_gate"] else None
+    with np.load(folder / "weights.npz") as npz:
+        for key in npz.files:
+            kind, _, rest = key.partition("/")
+            if kind == "gate":
+                gate[rest] = npz[key]
+            else:
+                name, _, param = rest.partition("/")
+                experts[name][param] = npz[key]
+    return Bundle(config_from_mapping(meta["config"]), LabelSpec.from_dict(meta["labels"]), experts,
+                  gate, meta["strategy"], meta.get("site_id", ""))

@@ -1,0 +1,97 @@
+"""Segmentation measures: soft Dice scores for training signals, Dice and HD95 per region for evaluation."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from monai.losses import DiceLoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+from common.model import ExpertNet, GateNet, mixture_probs, probabilities
+
+Batch = Mapping[str, torch.Tensor]
+Predictor = Callable[[Batch], torch.Tensor]
+
+
+def foreground(x: torch.Tensor, kind: str, hard: bool = True) -> torch.Tensor:
+    """The scored channels: every region, or every class but background (argmax one-hot when hard)."""
+    if kind == "regions":
+        return (x > 0.5).float() if hard else x
+    if kind == "classes":
+        if hard:
+            x = torch.nn.functional.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).float()
+        return x[:, 1:]
+    raise ValueError(f"unknown label kind {kind!r}")
+
+
+def dice_score(probs: torch.Tensor, target: torch.Tensor, kind: str, hard: bool = False) -> torch.Tensor:
+    """Per-case Dice [B] averaged over scored channels; soft unless hard. Both empty scores 1 (smoothing)."""
+    pred, ref = foreground(probs, kind, hard), foreground(target, kind, hard=True)
+    per_channel = 1.0 - DiceLoss(reduction="none")(pred, ref)
+    return per_channel.flatten(1).mean(1)
+
+
+def _dice_per_case(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    # ignore_empty=False: empty target and empty prediction -> 1, empty target only -> 0 (no NaN)
+    return DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, ref)
+
+
+def _hd95_per_case(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """HD95 [B, R] in voxels; one side empty -> volume diagonal (max penalty), both empty -> 0."""
+    diagonal = math.sqrt(sum(s * s for s in pred.shape[2:]))
+    pred_any, ref_any = pred.flatten(2).any(2), ref.flatten(2).any(2)
+    out = torch.where(pred_any == ref_any, 0.0, diagonal)
+    metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+    for r in range(pred.shape[1]):
+        both = pred_any[:, r] & ref_any[:, r]
+        if both.any():
+            out[both, r] = metric(pred[both, r : r + 1], ref[both, r : r + 1]).flatten().float()
+    return out
+
+
+def evaluate(predict_probs: Predictor, batches: Iterable[Batch], kind: str, with_hd95: bool = True) -> dict:
+    """Dice per scored region, mean Dice, mean HD95 (voxels) and case count over the batches.
+
+    Conventions (no NaN): Dice of an empty target with an empty prediction is 1, with any prediction 0;
+    HD95 of an empty/non-empty pair is the volume diagonal, of an empty/empty pair 0 (None if not asked).
+    """
+    dices, hds = [], []
+    for batch in batches:
+        pred = foreground(predict_probs(batch).detach().float(), kind)
+        ref = foreground(batch["label"].float(), kind)
+        dices.append(_dice_per_case(pred, ref))
+        if with_hd95:
+            hds.append(_hd95_per_case(pred, ref))
+    if not dices:
+        return {"dice": [], "dice_mean": 0.0, "hd95": 0.0, "n": 0}
+    dice = torch.cat(dices).mean(0)
+    return {
+        "dice": [float(d) for d in dice],
+        "dice_mean": float(dice.mean()),
+        "hd95": float(torch.cat(hds).mean()) if with_hd95 else None,
+        "n": int(sum(d.shape[0] for d in dices)),
+    }
+
+
+def expert_predictor(model: ExpertNet, kind: str) -> Predictor:
+    """batch -> probabilities of one expert (eval mode, no grad)."""
+
+    @torch.no_grad()
+    def predict(batch: Batch) -> torch.Tensor:
+        model.eval()
+        return probabilities(model(batch["image"], batch["presence"], batch["clinical"]), kind)
+
+    return predict
+
+
+def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: str) -> Predictor:
+    """batch -> gate-weighted mixture probabilities of the frozen experts."""
+
+    @torch.no_grad()
+    def predict(batch: Batch) -> torch.Tensor:
+        gate.eval()
+        return mixture_probs(experts, gate, batch, kind)[0]
+
+    return predict

@@ -1,0 +1,225 @@
+"""Expert network (per-modality stems, presence-aware fusion, FiLM U-Net body) and the gating network."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit, UnetOutBlock, UnetResBlock, UnetUpBlock
+from torch import nn
+
+from common.config import Config
+
+KINDS = ("regions", "classes")
+
+
+def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sigmoid for nested regions, softmax over channels for exclusive classes."""
+    if kind == "regions":
+        return torch.sigmoid(logits)
+    if kind == "classes":
+        return torch.softmax(logits, dim=1)
+    raise ValueError(f"unknown label kind {kind!r}; expected one of {KINDS}")
+
+
+def drop_modalities(
+    presence: torch.Tensor, n_modalities: int, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Hide each present modality (imaging and clinical) with probability p; never all imaging ones of a case."""
+    if p <= 0:
+        return presence
+    draws = torch.rand(presence.shape, generator=generator).to(presence.device)
+    kept = presence * (draws >= p).to(presence.dtype)
+    imaging, kept_imaging = presence[:, :n_modalities], kept[:, :n_modalities]
+    lost = (kept_imaging.sum(1) == 0) & (imaging.sum(1) > 0)
+    if lost.any():
+        # restore one present modality per emptied case, picked by the same random draws
+        pick = torch.argmax(torch.where(imaging > 0, draws[:, :n_modalities], -1.0), dim=1)
+        kept[lost, pick[lost]] = 1.0
+    return kept
+
+
+class FiLM(nn.Module):
+    """Feature-wise affine modulation of a feature map by an embedding; starts as the identity."""
+
+    def __init__(self, embed_dim: int, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, 2 * channels)
+        # zero init: an untrained conditioning must not disturb the image pathway
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.proj(embedding)[:, :, None, None, None].chunk(2, dim=1)
+        return x * (1 + gamma) + beta
+
+
+class ExpertNet(nn.Module):
+    """Segmentation expert: per-modality stems -> presence-aware mean fusion -> U-Net body with clinical FiLM."""
+
+    def __init__(
+        self,
+        n_modalities: int,
+        n_clinical: int,
+        n_out: int,
+        stem_channels: int = 8,
+        channels: Sequence[int] = (16, 32, 64),
+        clinical_hidden: int = 32,
+        film_decoder: bool = True,
+    ):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if len(channels) < 2:
+            raise ValueError(f"channels needs at least two levels, got {channels}")
+        self.n_modalities, self.n_clinical, self.n_out = n_modalities, n_clinical, n_out
+        self.channels, self.film_decoder = channels, film_decoder
+        self.stems = nn.ModuleList(
+            ResidualUnit(3, 1, stem_channels, subunits=2, norm="INSTANCE", act="PRELU") for _ in range(n_modalities)
+        )
+        self.aux_heads = nn.ModuleList(
+            Convolution(3, stem_channels, n_out, kernel_size=3, conv_only=True) for _ in range(n_modalities)
+        )
+        # body input: fused stem features + the presence mask as constant channels
+        ins = (stem_channels + n_modalities + 1,) + channels[:-1]
+        self.encoders = nn.ModuleList(
+            UnetResBlock(3, cin, cout, kernel_size=3, stride=1 if i == 0 else 2, norm_name="instance")
+            for i, (cin, cout) in enumerate(zip(ins, channels))
+        )
+        self.decoders = nn.ModuleList(
+            UnetUpBlock(3, channels[i + 1], channels[i], 3, 1, upsample_kernel_size=2, norm_name="instance")
+            for i in reversed(range(len(channels) - 1))
+        )
+        self.head = UnetOutBlock(3, channels[0], n_out)
+        # clinical values and their presence bit, so "absent" differs from "all zeros"
+        self.clinical_encoder = nn.Sequential(
+            nn.Linear(n_clinical + 1, clinical_hidden), nn.GELU(), nn.Linear(clinical_hidden, clinical_hidden), nn.GELU()
+        )
+        film_channels = [channels[-1]] + (list(reversed(channels[:-1])) if film_decoder else [])
+        self.films = nn.ModuleList(FiLM(clinical_hidden, c) for c in film_channels)
+        self.clinical_head = nn.Linear(clinical_hidden, n_out)
+
+    @classmethod
+    def from_config(cls, cfg: Config, n_clinical: int, n_out: int) -> "ExpertNet":
+        return cls(len(cfg.modality_names), n_clinical, n_out, cfg.stem_channels, cfg.channel_list)
+
+    def stem_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-modality features [B, M, C, D, H, W], computed once and reusable across presence masks."""
+        return torch.stack([stem(image[:, m : m + 1]) for m, stem in enumerate(self.stems)], dim=1)
+
+    def aux_logits(self, stem_feats: torch.Tensor) -> torch.Tensor:
+        """Each modality's own segmentation guess [B, M, R, D, H, W], used to measure its contribution."""
+        return torch.stack([head(stem_feats[:, m]) for m, head in enumerate(self.aux_heads)], dim=1)
+
+    def clinical_embedding(self, clinical: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        present = presence[:, self.n_modalities :]
+        return self.clinical_encoder(torch.cat([clinical * present, present], dim=1))
+
+    def clinical_logits(self, clinical: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        """Auxiliary clinical head [B, R]: logits of each output channel's volume fraction."""
+        return self.clinical_head(self.clinical_embedding(clinical, presence))
+
+    def fuse(self, stem_feats: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        """Mean over present modalities only (absent ones are excluded, not averaged in as zeros) + mask channels."""
+        imaging = presence[:, : self.n_modalities]
+        weights = imaging / imaging.sum(1, keepdim=True).clamp(min=1.0)
+        fused = (stem_feats * weights[:, :, None, None, None, None]).sum(1)
+        mask = presence[:, :, None, None, None].expand(-1, -1, *fused.shape[2:])
+        return torch.cat([fused, mask.to(fused.dtype)], dim=1)
+
+    def decode(self, stem_feats: torch.Tensor, presence: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+        """Fusion + U-Net body: logits [B, R, D, H, W] for the given presence mask."""
+        factor = 2 ** (len(self.channels) - 1)
+        if any(s % factor for s in stem_feats.shape[3:]):
+            raise ValueError(f"spatial size {tuple(stem_feats.shape[3:])} must be divisible by {factor}")
+        x = self.fuse(stem_feats, presence)
+        embedding = self.clinical_embedding(clinical, presence)
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+        x = self.films[0](skips.pop(), embedding)
+        for i, decoder in enumerate(self.decoders):
+            x = decoder(x, skips.pop())
+            if self.film_decoder:
+                x = self.films[i + 1](x, embedding)
+        return self.head(x)
+
+    def forward(self, image: torch.Tensor, presence: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.stem_features(image), presence, clinical)
+
+
+class GateNet(nn.Module):
+    """Router: cheap case summaries -> softmax weights over K experts (optionally top-k sparse)."""
+
+    def __init__(
+        self, n_modalities: int, n_clinical: int, n_experts: int, pool: int = 8, hidden: int = 32, top_k: int = 0
+    ):
+        super().__init__()
+        self.n_modalities, self.n_experts, self.pool, self.top_k = n_modalities, n_experts, pool, top_k
+        conv_channels, grid = 8, 2
+        self.image_encoder = nn.Sequential(
+            Convolution(3, n_modalities, conv_channels, strides=2, kernel_size=3, norm=None, act="RELU"),
+            nn.AdaptiveAvgPool3d(grid),
+            nn.Flatten(),
+        )
+        n_vector = conv_channels * grid**3 + (n_modalities + 1) + n_clinical + 2 * n_modalities
+        self.mlp = nn.Sequential(nn.Linear(n_vector, hidden), nn.ReLU(), nn.Linear(hidden, n_experts))
+
+    @classmethod
+    def from_config(cls, cfg: Config, n_clinical: int, n_experts: int) -> "GateNet":
+        m = len(cfg.modality_names)
+        return cls(m, n_clinical, n_experts, cfg.gate_pool, cfg.gate_hidden, cfg.gate_top_k)
+
+    def logits(self, image, presence, clinical, stats) -> torch.Tensor:
+        imaging = presence[:, : self.n_modalities, None, None, None]
+        small = F.adaptive_avg_pool3d(image, self.pool) * imaging
+        return self.mlp(torch.cat([self.image_encoder(small), presence, clinical, stats], dim=1))
+
+    def forward(self, image, presence, clinical, stats) -> torch.Tensor:
+        weights = torch.softmax(self.logits(image, presence, clinical, stats), dim=1)
+        if 0 < self.top_k < self.n_experts:
+            keep = torch.zeros_like(weights).scatter(1, weights.topk(self.top_k, dim=1).indices, 1.0)
+            weights = weights * keep
+            weights = weights / weights.sum(1, keepdim=True)
+        return weights
+
+
+def gate_weights(gate: GateNet, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return gate(batch["image"], batch["presence"], batch["clinical"], batch["stats"])
+
+
+@torch.no_grad()
+def expert_probs(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Frozen experts' probabilities [B, K, R, D, H, W] (eval mode, no graph)."""
+    out = []
+    for expert in experts:
+        expert.eval()
+        out.append(probabilities(expert(batch["image"], batch["presence"], batch["clinical"]), kind))
+    return torch.stack(out, dim=1)
+
+
+def mixture_probs(
+    experts: Sequence[ExpertNet],
+    gate: GateNet,
+    batch: Mapping[str, torch.Tensor],
+    kind: str,
+    cached: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate-weighted mean of expert probabilities -> (probs [B, R, ...], weights [B, K]); grads reach the gate only."""
+    probs = cached if cached is not None else expert_probs(experts, batch, kind)
+    weights = gate_weights(gate, batch)
+    return (weights[:, :, None, None, None, None] * probs).sum(1), weights
+
+
+def build_expert(cfg: Config, n_clinical: int, n_out: int, seed: int | None = None) -> ExpertNet:
+    """Expert with weights initialised from the seed, leaving the global RNG untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        return ExpertNet.from_config(cfg, n_clinical, n_out)
+
+
+def build_gate(cfg: Config, n_clinical: int, n_experts: int, seed: int | None = None) -> GateNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        return GateNet.from_config(cfg, n_clinical, n_experts)

@@ -1,0 +1,64 @@
+"""Model state as named numpy arrays, and atomic save/load of a state with its metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+META_KEY = "__meta__"  # reserved array name holding the JSON metadata
+
+
+def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    """Every parameter and buffer as an independent CPU numpy copy, keyed by state-dict name."""
+    return {name: t.detach().cpu().numpy().copy() for name, t in module.state_dict().items()}
+
+
+def load_numpy_state(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load arrays into module; names and shapes must match exactly, else ValueError saying what differs."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(arrays))
+    unexpected = sorted(set(arrays) - set(own))
+    wrong = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(np.shape(arrays[k]))}"
+             for k in own if k in arrays and tuple(own[k].shape) != tuple(np.shape(arrays[k]))]
+    problems = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                f"shape mismatch {wrong}" if wrong else ""]
+    if any(problems):
+        raise ValueError(f"state does not fit {type(module).__name__}: " + "; ".join(p for p in problems if p))
+    module.load_state_dict(
+        {k: torch.as_tensor(np.asarray(arrays[k])).to(dtype=own[k].dtype, device=own[k].device) for k in own}
+    )
+
+
+def save_state(path: Path | str, module: nn.Module | Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+    """Write arrays + JSON metadata as one .npz, atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = state_to_numpy(module) if isinstance(module, nn.Module) else dict(module)
+    if META_KEY in arrays:
+        raise ValueError(f"array name {META_KEY!r} is reserved")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays, **{META_KEY: np.array(json.dumps(dict(meta)))})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_state(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read (arrays, meta) written by save_state; no pickle is ever loaded."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if k != META_KEY}
+        meta = json.loads(str(data[META_KEY])) if META_KEY in data.files else {}
+    return arrays, meta

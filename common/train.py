@@ -1,0 +1,183 @@
+"""Training loops: one expert (modality-balanced, with auxiliary heads), the gate over frozen experts, gate personalisation."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
+from torch import nn
+from tqdm.auto import tqdm
+
+from common.balance import ModalityBalancer, aux_scores
+from common.config import Config
+from common.metrics import evaluate, expert_predictor
+from common.model import ExpertNet, GateNet, drop_modalities, expert_probs, mixture_probs
+
+Batch = Mapping[str, torch.Tensor]
+# expert probabilities cached across gate epochs only below this size; above it they are recomputed per step
+CACHE_LIMIT_BYTES = 512 * 2**20
+
+
+def segmentation_loss(kind: str) -> nn.Module:
+    """Dice + voxel loss on logits: sigmoid focal for nested regions, softmax CE for exclusive classes."""
+    if kind == "regions":
+        # not DiceCELoss: with more than one channel it applies softmax CE, wrong for overlapping regions
+        return DiceFocalLoss(sigmoid=True, gamma=2.0)
+    if kind == "classes":
+        return DiceCELoss(softmax=True)
+    raise ValueError(f"unknown label kind {kind!r}")
+
+
+def mixture_loss(probs: torch.Tensor, label: torch.Tensor, kind: str) -> torch.Tensor:
+    """Dice + BCE (regions) or Dice + CE (classes) on probabilities, as the mixture has no logits."""
+    dice = DiceLoss()(probs, label)
+    probs = probs.clamp(1e-6, 1 - 1e-6)
+    if kind == "regions":
+        return dice + F.binary_cross_entropy(probs, label)
+    return dice + F.nll_loss(probs.log(), label.argmax(1))
+
+
+def _order(n: int, generator: torch.Generator) -> list[int]:
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _cases(batches: Sequence[Batch]) -> int:
+    return int(sum(b["label"].shape[0] for b in batches))
+
+
+def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn, factors, cfg: Config, kind: str):
+    """Main loss on the (dropped-out) presence + factor-weighted per-modality aux losses + clinical aux loss."""
+    label, m_count = batch["label"], model.n_modalities
+    feats = model.stem_features(batch["image"])
+    loss = loss_fn(model.decode(feats, presence, batch["clinical"]), label)
+    aux = model.aux_logits(feats)
+    # aux heads see the modalities the case really has (dropout only hides them from the fused body)
+    present = batch["presence"][:, :m_count]
+    terms = [factors[m] * loss_fn(aux[present[:, m] > 0, m], label[present[:, m] > 0])
+             for m in range(m_count) if bool((present[:, m] > 0).any())]
+    rows = batch["presence"][:, m_count] > 0
+    if rows.any():
+        fraction = label[rows].flatten(2).mean(2)  # the clinical head guesses each channel's volume fraction
+        logits = model.clinical_logits(batch["clinical"][rows], batch["presence"][rows])
+        terms.append(F.binary_cross_entropy_with_logits(logits, fraction))
+    if terms:
+        loss = loss + cfg.aux_weight * torch.stack(terms).mean()
+    return loss, aux_scores(aux, label, present, kind)
+
+
+def _validate(model: ExpertNet, val_batches: Sequence[Batch], kind: str) -> float | None:
+    if not val_batches:
+        return None
+    return evaluate(expert_predictor(model, kind), val_batches, kind, with_hd95=False)["dice_mean"]
+
+
+def train_expert(
+    model: ExpertNet,
+    train_batches: Sequence[Batch],
+    val_batches: Sequence[Batch],
+    cfg: Config,
+    kind: str,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train in place; the model ends with the state of best validation Dice (the last one without val data)."""
+    names = cfg.modality_names
+    if len(names) != model.n_modalities:
+        raise ValueError(f"config has {len(names)} modalities {names}, model has {model.n_modalities}")
+    epochs = cfg.expert_epochs if epochs is None else epochs
+    generator = torch.Generator().manual_seed(cfg.seed)
+    balancer = ModalityBalancer(names, alpha=cfg.balance_alpha)
+    loss_fn = segmentation_loss(kind)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    history: dict = {"loss": [], "val_dice": [], "factors": [], "seconds": [], "n_train": _cases(train_batches)}
+    best_dice, best_state, best_epoch = -1.0, None, epochs - 1
+    for epoch in range(epochs):
+        start, model_losses = time.perf_counter(), []
+        model.train()
+        bar = tqdm(_order(len(train_batches), generator), desc=f"expert {epoch + 1}/{epochs}", disable=not progress,
+                   leave=False)
+        for i in bar:
+            batch = train_batches[i]
+            presence = drop_modalities(batch["presence"], model.n_modalities, cfg.modality_dropout, generator)
+            loss, scores = _expert_loss(model, batch, presence, loss_fn, balancer.factors.tolist(), cfg, kind)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            balancer.scale_gradients(model.stems)
+            optimizer.step()
+            balancer.update(scores)
+            model_losses.append(loss.item())
+            bar.set_postfix(loss=f"{model_losses[-1]:.3f}")
+        val = _validate(model, val_batches, kind)
+        history["loss"].append(sum(model_losses) / max(len(model_losses), 1))
+        history["val_dice"].append(val)
+        history["factors"].append(balancer.log_epoch())
+        history["seconds"].append(time.perf_counter() - start)
+        if val is not None and val > best_dice:
+            best_dice, best_epoch = val, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    history.update(best_epoch=best_epoch, best_val_dice=best_dice if best_state is not None else None)
+    return history
+
+
+def _expert_cache(experts, batches, kind) -> list[torch.Tensor] | None:
+    """Frozen experts give the same probabilities every epoch: compute once when it fits in memory."""
+    size = sum(b["label"][:, :1].numel() for b in batches) * len(experts) * batches[0]["label"].shape[1] * 4
+    if size > CACHE_LIMIT_BYTES:
+        return None
+    return [expert_probs(experts, b, kind) for b in batches]
+
+
+def train_gate(
+    gate: GateNet,
+    experts: Sequence[ExpertNet],
+    batches: Sequence[Batch],
+    cfg: Config,
+    kind: str,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train the gate in place on the mixture of frozen experts; history["mean_loss"] is the last epoch's mean."""
+    epochs = cfg.gate_epochs if epochs is None else epochs
+    history: dict = {"loss": [], "mean_loss": None, "weights": None, "n": _cases(batches)}
+    if not batches or epochs <= 0:
+        return history
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=cfg.lr)
+    cache = _expert_cache(experts, batches, kind)
+    for epoch in range(epochs):
+        gate.train()
+        losses, weight_sum = [], torch.zeros(len(experts))
+        bar = tqdm(_order(len(batches), generator), desc=f"gate {epoch + 1}/{epochs}", disable=not progress,
+                   leave=False)
+        for i in bar:
+            cached = cache[i] if cache is not None else None
+            probs, weights = mixture_probs(experts, gate, batches[i], kind, cached=cached)
+            loss = mixture_loss(probs, batches[i]["label"], kind)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item() * weights.shape[0])
+            weight_sum += weights.detach().sum(0)
+            bar.set_postfix(loss=f"{losses[-1] / weights.shape[0]:.3f}")
+        history["loss"].append(sum(losses) / history["n"])
+        history["weights"] = (weight_sum / history["n"]).tolist()
+    gate.eval()
+    history["mean_loss"] = history["loss"][-1]
+    return history
+
+
+def personalise_gate(
+    gate: GateNet, experts: Sequence[ExpertNet], batches: Sequence[Batch], cfg: Config, kind: str,
+    progress: bool = False,
+) -> GateNet:
+    """A copy of the gate fine-tuned on local batches for cfg.personalise_epochs; the original is untouched."""
+    local = copy.deepcopy(gate)
+    train_gate(local, experts, batches, cfg, kind, epochs=cfg.personalise_epochs, progress=progress)
+    return local

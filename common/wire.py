@@ -1,0 +1,61 @@
+"""What crosses the wire: message keys, actions, and numpy state <-> Flower records."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+
+class Key(StrEnum):
+    """Record names inside a RecordDict."""
+
+    CONFIG = "config"  # run settings and the phase, server -> site
+    METRICS = "metrics"  # scalar metrics only, site -> server
+    MODEL = "model"  # the one model a site trained (expert, shared model or gate)
+    GATE = "gate"  # the global gate, server -> site
+    EXPERT_PREFIX = "expert."  # expert.<site-id>, server -> site
+
+
+class Action(StrEnum):
+    """Message types: Flower routes `train.<action>` to the matching ClientApp handler."""
+
+    TRAIN_SHARED = "train.shared"  # one shared model (warm-up base, FedAvg)
+    TRAIN_EXPERT = "train.expert"  # the site's own expert from the base
+    TRAIN_GATE = "train.gate"  # the gate over frozen experts
+    EVALUATE = "evaluate"
+
+
+NUM_EXAMPLES = "num-examples"  # counts training cases, not batches
+SITE_ID = "site-id"
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of array payload in a message (what dominates the traffic)."""
+    return sum(rec.count_bytes() for rec in content.array_records.values())
+
+
+def config_record(values: dict) -> ConfigRecord:
+    return ConfigRecord({k: v for k, v in values.items() if v is not None})
+
+
+def metric_record(values: dict) -> MetricRecord:
+    """Only numbers and lists of numbers may leave a site."""
+    clean = {}
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)):
+            clean[key] = [float(v) for v in value]
+        elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            clean[key] = float(value) if isinstance(value, (float, np.floating)) else int(value)
+        else:
+            raise TypeError(f"metric {key!r} is not numeric: {type(value).__name__}")
+    return MetricRecord(clean)

@@ -1,0 +1,1 @@
+"""Coordinator side: the MoME ServerApp, update checks, aggregation, checkpoints and reports."""

@@ -1,0 +1,230 @@
+"""The MoME protocol and its FedAvg baselines as checkpointed steps over a Flower Grid."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.clinical import parse_schema
+from common.config import Config
+from common.labels import LabelSpec
+from common.model import build_expert, build_gate
+from common.state import state_to_numpy
+from common.wire import NUM_EXAMPLES, SITE_ID, Action, Key, config_record, from_record, record_bytes, to_record
+from server.aggregate import site_weights, weighted_average
+from server.checkpoint import load_latest, save_checkpoint
+from server.validation import RejectedUpdate, check_update
+
+log = logging.getLogger("mome.server")
+STRATEGIES = ("mome", "fedavg", "fedavg-ft")
+
+
+@dataclass
+class Reply:
+    site_id: str
+    metrics: dict
+    state: dict[str, np.ndarray] | None
+
+
+def plan(cfg: Config) -> list[tuple[str, int]]:
+    """The steps of a run: (phase, round index). Baselines get the same local training epochs."""
+    shared = [("warmup", r) for r in range(cfg.warmup_rounds)]
+    if cfg.strategy == "mome":
+        return (shared + [("expert", r) for r in range(cfg.expert_rounds)]
+                + [("gate", r) for r in range(cfg.gate_rounds)] + [("evaluate", 0)])
+    if cfg.strategy in ("fedavg", "fedavg-ft"):
+        return shared + [("shared", r) for r in range(cfg.expert_rounds)] + [("evaluate", 0)]
+    raise ValueError(f"unknown federated strategy {cfg.strategy!r} ({' | '.join(STRATEGIES)})")
+
+
+class Coordinator:
+    """Holds the server state (base model, experts by site id, gate) and runs the plan with resume."""
+
+    def __init__(self, grid: Grid, cfg: Config, out_dir: Path):
+        self.grid, self.cfg, self.out_dir = grid, cfg, out_dir
+        self.ckpt_dir = out_dir / "checkpoints"
+        self.nodes: dict[int, str] = {}
+        self.traffic: dict[str, dict[str, int]] = {}
+        self.state = load_latest(self.ckpt_dir) or {
+            "step": 0, "base": None, "experts": {}, "gate": None, "history": [], "dropped": [],
+            "traffic": {}, "labels": None}
+        if self.state["step"]:
+            log.info("resuming %s from checkpoint after step %d", cfg.strategy, self.state["step"])
+        self.traffic = self.state["traffic"]
+
+    # -- messaging ---------------------------------------------------------------------------
+    def _exchange(self, contents: dict[int, RecordDict], message_type: str, step: int) -> list[Reply]:
+        """Send one message per node, wait for replies, account bytes, log failures and timeouts."""
+        messages = [Message(c, dst_node_id=n, message_type=message_type, group_id=str(step))
+                    for n, c in contents.items()]
+        for n, c in contents.items():
+            self._count(self.nodes.get(n, f"node-{n}"), "down", record_bytes(c))
+        replies, answered = [], set()
+        for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self._drop(step, self.nodes.get(node, f"node-{node}"), f"site failed: {msg.error.reason}")
+                continue
+            site = str(msg.content["site"][SITE_ID])
+            self.nodes[node] = site
+            self._count(site, "up", record_bytes(msg.content))
+            metrics = {k: (list(v) if isinstance(v, list) else v) for k, v in msg.content[Key.METRICS].items()}
+            state = from_record(msg.content[Key.MODEL]) if Key.MODEL in msg.content else None
+            replies.append(Reply(site, metrics, state))
+        for node in set(contents) - answered:
+            self._drop(step, self.nodes.get(node, f"node-{node}"), "no reply before the round timeout")
+        return replies
+
+    def _count(self, site: str, direction: str, n: int) -> None:
+        entry = self.traffic.setdefault(site, {"up": 0, "down": 0})
+        entry[direction] += n
+
+    def _drop(self, step: int, site: str, reason: str) -> None:
+        log.warning("step %d: dropped %s: %s", step, site, reason)
+        self.state["dropped"].append({"step": step, "site": site, "reason": reason})
+
+    def _content(self, phase: str, **arrays) -> RecordDict:
+        content = RecordDict({Key.CONFIG: config_record(self.cfg.to_run_config()),
+                              "phase": ConfigRecord({"name": phase, "strategy": self.cfg.strategy,
+                                                     "epochs": self._epochs(phase),
+                                                     "finetune-epochs": self._finetune_epochs()})})
+        for name, state in arrays.items():
+            content[name] = to_record(state)
+        return content
+
+    def _epochs(self, phase: str) -> int:
+        return {"warmup": self.cfg.warmup_epochs, "gate": self.cfg.gate_epochs}.get(phase, self.cfg.expert_epochs)
+
+    def _finetune_epochs(self) -> int:
+        return self.cfg.personalise_epochs if self.cfg.strategy == "fedavg-ft" else 0
+
+    # -- steps -------------------------------------------------------------------------------
+    def describe(self) -> LabelSpec:
+        """Ask every site what it holds (no data): label spec must agree across the federation."""
+        nodes = self._wait_for_sites()
+        content = RecordDict({Key.CONFIG: config_record(self.cfg.to_run_config())})
+        specs = {}
+        for msg in self.grid.send_and_receive(
+                [Message(content, dst_node_id=n, message_type="query.describe") for n in nodes],
+                timeout=self.cfg.round_timeout):
+            if msg.has_error():
+                log.warning("a site could not describe itself: %s", msg.error.reason)
+                continue
+            site = str(msg.content["site"][SITE_ID])
+            self.nodes[msg.metadata.src_node_id] = site
+            specs[site] = json.loads(str(msg.content["site"]["labels"]))
+        if not specs:
+            raise RuntimeError("no site answered; is every SuperNode's data folder valid?")
+        first = next(iter(specs.values()))
+        for site, spec in specs.items():
+            if spec != first:
+                raise RuntimeError(f"site {site} declares different labels than the others: {spec} vs {first}")
+        log.info("federation: %d sites (%s)", len(specs), ", ".join(sorted(specs)))
+        self.state["labels"] = first
+        return LabelSpec.from_dict(first)
+
+    def run(self) -> dict:
+        spec = self.describe()
+        n_clinical = parse_schema(self.cfg.clinical_fields).width
+        if self.state["base"] is None:
+            self.state["base"] = state_to_numpy(build_expert(self.cfg, n_clinical, spec.n_out))
+        steps = plan(self.cfg)
+        for index, (phase, rnd) in enumerate(steps):
+            if index < self.state["step"]:
+                continue
+            start = time.perf_counter()
+            log.info("step %d/%d: %s round %d", index + 1, len(steps), phase, rnd + 1)
+            replies = getattr(self, f"_step_{phase}")(index, n_clinical)
+            self.state["history"].append({
+                "step": index, "phase": phase, "round": rnd, "seconds": time.perf_counter() - start,
+                "sites": {r.site_id: r.metrics for r in replies}})
+            self.state["step"] = index + 1
+            self.state["traffic"] = self.traffic
+            save_checkpoint(self.ckpt_dir, index + 1, self.state)
+        return self.state
+
+    def _wait_for_sites(self) -> list[int]:
+        """Sites connect when they are ready; start once cfg.min_sites are there (or fail clearly)."""
+        deadline = time.monotonic() + self.cfg.connect_timeout
+        while len(nodes := list(self.grid.get_node_ids())) < self.cfg.min_sites:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {self.cfg.min_sites} sites connected "
+                                   f"within {self.cfg.connect_timeout:.0f} s")
+            time.sleep(0.5)
+        return nodes
+
+    def _live_nodes(self) -> list[int]:
+        return list(self.grid.get_node_ids())
+
+    def _train_shared(self, step: int, phase: str, key: str) -> list[Reply]:
+        sent = self.state[key]
+        replies = self._exchange({n: self._content(phase, **{Key.MODEL: sent}) for n in self._live_nodes()},
+                                 str(Action.TRAIN_SHARED), step)
+        good = self._checked(step, replies, lambda r: sent)
+        if good:
+            weights = site_weights([r.metrics[NUM_EXAMPLES] for r in good],
+                                   [r.metrics["train_loss"] for r in good], "fedavg", 1.0)
+            self.state[key] = weighted_average([r.state for r in good], weights)
+        return replies
+
+    def _step_warmup(self, step: int, n_clinical: int) -> list[Reply]:
+        return self._train_shared(step, "warmup", "base")
+
+    def _step_shared(self, step: int, n_clinical: int) -> list[Reply]:
+        return self._train_shared(step, "shared", "base")
+
+    def _step_expert(self, step: int, n_clinical: int) -> list[Reply]:
+        experts, base = self.state["experts"], self.state["base"]
+        contents = {n: self._content("expert", **{Key.MODEL: experts.get(self.nodes.get(n), base)})
+                    for n in self._live_nodes()}
+        replies = self._exchange(contents, str(Action.TRAIN_EXPERT), step)
+        for r in self._checked(step, replies, lambda r: experts.get(r.site_id, base)):
+            experts[r.site_id] = r.state  # one expert per site id, never averaged
+        return replies
+
+    def _expert_records(self) -> dict[str, dict]:
+        return {f"{Key.EXPERT_PREFIX}{s}": self.state["experts"][s] for s in sorted(self.state["experts"])}
+
+    def _step_gate(self, step: int, n_clinical: int) -> list[Reply]:
+        if not self.state["experts"]:
+            raise RuntimeError("no expert survived the expert rounds; cannot train a gate")
+        if self.state.get("gate_sites") != sorted(self.state["experts"]):
+            self.state["gate"] = state_to_numpy(build_gate(self.cfg, n_clinical, len(self.state["experts"])))
+            self.state["gate_sites"] = sorted(self.state["experts"])
+        sent = self.state["gate"]
+        replies = self._exchange({n: self._content("gate", **{Key.GATE: sent}, **self._expert_records())
+                                  for n in self._live_nodes()}, str(Action.TRAIN_GATE), step)
+        good = self._checked(step, replies, lambda r: sent)
+        if good:
+            weights = site_weights([r.metrics[NUM_EXAMPLES] for r in good], [r.metrics["train_loss"] for r in good],
+                                   self.cfg.gate_aggregation, self.cfg.dro_temperature)
+            self.state["gate"] = weighted_average([r.state for r in good], weights)
+        return replies
+
+    def _step_evaluate(self, step: int, n_clinical: int) -> list[Reply]:
+        if self.cfg.strategy == "mome":
+            arrays = {Key.GATE: self.state["gate"], **self._expert_records()}
+        else:
+            arrays = {Key.MODEL: self.state["base"]}
+        return self._exchange({n: self._content("evaluate", **arrays) for n in self._live_nodes()},
+                              str(Action.EVALUATE), step)
+
+    def _checked(self, step: int, replies: list[Reply], sent_for) -> list[Reply]:
+        good = []
+        for r in replies:
+            try:
+                if r.state is None:
+                    raise RejectedUpdate("reply carries no weights")
+                check_update(r.state, sent_for(r), self.cfg.max_update_norm)
+                good.append(r)
+            except RejectedUpdate as exc:
+                self._drop(step, r.site_id, f"update rejected: {exc}")
+        return good

@@ -1,0 +1,89 @@
+"""`mome sim`: the whole federation on Flower's simulation engine, plus the non-federated baselines."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.simulation import run_simulation
+
+from client.client_app import make_client_app
+from client.site import Site
+from common.atomic import write_json
+from common.clinical import parse_schema
+from common.config import Config
+from common.summary import site_entry, summarise
+from server.server_app import make_server_app
+
+log = logging.getLogger("mome.sim")
+FEDERATED = ("mome", "fedavg", "fedavg-ft")
+ALL_STRATEGIES = (*FEDERATED, "local", "centralized")
+
+
+def partition_locator(site_dirs: list[Path], out_dir: Path):
+    """Simulation nodes only know their partition id: map it onto a site folder."""
+
+    def locate(context: Context) -> tuple[Path, str, Path]:
+        site_dir = site_dirs[int(context.node_config["partition-id"])]
+        return site_dir, site_dir.name, out_dir / "sites" / site_dir.name
+
+    return locate
+
+
+def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
+    """One federated strategy on Flower's simulation engine; returns its metrics.json content."""
+    import json
+
+    out_dir = run_dir / strategy
+    cfg = cfg.replace(strategy=strategy, min_sites=len(site_dirs))
+    # One site trains at a time with every core: two cores cannot run two 3D trainings faster.
+    backend = {"client_resources": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+    run_simulation(server_app=make_server_app(cfg, out_dir),
+                   client_app=make_client_app(partition_locator(site_dirs, out_dir)),
+                   num_supernodes=len(site_dirs), backend_config=backend)
+    path = out_dir / "metrics.json"
+    if not path.exists():
+        raise RuntimeError(f"{strategy}: the simulation ended without writing {path}; see the log above")
+    return json.loads(path.read_text())
+
+
+def run_baseline(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
+    """`local` or `centralized`, trained without Flower on the same splits and budget."""
+    from common.baselines import run_centralized, run_local
+
+    start = time.perf_counter()
+    # the same number of local training epochs a site spends in the federated strategies
+    budget = cfg.replace(strategy=strategy, expert_epochs=cfg.warmup_rounds * cfg.warmup_epochs
+                         + cfg.expert_rounds * cfg.expert_epochs)
+    sites = [Site.open(d, budget) for d in site_dirs]
+    triples = [(s.train, s.val, s.test) for s in sites]
+    runner = run_local if strategy == "local" else run_centralized
+    results = runner(triples, budget, sites[0].kind, parse_schema(cfg.clinical_fields).width)
+    entries = {}
+    for site, result in zip(sites, results):
+        entry = site_entry({k: v for k, v in result.items() if k != "n"}, headline="")
+        entry.update(site.counts)
+        entries[site.site_id] = entry
+    metrics = {"strategy": strategy, "regions": list(sites[0].data.label_spec.metric_names),
+               "modalities": list(cfg.modality_names), "sites": entries, "summary": summarise(entries),
+               "rounds": [], "dropped": [], "wall_time_s": time.perf_counter() - start, "config": budget.to_dict()}
+    write_json(run_dir / strategy / "metrics.json", metrics)
+    return metrics
+
+
+def run_all(strategies: list[str], site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
+    """Run each strategy on the same data; gather <run>/metrics.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    results = {}
+    for strategy in strategies:
+        log.info("strategy %s", strategy)
+        runner = simulate if strategy in FEDERATED else run_baseline
+        results[strategy] = runner(strategy, site_dirs, cfg, run_dir)
+    combined = {"sites": [d.name for d in site_dirs], "strategies": results}
+    write_json(run_dir / "metrics.json", combined)
+    return combined

@@ -1,0 +1,111 @@
+"""Shapes, dtypes and robustness of the expert, the gate and the mixture; modality dropout; state round trip."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import Config
+from common.metrics import evaluate, expert_predictor, mixture_predictor
+from common.model import ExpertNet, GateNet, build_expert, build_gate, drop_modalities, mixture_probs
+from common.state import load_numpy_state, load_state, save_state, state_to_numpy
+
+M, F, SIZE = 4, 3, 16
+CFG = Config(channels="8,16,32", stem_channels=4)
+
+
+def all_patterns_batch(kind: str, n_out: int) -> dict[str, torch.Tensor]:
+    """One case per presence pattern: all 2^M imaging subsets x clinical on/off."""
+    g = torch.Generator().manual_seed(0)
+    presence = torch.tensor(list(itertools.product([0.0, 1.0], repeat=M + 1)))
+    b = presence.shape[0]
+    image = torch.randn(b, M, SIZE, SIZE, SIZE, generator=g) * presence[:, :M, None, None, None]
+    labels = torch.randint(0, n_out, (b, SIZE, SIZE, SIZE), generator=g)
+    onehot = torch.nn.functional.one_hot(labels, n_out).movedim(-1, 1).float()
+    label = onehot if kind == "classes" else (torch.rand(b, n_out, SIZE, SIZE, SIZE, generator=g) > 0.7).float()
+    return {
+        "image": image,
+        "presence": presence,
+        "clinical": torch.randn(b, F, generator=g) * presence[:, M:],
+        "stats": torch.rand(b, 2 * M, generator=g) * presence[:, :M].repeat(1, 2),
+        "label": label,
+    }
+
+
+@pytest.mark.parametrize("kind,n_out", [("regions", 3), ("classes", 4)])
+def test_every_presence_pattern_gives_finite_outputs(kind, n_out):
+    batch = all_patterns_batch(kind, n_out)
+    b = batch["image"].shape[0]
+    assert b == 2 ** (M + 1)
+    model = build_expert(CFG, F, n_out).eval()
+    with torch.no_grad():
+        feats = model.stem_features(batch["image"])
+        logits = model.decode(feats, batch["presence"], batch["clinical"])
+        aux = model.aux_logits(feats)
+        clin = model.clinical_logits(batch["clinical"], batch["presence"])
+    assert feats.shape == (b, M, CFG.stem_channels, SIZE, SIZE, SIZE)
+    assert logits.shape == (b, n_out, SIZE, SIZE, SIZE) and logits.dtype == torch.float32
+    assert aux.shape == (b, M, n_out, SIZE, SIZE, SIZE)
+    assert clin.shape == (b, n_out)
+    for t in (feats, logits, aux, clin):
+        assert torch.isfinite(t).all()
+    experts = [model, build_expert(CFG, F, n_out, seed=1)]
+    gate = build_gate(CFG.replace(gate_pool=4), F, n_experts=2)
+    probs, weights = mixture_probs(experts, gate, batch, kind)
+    assert probs.shape == (b, n_out, SIZE, SIZE, SIZE) and weights.shape == (b, 2)
+    assert torch.isfinite(probs).all() and torch.allclose(weights.sum(1), torch.ones(b))
+    if kind == "classes":
+        assert torch.allclose(probs.sum(1), torch.ones_like(probs[:, 0]), atol=1e-5)
+    result = evaluate(mixture_predictor(experts, gate, kind), [batch], kind)
+    assert result["n"] == b and len(result["dice"]) == (n_out if kind == "regions" else n_out - 1)
+    assert all(np.isfinite(v) for v in [*result["dice"], result["dice_mean"], result["hd95"]])
+
+
+def test_absent_modality_is_excluded_not_zero_averaged():
+    model = build_expert(CFG, F, 2).eval()
+    g = torch.Generator().manual_seed(1)
+    image, clinical = torch.randn(1, M, SIZE, SIZE, SIZE, generator=g), torch.randn(1, F, generator=g)
+    presence = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0]])
+    scrambled = image.clone()
+    scrambled[:, [1, 3]] = torch.randn(1, 2, SIZE, SIZE, SIZE, generator=g)  # what an absent channel holds is ignored
+    with torch.no_grad():
+        assert torch.allclose(model(image, presence, clinical), model(scrambled, presence, clinical))
+        feats = model.stem_features(image)
+        fused = model.fuse(feats, presence)[:, : CFG.stem_channels]
+        assert torch.allclose(fused, (feats[:, 0] + feats[:, 2]) / 2, atol=1e-6)
+
+
+def test_top_k_gate_keeps_k_experts():
+    gate = GateNet(M, F, n_experts=4, pool=4, hidden=8, top_k=2)
+    batch = all_patterns_batch("regions", 1)
+    weights = gate(batch["image"], batch["presence"], batch["clinical"], batch["stats"])
+    assert ((weights > 0).sum(1) == 2).all() and torch.allclose(weights.sum(1), torch.ones(len(weights)))
+
+
+def test_modality_dropout_hides_only_present_and_never_all_imaging():
+    presence = torch.tensor(list(itertools.product([0.0, 1.0], repeat=M + 1))).repeat(20, 1)
+    dropped = drop_modalities(presence, M, p=0.9, generator=torch.Generator().manual_seed(0))
+    assert (dropped <= presence).all()
+    had_imaging = presence[:, :M].sum(1) > 0
+    assert (dropped[had_imaging, :M].sum(1) >= 1).all()
+    assert (dropped < presence).any()
+    assert torch.equal(drop_modalities(presence, M, p=0.0), presence)
+
+
+def test_state_round_trip(tmp_path):
+    source, target = build_expert(CFG, F, 3, seed=1), build_expert(CFG, F, 3, seed=2)
+    path = save_state(tmp_path / "expert.npz", source, {"kind": "regions", "modalities": list(CFG.modality_names)})
+    arrays, meta = load_state(path)
+    assert meta["kind"] == "regions" and not list(tmp_path.glob("*.tmp"))
+    load_numpy_state(target, arrays)
+    for name, value in state_to_numpy(source).items():
+        np.testing.assert_array_equal(state_to_numpy(target)[name], value)
+    batch = all_patterns_batch("regions", 3)
+    assert torch.equal(expert_predictor(source, "regions")(batch), expert_predictor(target, "regions")(batch))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_numpy_state(ExpertNet(M, F, 2, 4, (8, 16, 32)), arrays)
+    with pytest.raises(ValueError, match="missing"):
+        load_numpy_state(target, {k: v for k, v in arrays.items() if "head" not in k})
