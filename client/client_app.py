@@ -29,9 +29,9 @@ def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
     return data_dir, str(node.get("site-id", data_dir.name)), out_dir
 
 
-def make_client_app(locate: SiteLocator = node_config_locator) -> ClientApp:
+def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None = None) -> ClientApp:
     """A ClientApp whose sites are found by `locate` (node config, or a simulation's partition map)."""
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
     opened: dict[tuple, Site] = {}  # per app instance: load and validate a site once per run
 
     def site_for(msg: Message, context: Context) -> tuple[Site, Config]:

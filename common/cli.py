@@ -39,6 +39,52 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return worst
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    import logging
+    import time
+
+    from common.config import config_from_mapping, parse_overrides
+    from server.report import write_report
+    from sim.run_sim import ALL_STRATEGIES, run_all
+    from sim.synth import generate_federation
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    overrides = parse_overrides(args.run_config or "")
+    overrides.setdefault("seed", args.seed)
+    cfg = config_from_mapping(overrides)
+    run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.data:
+        site_dirs = sorted(p for p in Path(args.data).iterdir() if (p / "dataset.json").exists())
+        if not site_dirs:
+            print(f"error: {args.data} holds no site folder (a sub-folder with dataset.json)", file=sys.stderr)
+            return 2
+    else:
+        print(f"generating the synthetic federation (preset {args.preset}, {args.sites} sites, {cfg.size}^3)")
+        site_dirs = generate_federation(run_dir / "data", sites=args.sites, preset=args.preset, seed=args.seed,
+                                        size=cfg.size, cases=args.cases)
+    strategies = list(ALL_STRATEGIES) if args.compare else [args.strategy]
+    unknown = [s for s in strategies if s not in ALL_STRATEGIES]
+    if unknown:
+        print(f"error: unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}", file=sys.stderr)
+        return 2
+    combined = run_all(strategies, site_dirs, cfg, run_dir)
+    report = write_report(run_dir, combined["strategies"])
+    print(report.read_text().split("## Mean Dice per site")[0])
+    print(f"run folder: {run_dir}\nreport: {report}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from common.predict import predict
+
+    written, problems = predict(Path(args.model), [Path(p) for p in args.input], Path(args.out))
+    for path in written:
+        print(f"wrote {path}")
+    for problem in problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    return 0 if written else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from common.config import Config
 
@@ -64,6 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clinical-fields", default=defaults.clinical_fields)
     p.add_argument("--size", type=int, default=defaults.size)
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("sim", help="run the multi-site federation on Flower's simulation engine")
+    p.add_argument("--data", help="folder with one sub-folder per site (default: generate synthetic sites)")
+    p.add_argument("--strategy", default="mome", help="mome | fedavg | fedavg-ft | local | centralized")
+    p.add_argument("--compare", action="store_true", help="run every strategy on the same data")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--sites", type=int, default=4, help="synthetic sites to generate")
+    p.add_argument("--preset", default="mixed", help="synthetic preset (see mome synth)")
+    p.add_argument("--cases", type=int, default=None, help="synthetic training cases per site")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-config", default="", help='overrides, e.g. "expert-epochs=8 gate-aggregation=dro"')
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("predict", help="write NIfTI segmentations with a saved model bundle")
+    p.add_argument("--model", required=True, help="bundle folder (e.g. <run>/mome/sites/<site>/model)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="a site folder, or files/folders of <case>_<cccc>.nii.gz (cccc = modality index)")
+    p.add_argument("--out", required=True, help="folder for <case>.nii.gz")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -44,10 +45,13 @@ def _hd95_per_case(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     pred_any, ref_any = pred.flatten(2).any(2), ref.flatten(2).any(2)
     out = torch.where(pred_any == ref_any, 0.0, diagonal)
     metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-    for r in range(pred.shape[1]):
-        both = pred_any[:, r] & ref_any[:, r]
-        if both.any():
-            out[both, r] = metric(pred[both, r : r + 1], ref[both, r : r + 1]).flatten().float()
+    with warnings.catch_warnings():
+        # MONAI 1.5 warns about its own internal use of a deprecated argument; nothing to act on here
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        for r in range(pred.shape[1]):
+            both = pred_any[:, r] & ref_any[:, r]
+            if both.any():
+                out[both, r] = metric(pred[both, r : r + 1], ref[both, r : r + 1]).flatten().float()
     return out
 
 

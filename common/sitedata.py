@@ -140,16 +140,19 @@ class BadCase(Exception):
         self.path, self.reason = path, reason
 
 
-def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int,
-              with_label: bool) -> dict:
-    """Raw arrays of one case in vocabulary channel order; raise BadCase on the first problem."""
+def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int, with_label: bool,
+              image_dir: Path | None = None, allow_missing: bool = False) -> dict:
+    """Raw arrays of one case in vocabulary channel order; raise BadCase on the first problem.
+
+    allow_missing: any channel may be absent (prediction on whatever sequences a case has)."""
+    image_dir = image_dir or layout.site_dir / f"images{split}"
     image = None
     present = np.zeros(n_modalities, dtype=np.float32)
     shape = affine = None
     for channel, modality in layout.channel_modality.items():
-        path = layout.site_dir / f"images{split}" / f"{case}_{channel:04d}{layout.file_ending}"
+        path = image_dir / f"{case}_{channel:04d}{layout.file_ending}"
         if not path.exists():
-            if channel in layout.missing.get(case, set()):
+            if allow_missing or channel in layout.missing.get(case, set()):
                 continue
             raise BadCase(path, "missing channel file (not declared in missing_channels)")
         try:
@@ -165,7 +168,7 @@ def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int,
             raise BadCase(path, "affine differs from the case's other channels")
         image[modality], present[modality] = data, 1.0
     if image is None:
-        raise BadCase(layout.site_dir / f"images{split}", f"case {case} has no usable channel")
+        raise BadCase(image_dir, f"case {case} has no usable channel")
     out = {"case_id": case, "raw_image": image, "present": present, "affine": affine, "shape": shape}
     if with_label:
         out["label"] = _read_label(layout, case, split, shape, affine)
@@ -220,7 +223,7 @@ def _read_clinical(site_dir: Path, report: SiteReport) -> dict[str, dict[str, st
     return rows
 
 
-def _to_tensors(raw: dict, cfg: Config, schema: ClinicalSchema, row: dict | None,
+def preprocess_case(raw: dict, cfg: Config, schema: ClinicalSchema, row: dict | None,
                 spec: LabelSpec) -> dict:
     data = {"image": raw["raw_image"]}
     if "label" in raw:
@@ -262,7 +265,7 @@ def load_site(site_dir: Path | str, cfg: Config, test_labels: bool = True) -> Si
             elif row is not None:
                 for problem in schema.encode(row)[1]:
                     report.warnings.append(f"{site_dir / 'clinical.csv'}: case {case}: {problem}")
-            splits[split].append(_to_tensors(raw, cfg, schema, row, layout.label_spec))
+            splits[split].append(preprocess_case(raw, cfg, schema, row, layout.label_spec))
             report.usable[split].append(case)
     known = set(report.usable["Tr"]) | set(report.usable["Ts"]) | {c for c, _, _ in report.skipped}
     for case in sorted(set(rows) - known):

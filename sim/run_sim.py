@@ -33,8 +33,10 @@ def partition_locator(site_dirs: list[Path], out_dir: Path):
     return locate
 
 
-def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
-    """One federated strategy on Flower's simulation engine; returns its metrics.json content."""
+def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, mods: list | None = None) -> dict:
+    """One federated strategy on Flower's simulation engine; returns its metrics.json content.
+
+    mods: Flower client mods wrapped around every site's handlers (tests inspect replies with them)."""
     import json
 
     out_dir = run_dir / strategy
@@ -43,7 +45,7 @@ def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path) -
     backend = {"client_resources": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
     run_simulation(server_app=make_server_app(cfg, out_dir),
-                   client_app=make_client_app(partition_locator(site_dirs, out_dir)),
+                   client_app=make_client_app(partition_locator(site_dirs, out_dir), mods),
                    num_supernodes=len(site_dirs), backend_config=backend)
     path = out_dir / "metrics.json"
     if not path.exists():

@@ -9,12 +9,21 @@ import pytest
 import torch
 
 from common.config import Config
-from common.metrics import evaluate, expert_predictor, mixture_predictor
+from common.metrics import dice_score, evaluate, expert_predictor, mixture_predictor
 from common.model import ExpertNet, GateNet, build_expert, build_gate, drop_modalities, mixture_probs
 from common.state import load_numpy_state, load_state, save_state, state_to_numpy
 
 M, F, SIZE = 4, 3, 16
 CFG = Config(channels="8,16,32", stem_channels=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: with other processes on the 2 cores, a 2-thread pool stalls at barriers (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def all_patterns_batch(kind: str, n_out: int) -> dict[str, torch.Tensor]:
@@ -109,3 +118,17 @@ def test_state_round_trip(tmp_path):
         load_numpy_state(ExpertNet(M, F, 2, 4, (8, 16, 32)), arrays)
     with pytest.raises(ValueError, match="missing"):
         load_numpy_state(target, {k: v for k, v in arrays.items() if "head" not in k})
+
+
+def test_metric_conventions_for_empty_masks():
+    """Both empty: Dice 1, HD95 0. One side empty: Dice 0, HD95 = volume diagonal. Never NaN."""
+    label = torch.zeros(3, 1, 8, 8, 8)
+    label[1:, :, 2:5, 2:5, 2:5] = 1
+    probs = torch.zeros_like(label)
+    probs[2] = label[2]  # case 0: both empty, case 1: missed, case 2: perfect
+    result = evaluate(lambda batch: probs, [{"label": label}], "regions")
+    diagonal = (3 * 8**2) ** 0.5
+    assert result["dice"] == pytest.approx([2 / 3])
+    assert result["hd95"] == pytest.approx(diagonal / 3)
+    assert dice_score(probs, label, "regions").tolist() == pytest.approx([1.0, 0.0, 1.0], abs=1e-4)
+    assert evaluate(lambda batch: probs, [{"label": label}], "regions", with_hd95=False)["hd95"] is None

@@ -1,0 +1,85 @@
+"""`mome predict`: segment cases with a saved bundle and write NIfTI labels on the input's own grid."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from common.bundle import Bundle, load_bundle
+from common.clinical import parse_schema, read_clinical_csv
+from common.metrics import expert_predictor, mixture_predictor
+from common.model import build_expert, build_gate
+from common.preprocess import resize_probs
+from common.sitedata import BadCase, SiteLayout, SiteReport, preprocess_case, read_case, read_layout
+from common.state import load_numpy_state
+
+CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})(\.nii(?:\.gz)?)$")
+
+
+def predictor(bundle: Bundle):
+    """batch -> probabilities, from the bundle's experts (and gate, for a mixture)."""
+    n_clinical = parse_schema(bundle.cfg.clinical_fields).width
+    experts = []
+    for state in bundle.experts.values():
+        model = build_expert(bundle.cfg, n_clinical, bundle.label_spec.n_out)
+        load_numpy_state(model, state)
+        experts.append(model)
+    if bundle.gate is None:
+        return expert_predictor(experts[0], bundle.label_spec.kind)
+    gate = build_gate(bundle.cfg, n_clinical, len(experts))
+    load_numpy_state(gate, bundle.gate)
+    return mixture_predictor(experts, gate, bundle.label_spec.kind)
+
+
+def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[str], dict]:
+    """A site folder (dataset.json maps its channels) or loose files named <case>_<cccc>.nii.gz,
+    whose channel index is the position in the bundle's modality list."""
+    if len(source) == 1 and source[0].is_dir() and (source[0] / "dataset.json").exists():
+        site = source[0]
+        layout = read_layout(site, bundle.cfg, SiteReport(site))
+        image_dir = site / "imagesTs" if (site / "imagesTs").is_dir() else site / "imagesTr"
+        cases = sorted({m.group(1) for p in image_dir.iterdir() if (m := CHANNEL_FILE.match(p.name))})
+        rows = read_clinical_csv(site / "clinical.csv") if (site / "clinical.csv").exists() else {}
+        return layout, image_dir, cases, rows
+    files = [p for s in source for p in (sorted(s.iterdir()) if s.is_dir() else [s])]
+    matches = [(p, CHANNEL_FILE.match(p.name)) for p in files]
+    bad = [str(p) for p, m in matches if m is None]
+    if bad:
+        raise ValueError(f"not named <case>_<cccc>.nii.gz: {', '.join(bad[:5])}")
+    folders = {p.parent for p, _ in matches}
+    if len(folders) != 1:
+        raise ValueError("loose input files must lie in one folder")
+    ending = matches[0][1].group(3)
+    layout = SiteLayout(folders.pop(), bundle.label_spec, {i: i for i in range(len(bundle.cfg.modality_names))},
+                        ending, {})
+    return layout, layout.site_dir, sorted({m.group(1) for _, m in matches}), {}
+
+
+def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Write <out>/<case>.nii.gz per case; returns (written files, problems of skipped cases)."""
+    bundle = load_bundle(bundle_dir)
+    predict_probs = predictor(bundle)
+    layout, image_dir, cases, rows = _inputs([Path(s) for s in source], bundle)
+    schema = parse_schema(bundle.cfg.clinical_fields)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, problems = [], []
+    for case in cases:
+        try:
+            raw = read_case(layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
+                            image_dir=image_dir, allow_missing=True)
+        except BadCase as bad:
+            problems.append(f"{bad.path}: {bad.reason}")
+            continue
+        tensors = preprocess_case(raw, bundle.cfg, schema, rows.get(case), bundle.label_spec)
+        batch = {k: tensors[k][None] for k in ("image", "presence", "clinical", "stats")}
+        with torch.no_grad():
+            probs = predict_probs(batch)[0]
+        label = bundle.label_spec.to_label_map(resize_probs(probs, raw["shape"]))
+        path = out_dir / f"{case}.nii.gz"
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), raw["affine"]), str(path))
+        written.append(path)
+    return written, problems

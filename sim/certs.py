@@ -1,0 +1,154 @@
+"""Deployment credentials: a CA, the SuperLink's TLS certificate, and one SuperNode auth key pair per site."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Names the SuperLink answers to: loopback for local deployment, the compose service for containers.
+DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+SERVER_CERT, SERVER_KEY = "superlink.crt", "superlink.key"
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """Where `write_certificates` put each file (the same names the topology mounts)."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / CA_CERT
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / CA_KEY
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / SERVER_CERT
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / SERVER_KEY
+
+    def site_key(self, site_id: str) -> Path:
+        """OpenSSH private key: stays at the site (`flower-supernode --auth-supernode-private-key`)."""
+        return self.root / "sites" / site_id / "auth.key"
+
+    def site_public_key(self, site_id: str) -> Path:
+        """OpenSSH public key: what the coordinator enrols (`flwr supernode register`)."""
+        return self.root / "sites" / site_id / "auth.pub"
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if private:  # private keys readable by their owner only
+        os.chmod(path, 0o600)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _san(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def make_ca(days: int = 365) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA that signs the SuperLink certificate (SuperNodes trust only this)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MoME federation CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA384()))
+    return key, cert
+
+
+def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                     names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
+                     days: int = 365) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS certificate, valid for every name in `names` (DNS names or IP addresses)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(_san(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    return key, cert
+
+
+def write_site_key(paths: CertPaths, site_id: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair in OpenSSH format (what `flwr supernode register` and the SuperNode read)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(paths.site_key(site_id), private, private=True)
+    _write(paths.site_public_key(site_id), public + f" mome-{site_id}\n".encode())
+    return paths.site_key(site_id), paths.site_public_key(site_id)
+
+
+def write_certificates(out: Path, site_ids: list[str], server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
+                       days: int = 365, overwrite: bool = False) -> CertPaths:
+    """Create the CA, the SuperLink certificate and one key pair per site under `out`.
+
+    An existing CA is kept (unless overwrite) so adding a site does not invalidate the others; site keys
+    that already exist are kept too (they may be enrolled already)."""
+    paths = CertPaths(Path(out))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if overwrite or not (paths.ca_cert.exists() and paths.ca_key.exists()):
+        ca_key, ca_cert = make_ca(days)
+        _write(paths.ca_key, _pem_key(ca_key), private=True)
+        _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+        overwrite = True  # a new CA needs a new server certificate
+    else:
+        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    if overwrite or not paths.server_cert.exists() or _names(paths.server_cert) != set(server_names):
+        server_key, server_cert = make_server_cert(ca_key, ca_cert, tuple(server_names), days)
+        _write(paths.server_key, _pem_key(server_key), private=True)
+        _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    for site_id in site_ids:
+        if overwrite or not paths.site_key(site_id).exists():
+            write_site_key(paths, site_id)
+    return paths
+
+
+def _names(cert_path: Path) -> set[str]:
+    """The SAN entries of a certificate, as strings."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in san.get_values_for_type(x509.IPAddress)}

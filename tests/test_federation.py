@@ -1,0 +1,175 @@
+"""The federation on Flower's real simulation engine: protocol, what sites send, bad updates, resume, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from flwr.app import Array, Message
+
+from common.config import Config
+from common.wire import Key
+from sim.run_sim import simulate
+from sim.synth import generate_federation
+
+TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_epochs=1, expert_epochs=1, gate_epochs=1,
+                  personalise_epochs=1, gate_rounds=2, batch_size=2)
+ALLOWED_RECORDS = {Key.METRICS, Key.MODEL, "site"}
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory) -> list[Path]:
+    return generate_federation(tmp_path_factory.mktemp("fed2"), sites=2, preset="mixed", seed=1, size=24,
+                               cases=4, test_cases=2)
+
+
+def record_replies(log_path: str):
+    """A client mod writing the structure of every reply (record names, array names, metric types) to a file."""
+
+    def mod(msg: Message, context, call_next) -> Message:
+        reply = call_next(msg, context)
+        entry = {"type": msg.metadata.message_type,
+                 "records": {name: type(rec).__name__ for name, rec in reply.content.items()},
+                 "arrays": sorted(a for rec in reply.content.array_records.values() for a in rec),
+                 "sent_arrays": {n: sorted(r) for n, r in msg.content.array_records.items()},
+                 "metrics": {k: type(v).__name__ for rec in reply.content.metric_records.values()
+                             for k, v in rec.items()},
+                 "configs": {k: str(v) for rec in reply.content.config_records.values() for k, v in rec.items()}}
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        return reply
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def mome_run(two_sites, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    log_path = run_dir / "replies.jsonl"
+    metrics = simulate("mome", two_sites, TINY_RUN, run_dir, mods=[record_replies(str(log_path))])
+    return run_dir, metrics, [json.loads(line) for line in log_path.read_text().splitlines()]
+
+
+def test_metrics_json_has_every_key(mome_run, two_sites):
+    run_dir, metrics, _ = mome_run
+    on_disk = json.loads((run_dir / "mome" / "metrics.json").read_text())
+    assert on_disk["strategy"] == "mome" and set(on_disk["sites"]) == {d.name for d in two_sites}
+    for site, entry in on_disk["sites"].items():
+        for key in ("dice", "dice_mean", "hd95", "n_train", "n_val", "n_test", "bytes_up", "bytes_down",
+                    "shapley", "gate_weights"):
+            assert key in entry, (site, key)
+        assert len(entry["dice"]) == len(on_disk["regions"]) == 3
+        assert 0.0 <= entry["dice_mean"] <= 1.0 and entry["bytes_up"] > 0 and entry["bytes_down"] > 0
+        assert set(entry["variants"]) == {"expert", "mixture_global"}
+    assert {"dice_mean", "worst_site", "worst_dice"} <= set(on_disk["summary"])
+    assert [r["phase"] for r in on_disk["rounds"]] == ["warmup", "expert", "gate", "gate", "evaluate"]
+    assert on_disk["wall_time_s"] > 0
+    assert (run_dir / "mome" / "model" / "metadata.json").exists()
+    for site in on_disk["sites"]:  # each site keeps the mixture with its personalised gate
+        assert json.loads((run_dir / "mome" / "sites" / site / "model" / "metadata.json").read_text())["has_gate"]
+
+
+def _checkpoint(run_dir: Path, step: int) -> dict:
+    with (run_dir / "mome" / "checkpoints" / f"step_{step:03d}.pkl").open("rb") as fh:
+        return pickle.load(fh)
+
+
+def test_server_holds_one_distinct_expert_per_site_and_the_gate_moves(mome_run, two_sites):
+    run_dir, _, _ = mome_run
+    final = _checkpoint(run_dir, 5)
+    assert sorted(final["experts"]) == sorted(d.name for d in two_sites)
+    a, b = (final["experts"][d.name] for d in two_sites)
+    assert any(not np.array_equal(a[k], b[k]) for k in a), "experts must not be averaged together"
+    gate_1, gate_2 = _checkpoint(run_dir, 3)["gate"], _checkpoint(run_dir, 4)["gate"]
+    assert any(not np.allclose(gate_1[k], gate_2[k]) for k in gate_1 if gate_1[k].dtype.kind == "f")
+
+
+def test_sites_send_only_named_weights_and_scalars(mome_run):
+    _, _, replies = mome_run
+    assert {r["type"] for r in replies} >= {"query.describe", "train.shared", "train.expert", "train.gate", "evaluate"}
+    for r in replies:
+        assert set(r["records"]) <= ALLOWED_RECORDS, r["records"]
+        assert set(r["metrics"].values()) <= {"int", "float", "list"}
+        assert set(r["configs"]) <= {"site-id", "labels", "modalities"}  # labels: the dataset.json label spec
+        if r["type"].startswith("train."):
+            sent = r["sent_arrays"][Key.GATE if r["type"] == "train.gate" else Key.MODEL]
+            assert r["arrays"] == sent, "a site returns exactly the arrays it was sent, nothing else"
+        else:
+            assert r["arrays"] == []
+        no_case_ids = json.dumps(r)
+        assert "_00" not in no_case_ids, "no case identifier may leave a site"
+
+
+def corrupt_site_a(kind: str):
+    """A client mod that breaks site-a's expert update: NaNs or a wrong shape."""
+
+    def mod(msg: Message, context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train.expert" and reply.content["site"]["site-id"] == "site-a":
+            record = reply.content[Key.MODEL]
+            name = next(iter(record))
+            values = record[name].numpy().copy()
+            values = np.full_like(values, np.nan) if kind == "nan" else values.reshape(-1)[:-1]
+            record[name] = Array(values)
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("kind,reason", [("nan", "non-finite"), ("shape", "shape")])
+def test_bad_update_is_dropped_and_logged(two_sites, tmp_path, kind, reason, caplog):
+    cfg = TINY_RUN.replace(gate_rounds=1)
+    metrics = simulate("mome", two_sites, cfg, tmp_path, mods=[corrupt_site_a(kind)])
+    dropped = [d for d in metrics["dropped"] if d["site"] == "site-a"]
+    assert len(dropped) == 1 and reason in dropped[0]["reason"] and "update rejected" in dropped[0]["reason"]
+    assert metrics["experts"] == ["site-b"], "the rejected expert must not be stored"
+    assert "update rejected" in caplog.text
+
+
+def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
+    data = two_sites[0].parent
+    overrides = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items() if k != "strategy")
+    cmd = [sys.executable, "-m", "common.cli", "sim", "--data", str(data), "--out", str(tmp_path),
+           "--run-config", overrides]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    target = tmp_path / "mome" / "checkpoints" / "step_002.pkl"
+    deadline = time.monotonic() + 240
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert target.exists(), "the first run never checkpointed step 2"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "mome" / "metrics.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming mome from checkpoint after step" in done.stderr
+    metrics = json.loads((tmp_path / "mome" / "metrics.json").read_text())
+    assert [r["phase"] for r in metrics["rounds"]] == ["warmup", "expert", "gate", "gate", "evaluate"]
+    assert set(metrics["sites"]) == {d.name for d in two_sites}
+
+
+def test_predict_matches_input_geometry(mome_run, two_sites, tmp_path):
+    from common.cli import main as mome
+
+    run_dir, _, _ = mome_run
+    site = two_sites[1]
+    assert mome(["predict", "--model", str(run_dir / "mome" / "sites" / site.name / "model"),
+                 "--input", str(site), "--out", str(tmp_path)]) == 0
+    labels = json.loads((site / "dataset.json").read_text())["labels"]
+    allowed = {v for x in labels.values() for v in (x if isinstance(x, list) else [x])}
+    for image in sorted((site / "imagesTs").glob("*_0000.nii.gz")):
+        case = image.name[: -len("_0000.nii.gz")]
+        ref, out = nib.load(str(image)), nib.load(str(tmp_path / f"{case}.nii.gz"))
+        assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+        assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= allowed
