@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 from monai.losses import DiceFocalLoss
@@ -41,50 +42,36 @@ def matched_unet(target: int, in_channels: int) -> UNet:
     return make(min(range(4, 64), key=lambda b: abs(n_params(make(b)) - target)))
 
 
-def time_expert(cfg: Config, batches, repeats: int) -> tuple[float, int]:
-    """Seconds per training step of train_expert (main + aux losses, balancer, AdamW), median over repeats."""
-    model = build_expert(cfg, N_CLINICAL, N_OUT)
-    train_expert(model, batches[:1], [], cfg, KIND, epochs=1, progress=False)  # warm-up
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        train_expert(model, batches, [], cfg, KIND, epochs=1, progress=False)
-        runs.append((time.perf_counter() - start) / len(batches))
-    return statistics.median(runs), n_params(model)
+def expert_epoch(cfg: Config, model) -> Callable[[list], None]:
+    """One train_expert epoch (main + aux losses, balancer, AdamW) over the given batches."""
+    return lambda batches: train_expert(model, batches, [], cfg, KIND, epochs=1, progress=False)
 
 
-def time_plain(unet: UNet, cfg: Config, batches, repeats: int) -> float:
+def plain_epoch(cfg: Config, unet: UNet) -> Callable[[list], None]:
     loss_fn, optimizer = DiceFocalLoss(sigmoid=True), torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
 
-    def epoch(items) -> None:
-        for batch in items:
+    def run(batches: list) -> None:
+        unet.train()
+        for batch in batches:
             loss = loss_fn(unet(batch["image"]), batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-    unet.train()
-    epoch(batches[:1])
-    runs = []
+    return run
+
+
+def interleaved(jobs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per job; jobs alternate within each repetition so bursts of outside load hit all alike."""
+    for job in jobs.values():
+        job()  # warm-up: allocator, oneDNN kernel selection
+    runs: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        epoch(batches)
-        runs.append((time.perf_counter() - start) / len(batches))
-    return statistics.median(runs)
-
-
-def time_shapley(cfg: Config, batch, repeats: int) -> dict[str, float]:
-    model = build_expert(cfg, N_CLINICAL, N_OUT)
-    out = {}
-    for mode in ("reuse", "naive"):
-        shapley_values(model, batch, KIND, mode=mode)
-        runs = []
-        for _ in range(repeats):
+        for name, job in jobs.items():
             start = time.perf_counter()
-            shapley_values(model, batch, KIND, mode=mode)
-            runs.append(time.perf_counter() - start)
-        out[mode] = statistics.median(runs)
-    return out
+            job()
+            runs[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def main() -> None:
@@ -100,18 +87,28 @@ def main() -> None:
     cfg = Config(size=args.size, batch_size=args.batch)
     batches = random_batches(cfg, args.steps, args.size, args.batch)
     voxels = args.batch * args.size**3
-    ours, ours_params = time_expert(cfg, batches, args.repeats)
+    model = build_expert(cfg, N_CLINICAL, N_OUT)
+    ours_params = n_params(model)
     unet = matched_unet(ours_params, len(cfg.modality_names))
-    plain = time_plain(unet, cfg, batches, args.repeats)
-    shap = time_shapley(cfg, batches[0], args.repeats)
+    train_mome, train_plain = expert_epoch(cfg, model), plain_epoch(cfg, unet)
+    probe = build_expert(cfg, N_CLINICAL, N_OUT)
+    t = interleaved({
+        "mome": lambda: train_mome(batches),
+        "plain": lambda: train_plain(batches),
+        "reuse": lambda: shapley_values(probe, batches[0], KIND, mode="reuse"),
+        "naive": lambda: shapley_values(probe, batches[0], KIND, mode="naive"),
+    }, args.repeats)
+    ours, plain = t["mome"] / len(batches), t["plain"] / len(batches)
+    shap = {"reuse": t["reuse"], "naive": t["naive"]}
     print(f"\n{args.size}^3, batch {args.batch}, {torch.get_num_threads()} torch threads, median of {args.repeats}\n")
-    print("| measure | MoME expert | reference | ratio |")
+    print("| measure | MoME | reference | ratio |")
     print("|---|---|---|---|")
-    print(f"| train voxels/s (params) | {voxels / ours:,.0f} ({ours_params:,}) | plain MONAI UNet "
-          f"{voxels / plain:,.0f} ({n_params(unet):,}) | {plain / ours:.2f} |")
-    print(f"| s per train step | {ours:.3f} | {plain:.3f} | |")
-    print(f"| Shapley s per batch (32 subsets) | reuse {shap['reuse']:.3f} | naive {shap['naive']:.3f} | "
-          f"{shap['naive'] / shap['reuse']:.2f}x faster |")
+    print(f"| parameters | {ours_params:,} (ExpertNet) | {n_params(unet):,} (plain MONAI UNet) | |")
+    print(f"| train step (s) | {ours:.3f} | {plain:.3f} | |")
+    print(f"| train throughput (voxels/s) | {voxels / ours:,.0f} | {voxels / plain:,.0f} | "
+          f"{plain / ours:.2f} (MoME / UNet) |")
+    print(f"| Shapley, one batch, all subsets (s) | {shap['reuse']:.3f} (feature reuse) | "
+          f"{shap['naive']:.3f} (naive forwards) | {shap['naive'] / shap['reuse']:.2f}x faster |")
 
 
 if __name__ == "__main__":

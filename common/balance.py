@@ -13,7 +13,10 @@ from common.model import probabilities
 
 
 def aux_scores(aux_logits: torch.Tensor, label: torch.Tensor, present: torch.Tensor, kind: str) -> torch.Tensor:
-    """Each modality's contribution on a batch [M]: soft Dice of its auxiliary head over cases that have it (NaN if none)."""
+    """Each modality's contribution on a batch [M]: its auxiliary head's soft Dice on the cases that have it.
+
+    NaN marks a modality no case of the batch has.
+    """
     out = torch.full((aux_logits.shape[1],), float("nan"))
     for m in range(aux_logits.shape[1]):
         rows = present[:, m] > 0

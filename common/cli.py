@@ -85,6 +85,73 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+# -- deployment (sim/topology.py, sim/certs.py, sim/deploy_local.py) -------------------------------
+def cmd_compose(args: argparse.Namespace) -> int:
+    from sim.topology import Topology, render_compose
+
+    Path(args.out).write_text(render_compose(Topology.for_compose(args.sites, args.data)))
+    print(f"wrote {args.out} ({args.sites} sites, data from {args.data}/<site-id>); "
+          f"check it with: docker-compose -f {args.out} config -q")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from sim.certs import DEFAULT_SERVER_NAMES, write_certificates
+    from sim.topology import Topology
+
+    top = Topology.build(args.sites)
+    names = tuple(dict.fromkeys([*DEFAULT_SERVER_NAMES, *args.server_name]))
+    paths = write_certificates(Path(args.out), list(top.site_ids), names, days=args.days, overwrite=args.overwrite)
+    # the Flower CLI connection the compose file's coordinator services (enrol-*, run) mount
+    (paths.root / "flwr").mkdir(exist_ok=True)
+    (paths.root / "flwr" / "config.toml").write_text(top.flower_config())
+    print(f"CA and SuperLink certificate ({', '.join(names)}) in {paths.root}")
+    for site in top.site_ids:
+        print(f"  {site}: give {paths.site_key(site)} to the site (keep it secret); "
+              f"enrol {paths.site_public_key(site)}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from sim.deploy_local import check_health
+
+    healthy = check_health(args.address, args.timeout)
+    print("SERVING" if healthy else f"not serving: {args.address}")
+    return 0 if healthy else 1
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    import logging
+    import time
+
+    from sim.deploy_local import DeployError, deploy_local
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    if args.insecure:
+        print("WARNING: --insecure: no TLS and no SuperNode authentication; anyone on this machine can join "
+              "or read the traffic. Use only for debugging.", file=sys.stderr)
+    run_dir = Path(args.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        combined = deploy_local(args.sites, run_dir, Path(args.data) if args.data else None, insecure=args.insecure,
+                                run_config=args.run_config, timeout=args.timeout, echo=not args.quiet)
+    except (DeployError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every process of the deployment was stopped", file=sys.stderr)
+        return 130
+    try:
+        from server.report import write_report
+
+        print(f"report: {write_report(run_dir, combined['strategies'])}")
+    except Exception as exc:  # the report is a convenience; metrics.json is the result
+        print(f"(no report.md: {exc})", file=sys.stderr)
+    for name, metrics in combined["strategies"].items():
+        print(f"{name}: sites {', '.join(sorted(metrics['sites']))}; dropped {len(metrics['dropped'])} time(s)")
+    print(f"run folder: {run_dir}\nmetrics: {run_dir}/metrics.json\nlogs: {run_dir}/logs/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from common.config import Config
 
@@ -129,6 +196,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a site folder, or files/folders of <case>_<cccc>.nii.gz (cccc = modality index)")
     p.add_argument("--out", required=True, help="folder for <case>.nii.gz")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("compose", help="write docker-compose.yml from the deployment topology (sim/topology.py)")
+    p.add_argument("--sites", type=int, default=3, help="one SuperNode service per site (default 3)")
+    p.add_argument("--data", default="./data", help="host folder holding one folder per site (site-a, ...)")
+    p.add_argument("--out", default="docker-compose.yml", help="file to write (default docker-compose.yml)")
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("certs", help="create the CA, the SuperLink TLS certificate and one auth key pair per site")
+    p.add_argument("--out", required=True, help="folder for the certificates and keys (required; keep private)")
+    p.add_argument("--sites", type=int, default=3, help="key pairs for site-a, site-b, ... (default 3)")
+    p.add_argument("--server-name", action="append", default=[],
+                   help="extra DNS name or IP of the SuperLink for its certificate (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CA and every key")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("deploy-local", help="run the federation as local SuperLink/SuperNode processes "
+                                            "(TLS + SuperNode auth on loopback)")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (SuperNodes)")
+    p.add_argument("--data", help="folder with one sub-folder per site (default: generate synthetic sites)")
+    p.add_argument("--out", help="run folder (default runs/deploy-<timestamp>)")
+    p.add_argument("--insecure", action="store_true",
+                   help="INSECURE: plain-text gRPC and no SuperNode authentication (debugging only)")
+    p.add_argument("--run-config", default="", help='overrides, e.g. "size=24 expert-epochs=1 round-timeout=60"')
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="do not echo the run's log stream")
+    p.set_defaults(func=cmd_deploy_local)
+
+    p = sub.add_parser("health", help="exit 0 if a SuperLink/SuperNode gRPC health service answers SERVING")
+    p.add_argument("--address", required=True, help="host:port of --health-server-address (required)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
     return parser
 
 

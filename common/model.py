@@ -12,6 +12,17 @@ from torch import nn
 from common.config import Config
 
 KINDS = ("regions", "classes")
+# oneDNN's 3D convolutions (backward above all) run 1.5-3x faster on CPU in channels-last layout
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=CHANNELS_LAST)
+
+
+def _instance_norm(channels: int) -> tuple:
+    """Instance norm (plus a learnt per-channel affine) as one-channel groups: GroupNorm keeps channels-last."""
+    return ("group", {"num_groups": channels})
 
 
 def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -75,7 +86,8 @@ class ExpertNet(nn.Module):
         self.n_modalities, self.n_clinical, self.n_out = n_modalities, n_clinical, n_out
         self.channels, self.film_decoder = channels, film_decoder
         self.stems = nn.ModuleList(
-            ResidualUnit(3, 1, stem_channels, subunits=2, norm="INSTANCE", act="PRELU") for _ in range(n_modalities)
+            ResidualUnit(3, 1, stem_channels, subunits=2, norm=_instance_norm(stem_channels), act="PRELU")
+            for _ in range(n_modalities)
         )
         self.aux_heads = nn.ModuleList(
             Convolution(3, stem_channels, n_out, kernel_size=3, conv_only=True) for _ in range(n_modalities)
@@ -83,21 +95,24 @@ class ExpertNet(nn.Module):
         # body input: fused stem features + the presence mask as constant channels
         ins = (stem_channels + n_modalities + 1,) + channels[:-1]
         self.encoders = nn.ModuleList(
-            UnetResBlock(3, cin, cout, kernel_size=3, stride=1 if i == 0 else 2, norm_name="instance")
+            UnetResBlock(3, cin, cout, kernel_size=3, stride=1 if i == 0 else 2, norm_name=_instance_norm(cout))
             for i, (cin, cout) in enumerate(zip(ins, channels))
         )
         self.decoders = nn.ModuleList(
-            UnetUpBlock(3, channels[i + 1], channels[i], 3, 1, upsample_kernel_size=2, norm_name="instance")
+            UnetUpBlock(3, channels[i + 1], channels[i], kernel_size=3, stride=1, upsample_kernel_size=2,
+                        norm_name=_instance_norm(channels[i]))
             for i in reversed(range(len(channels) - 1))
         )
         self.head = UnetOutBlock(3, channels[0], n_out)
         # clinical values and their presence bit, so "absent" differs from "all zeros"
         self.clinical_encoder = nn.Sequential(
-            nn.Linear(n_clinical + 1, clinical_hidden), nn.GELU(), nn.Linear(clinical_hidden, clinical_hidden), nn.GELU()
+            nn.Linear(n_clinical + 1, clinical_hidden), nn.GELU(),
+            nn.Linear(clinical_hidden, clinical_hidden), nn.GELU(),
         )
         film_channels = [channels[-1]] + (list(reversed(channels[:-1])) if film_decoder else [])
         self.films = nn.ModuleList(FiLM(clinical_hidden, c) for c in film_channels)
         self.clinical_head = nn.Linear(clinical_hidden, n_out)
+        self.to(memory_format=CHANNELS_LAST)
 
     @classmethod
     def from_config(cls, cfg: Config, n_clinical: int, n_out: int) -> "ExpertNet":
@@ -105,11 +120,11 @@ class ExpertNet(nn.Module):
 
     def stem_features(self, image: torch.Tensor) -> torch.Tensor:
         """Per-modality features [B, M, C, D, H, W], computed once and reusable across presence masks."""
-        return torch.stack([stem(image[:, m : m + 1]) for m, stem in enumerate(self.stems)], dim=1)
+        return torch.stack([stem(_channels_last(image[:, m : m + 1])) for m, stem in enumerate(self.stems)], dim=1)
 
     def aux_logits(self, stem_feats: torch.Tensor) -> torch.Tensor:
         """Each modality's own segmentation guess [B, M, R, D, H, W], used to measure its contribution."""
-        return torch.stack([head(stem_feats[:, m]) for m, head in enumerate(self.aux_heads)], dim=1)
+        return torch.stack([head(_channels_last(stem_feats[:, m])) for m, head in enumerate(self.aux_heads)], dim=1)
 
     def clinical_embedding(self, clinical: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
         present = presence[:, self.n_modalities :]
@@ -132,7 +147,7 @@ class ExpertNet(nn.Module):
         factor = 2 ** (len(self.channels) - 1)
         if any(s % factor for s in stem_feats.shape[3:]):
             raise ValueError(f"spatial size {tuple(stem_feats.shape[3:])} must be divisible by {factor}")
-        x = self.fuse(stem_feats, presence)
+        x = _channels_last(self.fuse(stem_feats, presence))
         embedding = self.clinical_embedding(clinical, presence)
         skips = []
         for encoder in self.encoders:

@@ -1,4 +1,4 @@
-"""Training loops: one expert (modality-balanced, with auxiliary heads), the gate over frozen experts, gate personalisation."""
+"""Training loops: a modality-balanced expert, the gate over frozen experts, and local gate personalisation."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def train_expert(
             model_losses.append(loss.item())
             bar.set_postfix(loss=f"{model_losses[-1]:.3f}")
         val = _validate(model, val_batches, kind)
-        history["loss"].append(sum(model_losses) / max(len(model_losses), 1))
+        history["loss"].append(sum(model_losses) / len(model_losses) if model_losses else None)
         history["val_dice"].append(val)
         history["factors"].append(balancer.log_epoch())
         history["seconds"].append(time.perf_counter() - start)

@@ -52,7 +52,7 @@ def test_values_sum_to_full_minus_empty(model, hard):
     score = partial(dice_score, kind="regions", hard=hard)
     phi = shapley_values(model, batch, "regions", score=score)
     assert phi.shape == (4, M + 1)
-    gain = value(model, batch, batch["presence"], score) - value(model, batch, torch.zeros_like(batch["presence"]), score)
+    gain = value(model, batch, batch["presence"], score) - value(model, batch, 0 * batch["presence"], score)
     torch.testing.assert_close(phi.sum(1), gain.double(), atol=1e-5, rtol=0)
     assert (phi[batch["presence"] == 0] == 0).all(), "an absent modality contributes nothing"
 
@@ -70,7 +70,7 @@ def test_single_player_gets_the_whole_gain(model):
     batch = random_batch(2)
     phi = shapley_values(model, batch, "regions")
     score = partial(dice_score, kind="regions")
-    gain = value(model, batch, batch["presence"], score) - value(model, batch, torch.zeros_like(batch["presence"]), score)
+    gain = value(model, batch, batch["presence"], score) - value(model, batch, 0 * batch["presence"], score)
     assert phi[2, 2].item() == pytest.approx(gain[2].item(), abs=1e-5)  # case 2 has only T2
 
 

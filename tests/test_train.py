@@ -1,4 +1,4 @@
-"""Training behaviour on synthetic blobs: held-out Dice rises, the balancer slows a dominant modality, the gate routes."""
+"""Training on synthetic blobs: held-out Dice rises, the balancer slows a dominant modality, the gate routes."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_gate_routes_each_site_to_its_own_expert():
 
 
 def test_baselines_return_one_metric_dict_per_site():
-    sites = [(blob_cases(2, 16, seed=s), blob_cases(2, 16, seed=s + 10), blob_cases(2, 16, seed=s + 20)) for s in (5, 6)]
+    sites = [tuple(blob_cases(2, 16, seed=s + k) for k in (0, 10, 20)) for s in (5, 6)]
     cfg = CFG.replace(expert_epochs=1)
     for run in (run_local, run_centralized):
         results = run(sites, cfg, "regions", F)
