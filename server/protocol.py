@@ -33,6 +33,14 @@ class Reply:
     state: dict[str, np.ndarray] | None
 
 
+def _sender(sent: list[Message], reply: Message) -> int:
+    """The node a reply answers for: error replies made by the SuperLink carry its own id as source."""
+    for msg in sent:
+        if msg.metadata.message_id == reply.metadata.reply_to_message_id:
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
 def plan(cfg: Config) -> list[tuple[str, int]]:
     """The steps of a run: (phase, round index). Baselines get the same local training epochs."""
     shared = [("warmup", r) for r in range(cfg.warmup_rounds)]
@@ -68,7 +76,7 @@ class Coordinator:
             self._count(self.nodes.get(n, f"node-{n}"), "down", record_bytes(c))
         replies, answered = [], set()
         for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            node = msg.metadata.src_node_id
+            node = _sender(messages, msg)
             answered.add(node)
             if msg.has_error():
                 self._drop(step, self.nodes.get(node, f"node-{node}"), f"site failed: {msg.error.reason}")
@@ -112,14 +120,13 @@ class Coordinator:
         nodes = self._wait_for_sites()
         content = RecordDict({Key.CONFIG: config_record(self.cfg.to_run_config())})
         specs = {}
-        for msg in self.grid.send_and_receive(
-                [Message(content, dst_node_id=n, message_type="query.describe") for n in nodes],
-                timeout=self.cfg.round_timeout):
+        messages = [Message(content, dst_node_id=n, message_type="query.describe") for n in nodes]
+        for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             if msg.has_error():
-                log.warning("a site could not describe itself: %s", msg.error.reason)
+                log.warning("node %s could not describe itself: %s", _sender(messages, msg), msg.error.reason)
                 continue
             site = str(msg.content["site"][SITE_ID])
-            self.nodes[msg.metadata.src_node_id] = site
+            self.nodes[_sender(messages, msg)] = site
             specs[site] = json.loads(str(msg.content["site"]["labels"]))
         if not specs:
             raise RuntimeError("no site answered; is every SuperNode's data folder valid?")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -48,12 +49,24 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     return metrics
 
 
+def _show_progress() -> None:
+    """Flower streams the ServerApp's stderr to `flwr run --stream`: send our INFO lines there."""
+    logger = logging.getLogger("mome")
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+
+
 def make_server_app(cfg: Config | None = None, out_dir: Path | None = None) -> ServerApp:
     """Simulation passes cfg and out_dir directly; deployment reads them from the run config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        _show_progress()
         run_config = dict(context.run_config)
         target = out_dir or Path(str(run_config.pop(OUT_KEY, "runs/coordinator")))
         run_config.pop(OUT_KEY, None)

@@ -1,0 +1,537 @@
+"""`mome deploy-local`: the compose topology as local processes on loopback (SuperLink, SuperNodes, flwr run)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import tomli_w
+
+from common.atomic import write_json
+from common.config import Config, config_from_mapping
+from sim.certs import write_certificates
+from sim.topology import RUN, SUPERLINK, Ports, Service, Topology, format_node_config
+
+log = logging.getLogger("mome.deploy")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REFUSED = "Exit Code: 305"  # flower-supernode logs this (and exits non-zero) when the SuperLink refuses its key
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message names the process and its log."""
+
+
+# -- processes -------------------------------------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def entry_point(name: str) -> str:
+    """A console script of this environment (the venv's bin first), as the compose image has it on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise DeployError(f"{name} is not installed in this environment ({sys.executable})")
+    return found
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every process (Linux /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+        table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid. Flower's SuperExec children start their own sessions, so a process group
+    alone misses them."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    state = _proc_table().get(pid)
+    return state is not None and state[1] not in ("Z", "X")
+
+
+def _signal(pids: Iterable[int], sig: int) -> None:
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    for group in groups:  # groups of processes we started (each began its own session), never ours
+        if group != os.getpgrp():
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_tree(popen: subprocess.Popen, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
+    """Stop a process we started and everything it started: sig, then SIGKILL after `grace` seconds."""
+    pids = [popen.pid, *descendants(popen.pid)]
+    _signal(pids, sig)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        popen.poll()
+        pids = list(dict.fromkeys([*pids, *(d for p in pids if alive(p) for d in descendants(p))]))
+        if not any(alive(p) for p in pids):
+            break
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    if left:
+        _signal(left, signal.SIGKILL)
+    try:
+        popen.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        log.warning("process %d did not exit after SIGKILL", popen.pid)
+
+
+def check_health(address: str, timeout: float = 3.0) -> bool:
+    """True when the gRPC health service at address answers SERVING (liveness of a SuperLink/SuperNode)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Proc:
+    """One process this deployment started, and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    argv: list[str]
+    stopped_by_us: bool = False
+    echo_thread: threading.Thread | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    @property
+    def refused(self) -> bool:
+        """A SuperNode that the SuperLink would not activate (unenrolled or wrong key)."""
+        return bool(self.returncode) and REFUSED in self.log_path.read_text(errors="replace")
+
+    def summary(self) -> dict[str, Any]:
+        return {"pid": self.popen.pid, "argv": self.argv, "log": str(self.log_path), "exit_code": self.returncode,
+                "stopped_by_deploy": self.stopped_by_us}
+
+
+# -- the app submitted by `flwr run` -----------------------------------------------------------------
+def _app_config(project_dir: Path) -> dict[str, Any]:
+    doc = tomllib.loads((project_dir / "pyproject.toml").read_text())
+    return doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+
+
+def app_for_run(project_dir: Path, keys: Iterable[str], stage_dir: Path, private: Iterable[Path] = ()) -> Path:
+    """The app folder `flwr run` submits (as a FAB, to the SuperLink and every SuperNode).
+
+    The project folder itself, unless (a) its [tool.flwr.app.config] lacks a key we override (Flower refuses
+    overrides of undeclared keys) or (b) a private folder (site data, keys) lies inside it, where the FAB's
+    *.json/*.toml patterns could pick files up. Then a staged copy holding only the code is submitted."""
+    declared = _app_config(project_dir)
+    missing = sorted(set(keys) - set(declared))
+    inside = [Path(p).resolve() for p in private if Path(p).resolve().is_relative_to(project_dir.resolve())]
+    if inside:  # only a problem if Flower would actually bundle something from there
+        bundled = _fab_files(project_dir)
+        inside = [p for p in inside if any(f.is_relative_to(p) for f in bundled)]
+    if not missing and not inside:
+        return project_dir
+    if missing:
+        log.warning("pyproject.toml [tool.flwr.app.config] lacks %s; submitting a staged copy of the app (%s) "
+                    "that declares every Config key", ", ".join(missing), stage_dir)
+    if inside:
+        log.warning("%s inside the app folder: submitting a staged copy with the code only (%s)",
+                    ", ".join(map(str, inside)), stage_dir)
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    for entry in sorted(project_dir.iterdir()):
+        if entry.is_dir() and (entry / "__init__.py").exists() and entry.name != "tests":
+            shutil.copytree(entry, stage_dir / entry.name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("README.md", ".gitignore"):
+        if (project_dir / name).exists():
+            shutil.copy2(project_dir / name, stage_dir / name)
+    doc = tomllib.loads((project_dir / "pyproject.toml").read_text())
+    table = doc.setdefault("tool", {}).setdefault("flwr", {}).setdefault("app", {}).setdefault("config", {})
+    for key, value in {**Config().to_run_config(), "out-dir": "runs/coordinator"}.items():
+        table.setdefault(key, value)
+    (stage_dir / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    return stage_dir
+
+
+def _fab_files(project_dir: Path) -> list[Path]:
+    """The files `flwr run <project_dir>` would bundle (Flower's own selection: patterns and .gitignore)."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project_dir))) as fab:
+        return [(project_dir / name).resolve() for name in fab.namelist()]
+
+
+def parse_run_config(text: str | None) -> dict[str, Any]:
+    """'k=v k2="s"' as `flwr run --run-config` reads it (TOML values); keys are checked against Config."""
+    from flwr.common.config import parse_config_args
+
+    values = dict(parse_config_args([text])) if text and text.strip() else {}
+    config_from_mapping({k: v for k, v in values.items() if k != "out-dir"})  # unknown keys fail here, early
+    return values
+
+
+# -- the deployment --------------------------------------------------------------------------------
+@dataclass
+class LocalDeployment:
+    """The topology's processes on this machine. Use as a context manager: every process stops on exit."""
+
+    topology: Topology
+    run_dir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)  # run config (without out-dir)
+    project_dir: Path = PROJECT_ROOT
+    echo: bool = False  # also copy `flwr run`'s stream to stdout
+    procs: dict[str, Proc] = field(default_factory=dict)
+    enrolled: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def prepare(cls, site_dirs: list[Path], run_dir: Path, secure: bool = True,
+                overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> "LocalDeployment":
+        """Topology with free loopback ports; certificates and key pairs (secure) under <run>/certs."""
+        run_dir = Path(run_dir).resolve()
+        overrides = dict(overrides or {})
+        data_dirs = {Path(d).resolve().parent for d in site_dirs}
+        if len(data_dirs) != 1:
+            raise DeployError("all site folders must sit in one data folder (the compose file mounts <data>/<site>)")
+        n = len(site_dirs)
+        project = Path(kwargs.get("project_dir", PROJECT_ROOT))
+        ports = free_ports(3 + 2 * n)
+        topology = Topology(tuple(Path(d).name for d in site_dirs), str(data_dirs.pop()),
+                            certs_dir=str(run_dir / "certs"), out_dir=str(run_dir),
+                            strategy=str(overrides.get("strategy", _app_config(project).get("strategy", "mome"))),
+                            secure=secure, containers=False, state_dir=str(run_dir / "state"),
+                            ports=Ports(ports[0], ports[1], ports[2],
+                                        tuple((ports[3 + 2 * i], ports[4 + 2 * i]) for i in range(n))))
+        for site in topology.site_ids:
+            format_node_config(topology.node_config(site))  # fail early on paths a node config cannot carry
+        if secure:
+            write_certificates(Path(topology.certs_dir), list(topology.site_ids))
+        return cls(topology, run_dir, overrides, **kwargs)
+
+    def __enter__(self) -> "LocalDeployment":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- processes ----------------------------------------------------------------------------
+    def _env(self, service: Service) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(service.env)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec
+        env["PYTHONUNBUFFERED"] = "1"
+        if service.role == "site" and "OMP_NUM_THREADS" not in os.environ:
+            # every site trains on this one machine: share the cores instead of oversubscribing them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.topology.site_ids)))
+        Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+        return env
+
+    def _start(self, service: Service, pipe: bool = False) -> Proc:
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{service.name}.log"
+        argv = [entry_point(service.command[0]), *service.command[1:]]
+        out = open(log_path, "ab")
+        out.write(f"$ {' '.join(service.command)}\n".encode())
+        out.flush()
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if pipe else out,
+                                 stderr=subprocess.STDOUT, env=self._env(service), cwd=self.run_dir,
+                                 start_new_session=True)  # its own group: stopped as a unit, not by Ctrl-C
+        proc = Proc(service.name, popen, log_path, list(service.command))
+        if pipe:
+            proc.echo_thread = threading.Thread(target=_tee, args=(popen, out, self.echo), daemon=True)
+            proc.echo_thread.start()
+        else:
+            out.close()
+        self.procs[service.name] = proc
+        self._event("started", service.name, pid=popen.pid)
+        return proc
+
+    def _event(self, what: str, name: str, **extra: Any) -> None:
+        self.events.append({"t": round(time.time(), 3), "event": what, "process": name, **extra})
+        log.info("%s %s %s", name, what, " ".join(f"{k}={v}" for k, v in extra.items()))
+
+    def _wait_until(self, proc: Proc, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.returncode is not None:
+                raise DeployError(f"{proc.name} exited with code {proc.returncode} before {what}; "
+                                  f"see {proc.log_path}")
+            if time.monotonic() > deadline:
+                raise DeployError(f"{proc.name}: no {what} within {timeout:.0f} s; see {proc.log_path}")
+            time.sleep(0.2)
+
+    def start_superlink(self, timeout: float = 60.0) -> Proc:
+        top = self.topology
+        proc = self._start(top.superlink())
+        Path(top.state_dir).mkdir(parents=True, exist_ok=True)
+        self._wait_until(proc, lambda: check_health(f"127.0.0.1:{top.ports.health}", 1.0)
+                         and port_open(top.ports.control) and port_open(top.ports.fleet), timeout, "readiness")
+        cli_home = Path(top.flwr_home(RUN))
+        cli_home.mkdir(parents=True, exist_ok=True)
+        (cli_home / "config.toml").write_text(top.flower_config())
+        return proc
+
+    def _cli_env(self) -> dict[str, str]:
+        return {**os.environ, "FLWR_HOME": self.topology.flwr_home(RUN), "FLWR_TELEMETRY_ENABLED": "0",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def enrol(self, site_ids: Iterable[str] | None = None) -> None:
+        """Register each site's public key with the SuperLink (what the coordinator does per hospital)."""
+        top = self.topology
+        if not top.secure:
+            return
+        for site in site_ids if site_ids is not None else top.site_ids:
+            service = top.enrol(top.site_ids.index(site))
+            log_path = self.run_dir / "logs" / f"{service.name}.log"
+            done = subprocess.run([entry_point(service.command[0]), *service.command[1:]], capture_output=True,
+                                  text=True, env=self._cli_env(), cwd=self.run_dir, timeout=120)
+            log_path.write_text(f"$ {' '.join(service.command)}\n{done.stdout}{done.stderr}")
+            if done.returncode != 0 and "already in use" not in done.stdout + done.stderr:
+                raise DeployError(f"enrolling {site} failed (exit {done.returncode}); see {log_path}")
+            self.enrolled.append(site)
+            self._event("enrolled", site)
+
+    def start_site(self, site: str, timeout: float = 60.0) -> Proc:
+        top = self.topology
+        index = top.site_ids.index(site)
+        service = top.site(index)
+        Path(top.site_out(site)).mkdir(parents=True, exist_ok=True)
+        proc = self._start(service)
+        # liveness only: a SuperNode whose key is refused exits by itself, the run goes on without it
+        health = f"127.0.0.1:{top.ports.site(index)[1]}"
+        deadline = time.monotonic() + timeout
+        while not check_health(health, 1.0) and proc.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return proc
+
+    def up(self, enrol: Iterable[str] | None = None) -> None:
+        """SuperLink, enrolment of `enrol` (default: every site), then every site's SuperNode."""
+        self.start_superlink()
+        self.enrol(enrol)
+        for site in self.topology.site_ids:
+            self.start_site(site)
+
+    def run_config(self) -> dict[str, Any]:
+        """The deployment's own overrides (out-dir, min-sites = enrolled sites) plus the caller's."""
+        expected = len(self.enrolled) if self.topology.secure else len(self.topology.site_ids)
+        return {**self.topology.run_config(), "min-sites": expected,
+                **{k: v for k, v in self.overrides.items() if k != "out-dir"}}
+
+    def submit(self) -> Proc:
+        """`flwr run <app> coordinator --stream --run-config <run>/run-config.toml`."""
+        values = self.run_config()
+        config_path = self.run_dir / "run-config.toml"
+        config_path.write_text(tomli_w.dumps(values))
+        top = self.topology
+        private = [Path(top.data_dir), Path(top.certs_dir), self.run_dir]
+        app = app_for_run(self.project_dir, values, self.run_dir / "app", private)
+        return self._start(self.topology.run(str(app), str(config_path)), pipe=True)
+
+    def wait_run(self, timeout: float | None = None) -> int:
+        """Until `flwr run` returns (the run finished or failed); fails early if the SuperLink dies."""
+        run, link = self.procs[RUN], self.procs[SUPERLINK]
+        deadline = time.monotonic() + timeout if timeout else None
+        while run.returncode is None:
+            self._note_exits()
+            if link.returncode is not None:
+                raise DeployError(f"the SuperLink exited with code {link.returncode}; see {link.log_path}")
+            if deadline and time.monotonic() > deadline:
+                raise DeployError(f"the run did not finish within {timeout:.0f} s; see {run.log_path}")
+            time.sleep(0.5)
+        if run.echo_thread:
+            run.echo_thread.join(timeout=10)
+        self._event("finished", RUN, exit_code=run.returncode)
+        return run.returncode
+
+    def _note_exits(self) -> None:
+        """Log a SuperNode that stopped on its own (refused key, crash) once; the run goes on without it."""
+        for proc in self.procs.values():
+            if proc.returncode is not None and not proc.stopped_by_us and proc.name != RUN and \
+                    not any(e["process"] == proc.name and e["event"] == "exited" for e in self.events):
+                reason = "refused by the SuperLink (key not enrolled)" if proc.refused else f"see {proc.log_path}"
+                self._event("exited", proc.name, exit_code=proc.returncode, reason=reason)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one process and its children now (tests use SIGKILL to mimic a site crashing)."""
+        proc = self.procs[name]
+        proc.stopped_by_us = True
+        stop_tree(proc.popen, grace=5.0, sig=sig)
+        self._event("killed", name, signal=signal.Signals(sig).name)
+
+    def stop(self) -> None:
+        """Stop every process still running, the run first and the SuperLink last."""
+        for proc in reversed(list(self.procs.values())):
+            if proc.returncode is None or descendants(proc.popen.pid):
+                proc.stopped_by_us = proc.stopped_by_us or proc.returncode is None
+                stop_tree(proc.popen)
+            elif proc.returncode is not None:
+                proc.popen.wait()
+        self.write_record()
+
+    # -- results ------------------------------------------------------------------------------
+    def metrics_path(self) -> Path:
+        return self.run_dir / self.topology.strategy / "metrics.json"
+
+    def write_record(self) -> Path:
+        """<run>/deployment.json: topology, ports, node configs, processes and their exit codes."""
+        top = self.topology
+        record = {
+            "secure": top.secure, "strategy": top.strategy, "sites": list(top.site_ids), "enrolled": self.enrolled,
+            "ports": {"fleet": top.ports.fleet, "control": top.ports.control, "health": top.ports.health},
+            "node_configs": {s: top.node_config(s) for s in top.site_ids},
+            "run_config": self.run_config(), "processes": {n: p.summary() for n, p in self.procs.items()},
+            "refused": [n for n, p in self.procs.items() if p.refused], "events": self.events,
+            "wall_time_s": round(time.time() - self.started, 1)}
+        path = self.run_dir / "deployment.json"
+        write_json(path, record)
+        return path
+
+    def collect(self) -> dict[str, Any]:
+        """<run>/metrics.json in the shape `mome sim` writes: {"sites": [...], "strategies": {name: ...}}."""
+        path = self.metrics_path()
+        if not path.exists():
+            run = self.procs.get(RUN)
+            raise DeployError(f"the run ended without writing {path}; see {run.log_path if run else self.run_dir}")
+        metrics = json.loads(path.read_text())
+        combined = {"sites": list(self.topology.site_ids), "strategies": {self.topology.strategy: metrics},
+                    "deployment": "local"}
+        write_json(self.run_dir / "metrics.json", combined)
+        return combined
+
+
+def _tee(popen: subprocess.Popen, out, echo: bool) -> None:
+    """Copy a process's output to its log (and to our stdout when echo)."""
+    with out:
+        for line in iter(popen.stdout.readline, b""):
+            out.write(line)
+            out.flush()
+            if echo:
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+
+
+def site_folders(data_dir: Path, n_sites: int) -> list[Path]:
+    """The first n site folders (those holding a dataset.json) of a data folder, by name."""
+    found = sorted(p for p in Path(data_dir).iterdir() if (p / "dataset.json").is_file())
+    if len(found) < n_sites:
+        raise DeployError(f"{data_dir} holds {len(found)} site folder(s) with a dataset.json; {n_sites} requested")
+    return found[:n_sites]
+
+
+def deploy_local(n_sites: int, run_dir: Path, data_dir: Path | None = None, insecure: bool = False,
+                 run_config: str | Mapping[str, Any] | None = None, enrol: Iterable[str] | None = None,
+                 timeout: float | None = None, echo: bool = False) -> dict[str, Any]:
+    """Run one federation as local processes over loopback gRPC; return the combined metrics.
+
+    Without data_dir, a synthetic federation is generated into <run>/data first. `enrol` limits which
+    sites' keys are registered (default: all); an unenrolled site's SuperNode is refused by the SuperLink."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = parse_run_config(run_config) if isinstance(run_config, str) or run_config is None else dict(run_config)
+    if data_dir is None:
+        from sim.synth import generate_federation
+
+        data_dir = run_dir / "data"
+        if not data_dir.exists():
+            generate_federation(data_dir, sites=n_sites, preset="mixed", seed=int(overrides.get("seed", 0)),
+                                size=int(overrides.get("size", Config().size)))
+    sites = site_folders(Path(data_dir), n_sites)
+    previous = _sigterm_as_interrupt()
+    try:
+        with LocalDeployment.prepare(sites, run_dir, secure=not insecure, overrides=overrides, echo=echo) as dep:
+            dep.up(enrol)
+            dep.submit()
+            code = dep.wait_run(timeout)
+            result = dep.collect()
+            if code != 0:
+                log.warning("flwr run exited with %d although metrics were written", code)
+            return result
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every process (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,311 @@
+"""One description of the deployed federation (coordinator + N sites), rendered as docker-compose.yml or processes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from sim.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+
+SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
+RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink
+CONNECTION = "coordinator"  # name of the SuperLink connection in the Flower CLI's config.toml
+IMAGE = "mome-fl:0.1.0"
+DEFAULT_DATA, DEFAULT_CERTS, DEFAULT_OUTPUTS = "./data", "./certs", "./runs/compose"
+# What a process sees inside its container; local processes see the host paths themselves.
+IN_CONTAINER = {"data": "/data", "site_out": "/site-out", "certs": "/certs", "outputs": "/outputs",
+                "state": "/state", "app": "/app"}
+STATE_VOLUME = "superlink-state"
+ENV_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Ports of the SuperLink (fleet, control, health) and of each SuperNode (runtime API, health)."""
+
+    fleet: int = 9092  # SuperNodes -> SuperLink: gRPC Fleet API (TLS); the only port hospitals connect to
+    control: int = 9093  # coordinator CLI -> SuperLink: HTTPS Control API (also the ServerApp's runtime API)
+    health: int = 9094  # SuperLink liveness: plain gRPC health service, carries no data
+    node: tuple[tuple[int, int], ...] = ()  # per site (runtime API, health); empty: (9095, 9096) for every site
+
+    def site(self, index: int) -> tuple[int, int]:
+        return self.node[index] if self.node else (9095, 9096)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path visible to a process at `target` (the same path when the process runs on the host)."""
+
+    source: str
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class Service:
+    """One process of the deployment: a compose service, or a local process of `mome deploy-local`."""
+
+    name: str
+    role: str  # superlink | enrol | site | run
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    health: tuple[str, ...] | None = None  # a command that exits 0 while the process is alive
+    site_id: str | None = None
+    node_config: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The coordinator (SuperLink + ServerApp) and one SuperNode per site, with every path and port.
+
+    `containers=True` is the compose view (processes see IN_CONTAINER paths, sources are host paths that may
+    hold ${VAR:-default}); `containers=False` is the local view (processes see host paths, loopback only)."""
+
+    site_ids: tuple[str, ...]
+    data_dir: str = DEFAULT_DATA  # host folder holding one nnU-Net folder per site, named by site id
+    certs_dir: str = DEFAULT_CERTS  # output of `mome certs`
+    out_dir: str = DEFAULT_OUTPUTS  # coordinator outputs; site bundles under <strategy>/sites/<site-id>
+    strategy: str = "mome"
+    secure: bool = True
+    containers: bool = True
+    ports: Ports = Ports()
+    state_dir: str = ""  # local view: SuperLink database and Flower homes ("" = <out_dir>)
+
+    @classmethod
+    def build(cls, n_sites: int, data_dir: str | Path = DEFAULT_DATA, **kwargs: Any) -> "Topology":
+        """N sites named like `mome synth` names its folders (site-a, site-b, ...)."""
+        from sim.synth import site_id
+
+        if n_sites < 1:
+            raise ValueError("a federation needs at least one site")
+        return cls(tuple(site_id(i) for i in range(n_sites)), str(data_dir), **kwargs)
+
+    @classmethod
+    def for_compose(cls, n_sites: int, data_dir: str = DEFAULT_DATA, strategy: str = "mome") -> "Topology":
+        """Host paths are overridable from an .env file: MOME_DATA, MOME_CERTS, MOME_OUTPUTS."""
+        return cls.build(n_sites, f"${{MOME_DATA:-{data_dir}}}", certs_dir=f"${{MOME_CERTS:-{DEFAULT_CERTS}}}",
+                         out_dir=f"${{MOME_OUTPUTS:-{DEFAULT_OUTPUTS}}}", strategy=strategy)
+
+    # -- where things are -------------------------------------------------------------------
+    def _see(self, key: str, host: str) -> str:
+        return IN_CONTAINER[key] if self.containers else host
+
+    def site_data(self, site: str) -> str:
+        return f"{self.data_dir}/{site}"
+
+    def site_out(self, site: str) -> str:
+        """Where a site writes its own final model bundle (never sent anywhere)."""
+        return f"{self.out_dir}/{self.strategy}/sites/{site}"
+
+    def cert(self, name: str) -> str:
+        return f"{self.certs_dir}/{name}"
+
+    def site_key(self, site: str, public: bool = False) -> str:
+        return f"{self.certs_dir}/sites/{site}/auth.{'pub' if public else 'key'}"
+
+    def flwr_home(self, name: str) -> str:
+        """Each process gets its own Flower home (installed app bundles, CLI config)."""
+        cli = name in (RUN, "cli") or name.startswith("enrol-")  # the Flower CLI: holds the connection config
+        if self.containers:
+            return "/flwr" if cli else f"/tmp/flwr-{name}"
+        return f"{self.state_dir or self.out_dir}/flwr-home/{'cli' if cli else name}"
+
+    @property
+    def superlink_host(self) -> str:
+        return SUPERLINK if self.containers else "127.0.0.1"
+
+    @property
+    def bind(self) -> str:
+        return "0.0.0.0" if self.containers else "127.0.0.1"
+
+    # -- what runs --------------------------------------------------------------------------
+    def node_config(self, site: str) -> dict[str, str]:
+        """The SuperNode's --node-config: site identity and folders (read by client/client_app.py)."""
+        return {"site-id": site, "data-dir": self._see("data", self.site_data(site)),
+                "out-dir": self._see("site_out", self.site_out(site))}
+
+    def run_config(self) -> dict[str, Any]:
+        """Run-config overrides the deployment itself sets: where the coordinator writes, how many sites."""
+        return {"out-dir": self._see("outputs", self.out_dir), "min-sites": len(self.site_ids)}
+
+    def flower_config(self) -> str:
+        """The Flower CLI's config.toml: how `flwr run` / `flwr supernode register` reach the SuperLink."""
+        lines = ["# Flower CLI connection to the MoME SuperLink (written by mome; see README, Deployment)",
+                 "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{self.superlink_host}:{self.ports.control}"']
+        if self.secure:
+            lines.append(f'root-certificates = "{self._see("certs", self.certs_dir)}/{CA_CERT}"')
+        else:
+            lines.append("insecure = true")
+        return "\n".join(lines) + "\n"
+
+    def _env(self, name: str) -> dict[str, str]:
+        return {"FLWR_TELEMETRY_ENABLED": "0",  # nothing leaves a site but the protocol's own messages
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # the image/venv already holds the app
+                "FLWR_HOME": self.flwr_home(name)}
+
+    def _cert_mounts(self, *names: str) -> tuple[Mount, ...]:
+        return tuple(Mount(self.cert(n), self._see("certs", self.certs_dir) + f"/{n}") for n in names)
+
+    def superlink(self) -> Service:
+        certs = self._see("certs", self.certs_dir)
+        state = self._see("state", self.state_dir or self.out_dir)
+        cmd = ["flower-superlink", "--fleet-api-address", f"{self.bind}:{self.ports.fleet}",
+               "--host", self.bind, "--port", str(self.ports.control)]
+        if self.secure:
+            cmd += ["--ssl-ca-certfile", f"{certs}/{CA_CERT}", "--ssl-certfile", f"{certs}/{SERVER_CERT}",
+                    "--ssl-keyfile", f"{certs}/{SERVER_KEY}", "--enable-supernode-auth"]
+        else:
+            cmd += ["--insecure"]
+        cmd += ["--disable-runtime-dependency-installation", "--database", f"{state}/superlink.db",
+                "--health-server-address", f"{self.bind}:{self.ports.health}"]
+        mounts = self._cert_mounts(CA_CERT, SERVER_CERT, SERVER_KEY) if self.secure else ()
+        mounts += (Mount(self.out_dir, self._see("outputs", self.out_dir), read_only=False),)
+        if self.containers:
+            mounts += (Mount(STATE_VOLUME, IN_CONTAINER["state"], read_only=False),)
+        return Service(SUPERLINK, "superlink", tuple(cmd), self._env(SUPERLINK), mounts,
+                       _health(f"127.0.0.1:{self.ports.health}"))
+
+    def site(self, index: int) -> Service:
+        site = self.site_ids[index]
+        runtime, health = self.ports.site(index)
+        certs = self._see("certs", self.certs_dir)
+        fleet = f"{self.superlink_host}:{self.ports.fleet}"
+        if self.containers:  # a hospital's own machine points its service at the coordinator's public address
+            fleet = f"${{MOME_SUPERLINK:-{fleet}}}"
+        cmd = ["flower-supernode", "--superlink", fleet]
+        mounts = (Mount(self.site_data(site), self._see("data", self.site_data(site))),)
+        if self.secure:
+            key = f"{certs}/auth.key" if self.containers else self.site_key(site)
+            cmd += ["--root-certificates", f"{certs}/{CA_CERT}", "--auth-supernode-private-key", key]
+            mounts += self._cert_mounts(CA_CERT) + (Mount(self.site_key(site), key),)
+        else:
+            cmd += ["--insecure"]
+        config = self.node_config(site)
+        cmd += ["--host", "127.0.0.1", "--port", str(runtime), "--health-server-address", f"127.0.0.1:{health}",
+                "--node-config", format_node_config(config)]
+        mounts += (Mount(self.site_out(site), config["out-dir"], read_only=False),)
+        return Service(site, "site", tuple(cmd), self._env(site), mounts, _health(f"127.0.0.1:{health}"),
+                       site_id=site, node_config=config)
+
+    def enrol(self, index: int) -> Service:
+        """Coordinator side: register a site's public key so the SuperLink accepts that SuperNode."""
+        site = self.site_ids[index]
+        name = f"enrol-{site}"
+        pub = f"{self._see('certs', self.certs_dir)}/{site}.pub" if self.containers else self.site_key(site, True)
+        mounts = (Mount(self.site_key(site, public=True), pub),) + self._cert_mounts(CA_CERT)
+        return Service(name, "enrol", ("flwr", "supernode", "register", pub, CONNECTION, "--name", site),
+                       self._env(name), mounts + self._cli_config_mount(), site_id=site)
+
+    def run(self, app: str | None = None, overrides: str | None = None) -> Service:
+        """Submit the federation; `overrides` replaces the inline run config (e.g. a TOML file path)."""
+        config = overrides or " ".join(f"{k}={_toml_value(v)}" for k, v in self.run_config().items())
+        cmd = ("flwr", "run", app or IN_CONTAINER["app"], CONNECTION, "--stream", "--run-config", config)
+        mounts = self._cert_mounts(CA_CERT) if self.secure else ()
+        return Service(RUN, "run", cmd, self._env(RUN), mounts + self._cli_config_mount())
+
+    def _cli_config_mount(self) -> tuple[Mount, ...]:
+        if not self.containers:
+            return ()
+        return (Mount(f"{self.certs_dir}/flwr/config.toml", "/flwr/config.toml"),)
+
+    def services(self) -> list[Service]:
+        """In start order: SuperLink, enrolments (secure only), sites, then the run."""
+        n = range(len(self.site_ids))
+        enrol = [self.enrol(i) for i in n] if self.secure else []
+        return [self.superlink(), *enrol, *(self.site(i) for i in n), self.run()]
+
+
+def format_node_config(config: Mapping[str, str]) -> str:
+    """`--node-config 'k="v" ...'` as flower-supernode parses it (TOML values, space separated)."""
+    for value in config.values():
+        if '"' in str(value) or " " in str(value):
+            raise ValueError(f"node config value {value!r} may not contain quotes or spaces")
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+
+def parse_node_config(text: str) -> dict[str, str]:
+    """Inverse of format_node_config (used to compare the compose file with the local processes)."""
+    return {k: v.strip('"') for k, v in re.findall(r'(\S+?)=("[^"]*"|\S+)', text)}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return f'"{value}"'
+
+
+def _health(address: str) -> tuple[str, ...]:
+    return ("mome", "health", "--address", address)
+
+
+def expand(text: str, env: Mapping[str, str] | None = None) -> str:
+    """Resolve ${VAR:-default} as compose does (env first, then the default)."""
+    env = env or {}
+    return ENV_VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+# -- docker-compose.yml ---------------------------------------------------------------------------
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML (no &anchors for repeated values); commands as one-line [a, b] lists."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _flow_lists(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(x, str) for x in data) and sum(len(x) + 2 for x in data) < 90
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _flow_lists)
+
+
+def _volumes(service: Service) -> list[str]:
+    return [f"{m.source}:{m.target}{':ro' if m.read_only else ''}" for m in service.mounts]
+
+
+def compose_dict(top: Topology) -> dict[str, Any]:
+    """The compose model of the topology (rendered to YAML by render_compose)."""
+    if not top.containers or not top.secure:
+        raise ValueError("the compose file describes the secure container deployment only")
+    build = {"context": ".", "dockerfile": "Dockerfile"}
+    healthy = {SUPERLINK: {"condition": "service_healthy"}}
+    check = {"interval": "10s", "timeout": "5s", "retries": 5, "start_period": "20s"}
+    services: dict[str, Any] = {}
+    for svc in top.services():
+        entry: dict[str, Any] = {"image": f"${{MOME_IMAGE:-{IMAGE}}}", "build": dict(build),
+                                 "command": list(svc.command), "environment": dict(svc.env),
+                                 "volumes": _volumes(svc)}
+        if svc.health:
+            entry["healthcheck"] = {"test": ["CMD", *svc.health], **check}
+        if svc.role == "superlink":
+            entry["ports"] = [f"${{MOME_FLEET_PORT:-{top.ports.fleet}}}:{top.ports.fleet}",  # hospitals connect here
+                              f"127.0.0.1:${{MOME_CONTROL_PORT:-{top.ports.control}}}:{top.ports.control}"]
+            entry["restart"] = "unless-stopped"
+        elif svc.role == "site":
+            entry["depends_on"] = dict(healthy)
+            entry["restart"] = "unless-stopped"  # also retries until the coordinator has enrolled the key
+        else:  # enrol / run: one-shot coordinator commands
+            entry["depends_on"] = dict(healthy)
+            entry["restart"] = "no"
+        services[svc.name] = entry
+    return {"services": services, "volumes": {STATE_VOLUME: {}}}
+
+
+def render_compose(top: Topology) -> str:
+    """docker-compose.yml text; the committed file is this for Topology.for_compose(3, "./data")."""
+    header = (f"# Generated by `mome compose --sites {len(top.site_ids)} --data {expand(top.data_dir)}` from "
+              "sim/topology.py: edit the topology, not this file.\n"
+              "# Host paths: MOME_DATA (one folder per site), MOME_CERTS (`mome certs`), MOME_OUTPUTS; "
+              "a hospital on its own machine\n"
+              "# sets MOME_SUPERLINK=<coordinator>:9092. Set them in an .env file next to this one.\n")
+    body = yaml.dump(compose_dict(top), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+    return header + body.replace("'no'", '"no"')

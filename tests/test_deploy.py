@@ -1,0 +1,249 @@
+"""Deployment over real gRPC on loopback: TLS + SuperNode auth, an unenrolled node, a site crash, the compose file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sim.certs import write_certificates
+from sim.deploy_local import LocalDeployment, alive, deploy_local, parse_run_config
+from sim.synth import generate_federation
+from sim.topology import RUN, SUPERLINK, Topology, expand, parse_node_config, render_compose
+from tests.conftest import tree_checksums
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# a tiny model and one epoch per phase: the point is the deployment, not the Dice
+TINY = ('size=24 channels="8,16,32" stem-channels=4 warmup-epochs=1 expert-epochs=1 gate-epochs=1 '
+        'personalise-epochs=1 gate-rounds=1')
+slow = pytest.mark.slow  # starts real SuperLink/SuperNode processes (about 1.5 min each); still in the default run
+
+
+@pytest.fixture(scope="module")
+def own_home(tmp_path_factory):
+    """flwr writes ~/.flwr: keep every Flower process of these tests out of the real home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        mp.setenv("OMP_NUM_THREADS", "1")  # two sites training on two cores: no OpenMP oversubscription
+        yield
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> list[Path]:
+    return generate_federation(tmp_path_factory.mktemp("data"), sites=3, preset="mixed", seed=1, size=24,
+                               cases=4, test_cases=2)
+
+
+def _leftovers(run_dir: Path) -> list[int]:
+    """Live processes whose command line or environment mentions the run folder (ours, and their children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(run_dir).encode() in text and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def secure_run(own_home, federation, tmp_path_factory):
+    """Three SuperNodes, only site-a and site-b enrolled: site-c must be refused, the run must go on."""
+    run_dir = tmp_path_factory.mktemp("deploy")
+    before = {d.name: tree_checksums(d) for d in federation}
+    start = time.perf_counter()
+    combined = deploy_local(3, run_dir, federation[0].parent, run_config=TINY, enrol=["site-a", "site-b"],
+                            timeout=420)
+    seconds = time.perf_counter() - start
+    after = {d.name: tree_checksums(d) for d in federation}
+    record = json.loads((run_dir / "deployment.json").read_text())
+    return run_dir, combined, record, before, after, seconds
+
+
+@slow
+def test_enrolled_sites_complete_a_federation_over_tls_with_node_auth(secure_run):
+    run_dir, combined, record, _, _, seconds = secure_run
+    metrics = combined["strategies"]["mome"]
+    assert sorted(metrics["sites"]) == ["site-a", "site-b"]
+    assert metrics["dropped"] == []
+    assert sorted(metrics["experts"]) == ["site-a", "site-b"]
+    assert [r["phase"] for r in metrics["rounds"]] == ["warmup", "expert", "gate", "evaluate"]
+    assert all(metrics["traffic"][s]["up"] > 0 and metrics["traffic"][s]["down"] > 0 for s in ("site-a", "site-b"))
+    # the coordinator's outputs, and each site's own bundle written through its node config's out-dir
+    assert (run_dir / "mome" / "metrics.json").exists() and (run_dir / "metrics.json").exists()
+    assert (run_dir / "mome" / "model" / "metadata.json").exists()
+    assert (run_dir / "mome" / "checkpoints" / "latest").exists()
+    for site in ("site-a", "site-b"):
+        assert (run_dir / "mome" / "sites" / site / "model" / "metadata.json").exists()
+    # security was on: TLS on the SuperLink, node auth, every SuperNode verifying the CA; no --insecure anywhere
+    assert record["secure"] is True
+    procs = record["processes"]
+    assert {"--enable-supernode-auth", "--ssl-certfile", "--ssl-keyfile"} <= set(procs[SUPERLINK]["argv"])
+    for site in ("site-a", "site-b", "site-c"):
+        assert {"--root-certificates", "--auth-supernode-private-key"} <= set(procs[site]["argv"])
+    assert not any("--insecure" in p["argv"] for p in procs.values())
+    assert record["run_config"]["min-sites"] == 2
+    for name in (SUPERLINK, "site-a", "site-b", "site-c", RUN, "enrol-site-a", "enrol-site-b"):
+        assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
+    # every process (and the SuperExec/ClientApp children Flower detaches) is gone
+    assert not _leftovers(run_dir)
+    print(f"secure 3-node deployment took {seconds:.0f} s")
+
+
+@slow
+def test_unenrolled_supernode_is_refused_and_the_run_goes_on(secure_run):
+    run_dir, combined, record, *_ = secure_run
+    assert record["enrolled"] == ["site-a", "site-b"]
+    assert record["refused"] == ["site-c"]
+    assert record["processes"]["site-c"]["exit_code"] not in (0, None)
+    assert "Exit Code: 305" in (run_dir / "logs" / "site-c.log").read_text()
+    assert "site-c" not in combined["strategies"]["mome"]["sites"]
+    assert not (run_dir / "mome" / "sites" / "site-c" / "model").exists()
+
+
+@slow
+def test_site_data_is_unchanged_by_a_deployment(secure_run):
+    _, _, _, before, after, _ = secure_run
+    assert set(before) == {"site-a", "site-b", "site-c"}
+    assert before == after
+
+
+@slow
+def test_site_killed_mid_run_is_dropped_and_the_run_completes(own_home, federation, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = parse_run_config(TINY + " warmup-rounds=0 round-timeout=30")
+    with LocalDeployment.prepare(federation[:2], run_dir, overrides=overrides) as dep:
+        dep.up()
+        dep.submit()
+        first = run_dir / "mome" / "checkpoints" / "step_001.pkl"  # the expert round is done
+        deadline = time.monotonic() + 240
+        while not first.exists():
+            assert dep.procs[RUN].returncode is None, (run_dir / "logs" / "run.log").read_text()
+            assert time.monotonic() < deadline, "the first round never finished"
+            time.sleep(0.5)
+        dep.kill("site-b")  # SIGKILL to the SuperNode and the ClientApp processes below it: a crash
+        assert dep.wait_run(timeout=300) == 0
+        combined = dep.collect()
+    metrics = combined["strategies"]["mome"]
+    assert sorted(metrics["experts"]) == ["site-a", "site-b"]  # site-b's expert arrived before the crash
+    assert list(metrics["sites"]) == ["site-a"]  # only the survivor evaluated
+    dropped = metrics["dropped"]
+    assert {d["site"] for d in dropped} == {"site-b"}  # the SuperLink's error replies are named by site
+    assert all(d["step"] >= 1 for d in dropped)  # nothing was lost before the crash
+    assert (run_dir / "mome" / "model" / "metadata.json").exists()
+    assert not _leftovers(run_dir)
+
+
+# -- one topology, two renderings ---------------------------------------------------------------
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _volume(spec: str) -> tuple[str, str, bool]:
+    """'source:target[:ro]' -> (source, target, read_only); the source may hold ${VAR:-default}."""
+    read_only = spec.endswith(":ro")
+    source, target = spec[: -3 if read_only else None].rsplit(":", 1)
+    return source, target, read_only
+
+
+def _flags(command) -> list[str]:
+    return [c for c in command if str(c).startswith("--")]
+
+
+def test_committed_compose_file_is_rendered_from_the_topology():
+    assert (ROOT / "docker-compose.yml").read_text() == render_compose(Topology.for_compose(3, "./data"))
+
+
+def test_compose_and_deploy_local_share_services_sites_node_configs_and_mounts(tmp_path):
+    compose = _compose()["services"]
+    local = Topology(("site-a", "site-b", "site-c"), str(tmp_path / "data"), certs_dir=str(tmp_path / "certs"),
+                     out_dir=str(tmp_path / "run"), containers=False)
+    services = {s.name: s for s in local.services()}
+    assert set(compose) == set(services) == {SUPERLINK, RUN, *(f"enrol-site-{c}" for c in "abc"),
+                                             *(f"site-{c}" for c in "abc")}
+    for name, svc in services.items():
+        assert compose[name]["command"][0] == svc.command[0]
+        assert _flags(compose[name]["command"]) == _flags(svc.command), name  # same options, own paths/ports
+    for site in ("site-a", "site-b", "site-c"):
+        command = compose[site]["command"]
+        node = parse_node_config(command[command.index("--node-config") + 1])
+        assert node == {"site-id": site, "data-dir": "/data", "out-dir": "/site-out"}
+        assert set(node) == set(services[site].node_config) and services[site].node_config["site-id"] == site
+        # each site mounts exactly one data folder, its own, read-only -- in both renderings
+        data = [_volume(v) for v in compose[site]["volumes"] if _volume(v)[1] == node["data-dir"]]
+        assert data == [(f"${{MOME_DATA:-./data}}/{site}", "/data", True)]
+        assert expand(data[0][0]) == f"./data/{site}"
+        local_data = [m for m in services[site].mounts if m.target == services[site].node_config["data-dir"]]
+        assert len(local_data) == 1 and local_data[0].read_only
+        assert Path(local_data[0].source) == tmp_path / "data" / site
+        assert [_volume(v) for v in compose[site]["volumes"] if "MOME_DATA" in v] == data
+        assert not any("sites/" in v and site not in v for v in compose[site]["volumes"])  # no other site's key
+        assert "ports" not in compose[site]  # a hospital opens no inbound port
+
+
+def test_every_compose_command_is_a_real_entry_point():
+    compose = _compose()["services"]
+    for name, svc in compose.items():
+        commands = [svc["command"]] + ([svc["healthcheck"]["test"][1:]] if "healthcheck" in svc else [])
+        for command in commands:
+            assert (BIN / command[0]).exists(), f"{name}: {command[0]}"  # mome is a console script here too
+    # and the subcommands they call exist
+    help_text = subprocess.run([str(BIN / "mome"), "--help"], capture_output=True, text=True).stdout
+    assert "health" in help_text
+    for binary in ("flower-superlink", "flower-supernode"):
+        flags = subprocess.run([str(BIN / binary), "--help"], capture_output=True, text=True).stdout
+        used = {f for svc in compose.values() if svc["command"][0] == binary for f in _flags(svc["command"])}
+        assert used and all(f in flags for f in used), binary
+
+
+def test_docker_compose_accepts_the_file(tmp_path):
+    if not shutil.which("docker-compose"):
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose to check the file)")
+    done = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
+def test_certificates_and_site_keys_are_what_flower_reads(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    paths = write_certificates(tmp_path, ["site-a", "site-b"])
+    cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "superlink"} <= set(san.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    for site in ("site-a", "site-b"):
+        key = load_ssh_private_key(paths.site_key(site).read_bytes(), password=None)
+        assert isinstance(key.curve, ec.SECP384R1)
+        assert oct(paths.site_key(site).stat().st_mode & 0o777) == "0o600"
+        assert try_load_public_key(paths.site_public_key(site))  # what `flwr supernode register` accepts
+    first = paths.ca_cert.read_bytes()
+    write_certificates(tmp_path, ["site-a", "site-b", "site-c"])  # adding a site keeps the CA and old keys
+    assert paths.ca_cert.read_bytes() == first and paths.site_key("site-c").exists()
+
+
+def test_security_is_on_unless_insecure_is_named():
+    from common.cli import build_parser
+
+    assert build_parser().parse_args(["deploy-local"]).insecure is False
+    top = Topology.build(2, "/data", containers=False)
+    assert "--insecure" not in top.superlink().command and "--enable-supernode-auth" in top.superlink().command
+    plain = Topology.build(2, "/data", containers=False, secure=False)
+    assert "--insecure" in plain.superlink().command and "--insecure" in plain.site(0).command
+    assert [s.role for s in plain.services()].count("enrol") == 0
+    with pytest.raises(ValueError):
+        render_compose(Topology.build(2, secure=False))
