@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+from common.atomic import atomic_write_bytes
 
 META_KEY = "__meta__"  # reserved array name holding the JSON metadata
 
@@ -39,20 +40,12 @@ def load_numpy_state(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> Non
 def save_state(path: Path | str, module: nn.Module | Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
     """Write arrays + JSON metadata as one .npz, atomically (temp file in the same folder, then os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = state_to_numpy(module) if isinstance(module, nn.Module) else dict(module)
     if META_KEY in arrays:
         raise ValueError(f"array name {META_KEY!r} is reserved")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **{META_KEY: np.array(json.dumps(dict(meta)))})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, **{META_KEY: np.array(json.dumps(dict(meta)))})
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

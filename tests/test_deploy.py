@@ -126,7 +126,7 @@ def test_site_killed_mid_run_is_dropped_and_the_run_completes(own_home, federati
     with LocalDeployment.prepare(federation[:2], run_dir, overrides=overrides) as dep:
         dep.up()
         dep.submit()
-        first = run_dir / "mome" / "checkpoints" / "step_001.pkl"  # the expert round is done
+        first = run_dir / "mome" / "checkpoints" / "step_001.npz"  # the expert round is done
         deadline = time.monotonic() + 240
         while not first.exists():
             assert dep.procs[RUN].returncode is None, (run_dir / "logs" / "run.log").read_text()

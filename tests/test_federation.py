@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from flwr.app import Array, Message
 
 from common.config import Config
 from common.wire import Key
+from server.checkpoint import load_checkpoint
 from sim.run_sim import simulate
 from sim.synth import generate_federation
 
@@ -79,8 +79,7 @@ def test_metrics_json_has_every_key(mome_run, two_sites):
 
 
 def _checkpoint(run_dir: Path, step: int) -> dict:
-    with (run_dir / "mome" / "checkpoints" / f"step_{step:03d}.pkl").open("rb") as fh:
-        return pickle.load(fh)
+    return load_checkpoint(run_dir / "mome" / "checkpoints" / f"step_{step:03d}.npz")
 
 
 def test_server_holds_one_distinct_expert_per_site_and_the_gate_moves(mome_run, two_sites):
@@ -143,7 +142,7 @@ def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=env)
-    target = tmp_path / "mome" / "checkpoints" / "step_002.pkl"
+    target = tmp_path / "mome" / "checkpoints" / "step_002.npz"
     deadline = time.monotonic() + 240
     while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
