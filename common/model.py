@@ -1,4 +1,4 @@
-"""Expert network (per-modality stems, presence-aware fusion, FiLM U-Net body) and the gating network."""
+"""Expert network (light per-modality stems, presence-aware fusion, half-resolution FiLM U-Net body) and the gate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, ResidualUnit, UnetOutBlock, UnetResBlock, UnetUpBlock
+from monai.networks.blocks import Convolution, UnetOutBlock, UnetResBlock, UnetUpBlock
+from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
 from common.config import Config
@@ -16,8 +17,25 @@ KINDS = ("regions", "classes")
 CHANNELS_LAST = torch.channels_last_3d
 
 
+LEAKY_SLOPE = 0.01
+LEAKY_RELU = ("leakyrelu", {"negative_slope": LEAKY_SLOPE, "inplace": True})
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CHANNELS_LAST)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-voxel linear map of channels: x [B, Cin, D, H, W], weight [Cin, Cout] or [B, Cin, Cout] -> [B, Cout, ...].
+
+    One matmul over the channels-last voxel matrix (a view, no copy, for channels-last x): at full resolution it
+    is memory-bound, and this reads and writes each tensor once (oneDNN's grouped 1x1x1 convolution does not).
+    """
+    voxels = x.movedim(1, -1)
+    out = voxels.reshape(x.shape[0], -1, x.shape[1]) @ weight
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*voxels.shape[:-1], -1).movedim(-1, 1)
 
 
 def _instance_norm(channels: int) -> tuple:
@@ -67,7 +85,12 @@ class FiLM(nn.Module):
 
 
 class ExpertNet(nn.Module):
-    """Segmentation expert: per-modality stems -> presence-aware mean fusion -> U-Net body with clinical FiLM."""
+    """Segmentation expert: light per-modality stems -> presence-aware mean fusion -> half-resolution U-Net body
+    with clinical FiLM -> 2x upsampling and a light full-resolution refinement on the fused stem features.
+
+    Only the stems, the fusion, the refinement and the 1x1x1 heads touch full resolution: on CPU that is where
+    time goes (memory traffic of wide full-resolution tensors), so the U-Net body runs from half resolution down.
+    """
 
     def __init__(
         self,
@@ -84,15 +107,15 @@ class ExpertNet(nn.Module):
         if len(channels) < 2:
             raise ValueError(f"channels needs at least two levels, got {channels}")
         self.n_modalities, self.n_clinical, self.n_out = n_modalities, n_clinical, n_out
-        self.channels, self.film_decoder = channels, film_decoder
+        self.stem_channels, self.channels, self.film_decoder = stem_channels, channels, film_decoder
+        # one 3x3x3 convolution per modality, no norm (inputs are z-scored per channel), at full resolution
         self.stems = nn.ModuleList(
-            ResidualUnit(3, 1, stem_channels, subunits=2, norm=_instance_norm(stem_channels), act="PRELU")
-            for _ in range(n_modalities)
+            Convolution(3, 1, stem_channels, kernel_size=3, norm=None, act=LEAKY_RELU) for _ in range(n_modalities)
         )
         self.aux_heads = nn.ModuleList(
-            Convolution(3, stem_channels, n_out, kernel_size=3, conv_only=True) for _ in range(n_modalities)
+            Convolution(3, stem_channels, n_out, kernel_size=1, conv_only=True) for _ in range(n_modalities)
         )
-        # body input: fused stem features + the presence mask as constant channels
+        # body input (half resolution): pooled fused stem features + the presence mask as constant channels
         ins = (stem_channels + n_modalities + 1,) + channels[:-1]
         self.encoders = nn.ModuleList(
             UnetResBlock(3, cin, cout, kernel_size=3, stride=1 if i == 0 else 2, norm_name=_instance_norm(cout))
@@ -103,13 +126,18 @@ class ExpertNet(nn.Module):
                         norm_name=_instance_norm(channels[i]))
             for i in reversed(range(len(channels) - 1))
         )
-        self.head = UnetOutBlock(3, channels[0], n_out)
+        # back to full resolution, concatenated with the fused stem features so fine boundaries survive
+        self.upsample = get_conv_layer(3, channels[0], stem_channels, kernel_size=2, stride=2, conv_only=True,
+                                       is_transposed=True)
+        self.refine = Convolution(3, 2 * stem_channels, stem_channels, kernel_size=3,
+                                  norm=_instance_norm(stem_channels), act=LEAKY_RELU)
+        self.head = UnetOutBlock(3, stem_channels, n_out)
         # clinical values and their presence bit, so "absent" differs from "all zeros"
         self.clinical_encoder = nn.Sequential(
             nn.Linear(n_clinical + 1, clinical_hidden), nn.GELU(),
             nn.Linear(clinical_hidden, clinical_hidden), nn.GELU(),
         )
-        film_channels = [channels[-1]] + (list(reversed(channels[:-1])) if film_decoder else [])
+        film_channels = [channels[-1]] + (list(reversed(channels[:-1])) + [stem_channels] if film_decoder else [])
         self.films = nn.ModuleList(FiLM(clinical_hidden, c) for c in film_channels)
         self.clinical_head = nn.Linear(clinical_hidden, n_out)
         self.to(memory_format=CHANNELS_LAST)
@@ -119,12 +147,23 @@ class ExpertNet(nn.Module):
         return cls(len(cfg.modality_names), n_clinical, n_out, cfg.stem_channels, cfg.channel_list)
 
     def stem_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Per-modality features [B, M, C, D, H, W], computed once and reusable across presence masks."""
-        return torch.stack([stem(_channels_last(image[:, m : m + 1])) for m, stem in enumerate(self.stems)], dim=1)
+        """Per-modality features [B, M, C, D, H, W], computed once and reusable across presence masks.
+
+        All stems run as one grouped convolution (same result as stems[m] on channel m): its channels-last output
+        already holds each voxel's M*C features side by side, which the fusion and the aux heads read as a matrix.
+        """
+        weight = torch.cat([stem.conv.weight for stem in self.stems])
+        bias = torch.cat([stem.conv.bias for stem in self.stems])
+        x = F.conv3d(_channels_last(image), weight, bias, padding=1, groups=self.n_modalities)
+        return F.leaky_relu(x, LEAKY_SLOPE, inplace=True).unflatten(1, (self.n_modalities, -1))
 
     def aux_logits(self, stem_feats: torch.Tensor) -> torch.Tensor:
         """Each modality's own segmentation guess [B, M, R, D, H, W], used to measure its contribution."""
-        return torch.stack([head(_channels_last(stem_feats[:, m])) for m, head in enumerate(self.aux_heads)], dim=1)
+        m = self.n_modalities
+        # the M 1x1x1 heads as one block-diagonal matrix over the stacked features
+        weight = torch.block_diag(*(head.conv.weight.flatten(1).t() for head in self.aux_heads))
+        bias = torch.cat([head.conv.bias for head in self.aux_heads])
+        return _pointwise(stem_feats.flatten(1, 2), weight, bias).unflatten(1, (m, -1))
 
     def clinical_embedding(self, clinical: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
         present = presence[:, self.n_modalities :]
@@ -134,21 +173,33 @@ class ExpertNet(nn.Module):
         """Auxiliary clinical head [B, R]: logits of each output channel's volume fraction."""
         return self.clinical_head(self.clinical_embedding(clinical, presence))
 
-    def fuse(self, stem_feats: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-        """Mean over present modalities only (absent ones are excluded, not averaged in as zeros) + mask channels."""
-        imaging = presence[:, : self.n_modalities]
+    def _mean_features(self, stem_feats: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        """Mean of the present modalities' features [B, C, D, H, W] (absent ones are excluded, not zero-averaged)."""
+        b, m, c = stem_feats.shape[:3]
+        imaging = presence[:, :m].to(stem_feats.dtype)
         weights = imaging / imaging.sum(1, keepdim=True).clamp(min=1.0)
-        fused = (stem_feats * weights[:, :, None, None, None, None]).sum(1)
-        mask = presence[:, :, None, None, None].expand(-1, -1, *fused.shape[2:])
-        return torch.cat([fused, mask.to(fused.dtype)], dim=1)
+        # per case, a [M*C, C] matrix of stacked weight_m * identity: one matmul instead of M full-size products
+        eye = torch.eye(c, dtype=stem_feats.dtype, device=stem_feats.device)
+        mixer = (weights[:, :, None, None] * eye).reshape(b, m * c, c)
+        return _pointwise(stem_feats.flatten(1, 2), mixer)
+
+    def _with_mask(self, x: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        mask = presence[:, :, None, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)
+        return _channels_last(torch.cat([x, mask], dim=1))
+
+    def fuse(self, stem_feats: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        """Mean over present modalities only + mask channels [B, C+M+1, D, H, W]; the body reads it 2x pooled."""
+        return self._with_mask(self._mean_features(stem_feats, presence), presence)
 
     def decode(self, stem_feats: torch.Tensor, presence: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        """Fusion + U-Net body: logits [B, R, D, H, W] for the given presence mask."""
-        factor = 2 ** (len(self.channels) - 1)
+        """Fusion + half-resolution U-Net body + full-resolution refinement: logits [B, R, D, H, W]."""
+        factor = 2 ** len(self.channels)
         if any(s % factor for s in stem_feats.shape[3:]):
             raise ValueError(f"spatial size {tuple(stem_feats.shape[3:])} must be divisible by {factor}")
-        x = _channels_last(self.fuse(stem_feats, presence))
+        fused = self._mean_features(stem_feats, presence)
         embedding = self.clinical_embedding(clinical, presence)
+        # = avg_pool3d(fuse(...), 2): the mask channels are constant, so they are appended after pooling
+        x = self._with_mask(F.avg_pool3d(fused, 2), presence)
         skips = []
         for encoder in self.encoders:
             x = encoder(x)
@@ -158,6 +209,9 @@ class ExpertNet(nn.Module):
             x = decoder(x, skips.pop())
             if self.film_decoder:
                 x = self.films[i + 1](x, embedding)
+        x = self.refine(torch.cat([self.upsample(x), fused], dim=1))
+        if self.film_decoder:
+            x = self.films[-1](x, embedding)
         return self.head(x)
 
     def forward(self, image: torch.Tensor, presence: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from common.model import ExpertNet, GateNet, drop_modalities, expert_probs, mixt
 Batch = Mapping[str, torch.Tensor]
 # expert probabilities cached across gate epochs only below this size; above it they are recomputed per step
 CACHE_LIMIT_BYTES = 512 * 2**20
+AUX_POOL = 2
 
 
 def segmentation_loss(kind: str) -> nn.Module:
@@ -54,11 +55,18 @@ def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn
     label, m_count = batch["label"], model.n_modalities
     feats = model.stem_features(batch["image"])
     loss = loss_fn(model.decode(feats, presence, batch["clinical"]), label)
-    aux = model.aux_logits(feats)
-    # aux heads see the modalities the case really has (dropout only hides them from the fused body)
+    aux, aux_label = model.aux_logits(feats), label
+    if AUX_POOL > 1 and all(s % AUX_POOL == 0 for s in label.shape[2:]):
+        aux = F.avg_pool3d(aux.flatten(1, 2), AUX_POOL).unflatten(1, aux.shape[1:3])
+        aux_label = F.avg_pool3d(label, AUX_POOL)
     present = batch["presence"][:, :m_count]
-    terms = [factors[m] * loss_fn(aux[present[:, m] > 0, m], label[present[:, m] > 0])
-             for m in range(m_count) if bool((present[:, m] > 0).any())]
+    terms = []
+    for m, logits in enumerate(aux.unbind(1)):
+        rows = present[:, m] > 0
+        if bool(rows.all()):
+            terms.append(factors[m] * loss_fn(logits, aux_label))
+        elif bool(rows.any()):
+            terms.append(factors[m] * loss_fn(logits[rows], aux_label[rows]))
     rows = batch["presence"][:, m_count] > 0
     if rows.any():
         fraction = label[rows].flatten(2).mean(2)  # the clinical head guesses each channel's volume fraction
@@ -66,7 +74,7 @@ def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn
         terms.append(F.binary_cross_entropy_with_logits(logits, fraction))
     if terms:
         loss = loss + cfg.aux_weight * torch.stack(terms).mean()
-    return loss, aux_scores(aux, label, present, kind)
+    return loss, aux_scores(aux, aux_label, present, kind)
 
 
 def _validate(model: ExpertNet, val_batches: Sequence[Batch], kind: str) -> float | None:
