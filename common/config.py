@@ -31,7 +31,7 @@ class Config:
     seed: int = 0
     lr: float = 3e-3
     batch_size: int = 2
-    expert_epochs: int = 6
+    expert_epochs: int = 16
     gate_epochs: int = 4
     personalise_epochs: int = 3
     # federation
