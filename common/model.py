@@ -15,27 +15,12 @@ from common.config import Config
 KINDS = ("regions", "classes")
 # oneDNN's 3D convolutions (backward above all) run 1.5-3x faster on CPU in channels-last layout
 CHANNELS_LAST = torch.channels_last_3d
-
-
 LEAKY_SLOPE = 0.01
 LEAKY_RELU = ("leakyrelu", {"negative_slope": LEAKY_SLOPE, "inplace": True})
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CHANNELS_LAST)
-
-
-def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-voxel linear map of channels: x [B, Cin, D, H, W], weight [Cin, Cout] or [B, Cin, Cout] -> [B, Cout, ...].
-
-    One matmul over the channels-last voxel matrix (a view, no copy, for channels-last x): at full resolution it
-    is memory-bound, and this reads and writes each tensor once (oneDNN's grouped 1x1x1 convolution does not).
-    """
-    voxels = x.movedim(1, -1)
-    out = voxels.reshape(x.shape[0], -1, x.shape[1]) @ weight
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*voxels.shape[:-1], -1).movedim(-1, 1)
 
 
 def _instance_norm(channels: int) -> tuple:
@@ -88,8 +73,8 @@ class ExpertNet(nn.Module):
     """Segmentation expert: light per-modality stems -> presence-aware mean fusion -> half-resolution U-Net body
     with clinical FiLM -> 2x upsampling and a light full-resolution refinement on the fused stem features.
 
-    Only the stems, the fusion, the refinement and the 1x1x1 heads touch full resolution: on CPU that is where
-    time goes (memory traffic of wide full-resolution tensors), so the U-Net body runs from half resolution down.
+    Only the stems, the fusion, the refinement and the output head run at full resolution: on CPU the time goes
+    to memory traffic of wide full-resolution tensors, so the U-Net body runs from half resolution down.
     """
 
     def __init__(
@@ -112,8 +97,10 @@ class ExpertNet(nn.Module):
         self.stems = nn.ModuleList(
             Convolution(3, 1, stem_channels, kernel_size=3, norm=None, act=LEAKY_RELU) for _ in range(n_modalities)
         )
+        # a strided 3x3x3 head per modality: some spatial context (a 1x1x1 head separates the modalities' aux scores
+        # far less, which the balancer needs) at the cost of a half-resolution output
         self.aux_heads = nn.ModuleList(
-            Convolution(3, stem_channels, n_out, kernel_size=1, conv_only=True) for _ in range(n_modalities)
+            Convolution(3, stem_channels, n_out, kernel_size=3, strides=2, conv_only=True) for _ in range(n_modalities)
         )
         # body input (half resolution): pooled fused stem features + the presence mask as constant channels
         ins = (stem_channels + n_modalities + 1,) + channels[:-1]
@@ -149,8 +136,8 @@ class ExpertNet(nn.Module):
     def stem_features(self, image: torch.Tensor) -> torch.Tensor:
         """Per-modality features [B, M, C, D, H, W], computed once and reusable across presence masks.
 
-        All stems run as one grouped convolution (same result as stems[m] on channel m): its channels-last output
-        already holds each voxel's M*C features side by side, which the fusion and the aux heads read as a matrix.
+        All stems run as one grouped convolution (same result as stems[m] on channel m): one kernel call, and its
+        channels-last output holds each voxel's M*C features side by side, which the fusion reads as a matrix.
         """
         weight = torch.cat([stem.conv.weight for stem in self.stems])
         bias = torch.cat([stem.conv.bias for stem in self.stems])
@@ -158,12 +145,16 @@ class ExpertNet(nn.Module):
         return F.leaky_relu(x, LEAKY_SLOPE, inplace=True).unflatten(1, (self.n_modalities, -1))
 
     def aux_logits(self, stem_feats: torch.Tensor) -> torch.Tensor:
-        """Each modality's own segmentation guess [B, M, R, D, H, W], used to measure its contribution."""
-        m = self.n_modalities
-        # the M 1x1x1 heads as one block-diagonal matrix over the stacked features
-        weight = torch.block_diag(*(head.conv.weight.flatten(1).t() for head in self.aux_heads))
+        """Each modality's own segmentation guess [B, M, R, D, H, W], used to measure its contribution.
+
+        The heads predict at half resolution (one grouped convolution, like the stems); the logits are
+        nearest-upsampled here, so 2x average pooling (as training does) gives back the heads' output.
+        """
+        weight = torch.cat([head.conv.weight for head in self.aux_heads])
         bias = torch.cat([head.conv.bias for head in self.aux_heads])
-        return _pointwise(stem_feats.flatten(1, 2), weight, bias).unflatten(1, (m, -1))
+        x = F.conv3d(_channels_last(stem_feats.flatten(1, 2)), weight, bias, stride=2, padding=1,
+                     groups=self.n_modalities)
+        return F.interpolate(x, size=stem_feats.shape[3:], mode="nearest").unflatten(1, (self.n_modalities, -1))
 
     def clinical_embedding(self, clinical: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
         present = presence[:, self.n_modalities :]
@@ -178,10 +169,13 @@ class ExpertNet(nn.Module):
         b, m, c = stem_feats.shape[:3]
         imaging = presence[:, :m].to(stem_feats.dtype)
         weights = imaging / imaging.sum(1, keepdim=True).clamp(min=1.0)
-        # per case, a [M*C, C] matrix of stacked weight_m * identity: one matmul instead of M full-size products
+        # one matmul per case over the channels-last voxel matrix (a view of stem_features' output):
+        # [voxels, M*C] @ [M*C, C] of stacked weight_m * identity reads and writes each full-size tensor once
         eye = torch.eye(c, dtype=stem_feats.dtype, device=stem_feats.device)
         mixer = (weights[:, :, None, None] * eye).reshape(b, m * c, c)
-        return _pointwise(stem_feats.flatten(1, 2), mixer)
+        voxels = stem_feats.flatten(1, 2).movedim(1, -1)
+        fused = voxels.reshape(b, -1, m * c) @ mixer
+        return fused.reshape(*voxels.shape[:-1], c).movedim(-1, 1)
 
     def _with_mask(self, x: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
         mask = presence[:, :, None, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)

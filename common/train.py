@@ -20,6 +20,9 @@ from common.model import ExpertNet, GateNet, drop_modalities, expert_probs, mixt
 Batch = Mapping[str, torch.Tensor]
 # expert probabilities cached across gate epochs only below this size; above it they are recomputed per step
 CACHE_LIMIT_BYTES = 512 * 2**20
+# the per-modality aux losses are taken on 2x average-pooled logits and labels: they only rank the modalities and
+# keep each stem informative, and at full resolution they cost about a fifth of a training step on CPU
+AUX_POOL = 2
 AUX_POOL = 2
 
 
@@ -56,9 +59,10 @@ def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn
     feats = model.stem_features(batch["image"])
     loss = loss_fn(model.decode(feats, presence, batch["clinical"]), label)
     aux, aux_label = model.aux_logits(feats), label
-    if AUX_POOL > 1 and all(s % AUX_POOL == 0 for s in label.shape[2:]):
+    if all(s % AUX_POOL == 0 for s in label.shape[2:]):
         aux = F.avg_pool3d(aux.flatten(1, 2), AUX_POOL).unflatten(1, aux.shape[1:3])
-        aux_label = F.avg_pool3d(label, AUX_POOL)
+        aux_label = F.avg_pool3d(label, AUX_POOL)  # soft labels: each pooled voxel's foreground fraction
+    # aux heads see the modalities the case really has (dropout only hides them from the fused body)
     present = batch["presence"][:, :m_count]
     terms = []
     for m, logits in enumerate(aux.unbind(1)):

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from torch.nn.functional import avg_pool3d, interpolate
 
 from common.config import Config
 from common.metrics import dice_score, evaluate, expert_predictor, mixture_predictor
@@ -132,3 +133,22 @@ def test_metric_conventions_for_empty_masks():
     assert result["hd95"] == pytest.approx(diagonal / 3)
     assert dice_score(probs, label, "regions").tolist() == pytest.approx([1.0, 0.0, 1.0], abs=1e-4)
     assert evaluate(lambda batch: probs, [{"label": label}], "regions", with_hd95=False)["hd95"] is None
+
+
+def test_batched_stems_and_aux_heads_match_the_per_modality_modules():
+    """stem_features/aux_logits run all modalities at once; each slice must equal its own module, grads included."""
+    model = build_expert(CFG, F, 3)
+    image = torch.randn(2, M, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    feats = model.stem_features(image)
+    aux = model.aux_logits(feats)
+    for m in range(M):
+        torch.testing.assert_close(feats[:, m], model.stems[m](image[:, m : m + 1]), atol=1e-5, rtol=1e-5)
+        coarse = model.aux_heads[m](feats[:, m])  # the heads predict at half resolution
+        torch.testing.assert_close(aux[:, m], interpolate(coarse, scale_factor=2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(avg_pool3d(aux[:, m], 2), coarse, atol=1e-5, rtol=1e-5)
+    presence = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]] * 2)
+    (model.decode(feats, presence, torch.randn(2, F)).square().mean() + aux.square().mean()).backward()
+    # the modality balancer scales each stem's own gradients: they must reach the stems' parameters
+    assert all(stem.conv.weight.grad is not None and stem.conv.weight.grad.abs().sum() > 0 for stem in model.stems)
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, M, 12, 12, 12), torch.ones(1, M + 1), torch.randn(1, F))
