@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.config import Config
 
@@ -31,3 +32,12 @@ def site_copy(tiny_federation, tmp_path) -> Path:
 def tree_checksums(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: with other processes on the 2 cores, a 2-thread pool stalls at barriers (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,13 +18,7 @@ M, F, SIZE = 4, 3, 16
 CFG = Config(channels="8,16,32", stem_channels=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: with other processes on the 2 cores, a 2-thread pool stalls at barriers (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def all_patterns_batch(kind: str, n_out: int) -> dict[str, torch.Tensor]:

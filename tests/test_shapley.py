@@ -16,13 +16,7 @@ M, F, SIZE, R = 4, 3, 16, 2
 CFG = Config(channels="8,16,32", stem_channels=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: with other processes on the 2 cores, a 2-thread pool stalls at barriers (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_batch(seed: int) -> dict[str, torch.Tensor]:
