@@ -77,8 +77,8 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         site, cfg = site_for(msg, context)
         experts = _experts(msg)
         state, metrics = site.train_gate(list(experts.values()), from_record(msg.content[Key.GATE]),
-                                         int(_phase(msg)["epochs"]))
-        return reply(msg, site, metrics, state, metrics["n_train"] + metrics["n_val"])
+                                         int(_phase(msg)["steps"]))
+        return reply(msg, site, metrics, state, metrics["n_gate"])
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -79,20 +79,32 @@ class Site:
         metrics["modality_factors"] = [float(factors[f"factor/{m}"]) for m in self.cfg.modality_names]
         return state_to_numpy(model), metrics
 
-    def train_gate(self, experts: list[State], gate_state: State, epochs: int) -> tuple[State, dict]:
+    @property
+    def gate_cases(self) -> list[dict]:
+        """The gate learns which expert to trust on cases no expert was fitted to: the held-out split.
+
+        On the training split the site's own expert looks far better than it is on new cases, and a gate trained
+        there routes everything to it. Only a site too small to hold any case out falls back to its training split."""
+        return self.val or self.train
+
+    @property
+    def personalise_steps(self) -> int:
+        """As many steps as fedavg-ft's local fine-tuning takes: personalise_epochs passes over the train split."""
+        return self.cfg.personalise_epochs * len(self.train)
+
+    def train_gate(self, experts: list[State], gate_state: State, steps: int) -> tuple[State, dict]:
         models = [self.expert(s) for s in experts]
         gate = self.gate(len(models), gate_state)
-        history = train_gate(gate, models, self.train + self.val, self.cfg, self.kind, epochs=epochs,
-                             progress=False)
-        return state_to_numpy(gate), {"train_loss": history["mean_loss"], "gate_weights": history["weights"],
-                                      **self.counts}
+        history = train_gate(gate, models, self.gate_cases, self.cfg, self.kind, steps=steps, progress=False)
+        metrics = {"train_loss": history["mean_loss"], "gate_weights": history["weights"], **self.counts}
+        return state_to_numpy(gate), metrics | {"n_gate": history["n"]}
 
     def evaluate_mixture(self, experts: dict[str, State], gate_state: State) -> dict:
         """Own expert, the global-gate mixture and the personalised mixture on held-out cases."""
         names = list(experts)
         models = [self.expert(experts[n]) for n in names]
         gate = self.gate(len(models), gate_state)
-        personal = personalise_gate(gate, models, self.train + self.val, self.cfg, self.kind)
+        personal = personalise_gate(gate, models, self.gate_cases, self.cfg, self.kind, self.personalise_steps)
         own = models[names.index(self.site_id)] if self.site_id in names else None
         results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind), self.test, self.kind),
                    "mixture_global": evaluate(mixture_predictor(models, gate, self.kind), self.test, self.kind)}

@@ -46,7 +46,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from common.config import config_from_mapping, parse_overrides
     from server.report import write_report
     from sim.run_sim import ALL_STRATEGIES, run_all
-    from sim.synth import generate_federation
+    from sim.synth import generate_federation, site_traits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     overrides = parse_overrides(args.run_config or "")
@@ -68,7 +68,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print(f"error: unknown strategy {unknown[0]!r}; choose from {', '.join(ALL_STRATEGIES)}", file=sys.stderr)
         return 2
     combined = run_all(strategies, site_dirs, cfg, run_dir)
-    report = write_report(run_dir, combined["strategies"])
+    report = write_report(run_dir, combined["strategies"], {d.name: site_traits(d) for d in site_dirs})
     print(report.read_text().split("## Mean Dice per site")[0])
     print(f"run folder: {run_dir}\nreport: {report}")
     return 0

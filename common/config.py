@@ -31,13 +31,13 @@ class Config:
     seed: int = 0
     lr: float = 3e-3
     batch_size: int = 2
-    expert_epochs: int = 16
-    gate_epochs: int = 4
-    personalise_epochs: int = 3
+    expert_epochs: int = 8
+    gate_steps: int = 30  # gate optimiser steps per gate round, on the site's held-out split
+    personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
     # federation
     strategy: str = "mome"  # mome | fedavg | fedavg-ft | local | centralized
-    warmup_rounds: int = 1
-    warmup_epochs: int = 2  # local epochs per warm-up (and matching FedAvg) round
+    warmup_rounds: int = 8
+    warmup_epochs: int = 4  # local epochs per warm-up (and matching FedAvg) round
     expert_rounds: int = 1
     gate_rounds: int = 2
     gate_aggregation: str = "fedavg"  # fedavg | dro

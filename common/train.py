@@ -23,7 +23,6 @@ CACHE_LIMIT_BYTES = 512 * 2**20
 # the per-modality aux losses are taken on 2x average-pooled logits and labels: they only rank the modalities and
 # keep each stem informative, and at full resolution they cost about a fifth of a training step on CPU
 AUX_POOL = 2
-AUX_POOL = 2
 
 
 def segmentation_loss(kind: str) -> nn.Module:
@@ -152,44 +151,46 @@ def train_gate(
     batches: Sequence[Batch],
     cfg: Config,
     kind: str,
-    epochs: int | None = None,
+    steps: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train the gate in place on the mixture of frozen experts; history["mean_loss"] is the last epoch's mean."""
-    epochs = cfg.gate_epochs if epochs is None else epochs
-    history: dict = {"loss": [], "mean_loss": None, "weights": None, "n": _cases(batches)}
-    if not batches or epochs <= 0:
+    """Train the gate in place on the mixture of frozen experts for a number of optimiser steps.
+
+    Steps, not epochs: the gate learns on a site's held-out split, a handful of cases, so its budget is set
+    apart from how many cases there are; the batches are visited in a fresh random order on every pass.
+    history["mean_loss"] and history["weights"] are over the last pass (at most one visit per batch)."""
+    steps = cfg.gate_steps if steps is None else steps
+    history: dict = {"loss": [], "mean_loss": None, "weights": None, "n": _cases(batches), "steps": 0}
+    if not batches or steps <= 0:
         return history
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(gate.parameters(), lr=cfg.lr)
     cache = _expert_cache(experts, batches, kind)
-    for epoch in range(epochs):
-        gate.train()
-        losses, weight_sum = [], torch.zeros(len(experts))
-        bar = tqdm(_order(len(batches), generator), desc=f"gate {epoch + 1}/{epochs}", disable=not progress,
-                   leave=False)
-        for i in bar:
-            cached = cache[i] if cache is not None else None
-            probs, weights = mixture_probs(experts, gate, batches[i], kind, cached=cached)
-            loss = mixture_loss(probs, batches[i]["label"], kind)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item() * weights.shape[0])
-            weight_sum += weights.detach().sum(0)
-            bar.set_postfix(loss=f"{losses[-1] / weights.shape[0]:.3f}")
-        history["loss"].append(sum(losses) / history["n"])
-        history["weights"] = (weight_sum / history["n"]).tolist()
+    order = [i for _ in range(-(-steps // len(batches))) for i in _order(len(batches), generator)][:steps]
+    gate.train()
+    seen = []  # gate weights per step
+    for i in tqdm(order, desc="gate", disable=not progress, leave=False):
+        cached = cache[i] if cache is not None else None
+        probs, weights = mixture_probs(experts, gate, batches[i], kind, cached=cached)
+        loss = mixture_loss(probs, batches[i]["label"], kind)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history["loss"].append(loss.item())
+        seen.append(weights.detach())
+    last_loss, last_weights = history["loss"][-len(batches):], torch.cat(seen[-len(batches):])
+    sizes = [w.shape[0] for w in seen[-len(batches):]]
+    history.update(mean_loss=sum(loss * n for loss, n in zip(last_loss, sizes)) / sum(sizes),
+                   weights=last_weights.mean(0).tolist(), steps=len(order))
     gate.eval()
-    history["mean_loss"] = history["loss"][-1]
     return history
 
 
 def personalise_gate(
-    gate: GateNet, experts: Sequence[ExpertNet], batches: Sequence[Batch], cfg: Config, kind: str,
+    gate: GateNet, experts: Sequence[ExpertNet], batches: Sequence[Batch], cfg: Config, kind: str, steps: int,
     progress: bool = False,
 ) -> GateNet:
-    """A copy of the gate fine-tuned on local batches for cfg.personalise_epochs; the original is untouched."""
+    """A copy of the gate fine-tuned on local batches for `steps` steps; the original is untouched."""
     local = copy.deepcopy(gate)
-    train_gate(local, experts, batches, cfg, kind, epochs=cfg.personalise_epochs, progress=progress)
+    train_gate(local, experts, batches, cfg, kind, steps=steps, progress=progress)
     return local

@@ -41,14 +41,18 @@ def _sender(sent: list[Message], reply: Message) -> int:
     return reply.metadata.src_node_id
 
 
+def shared_rounds(cfg: Config) -> int:
+    """FedAvg rounds (of warmup_epochs each) that give a site at least MoME's local epochs: warm-up + experts."""
+    return cfg.warmup_rounds + -(-cfg.expert_rounds * cfg.expert_epochs // max(cfg.warmup_epochs, 1))
+
+
 def plan(cfg: Config) -> list[tuple[str, int]]:
     """The steps of a run: (phase, round index). Baselines get the same local training epochs."""
-    shared = [("warmup", r) for r in range(cfg.warmup_rounds)]
     if cfg.strategy == "mome":
-        return (shared + [("expert", r) for r in range(cfg.expert_rounds)]
+        return ([("warmup", r) for r in range(cfg.warmup_rounds)] + [("expert", r) for r in range(cfg.expert_rounds)]
                 + [("gate", r) for r in range(cfg.gate_rounds)] + [("evaluate", 0)])
     if cfg.strategy in ("fedavg", "fedavg-ft"):
-        return shared + [("shared", r) for r in range(cfg.expert_rounds)] + [("evaluate", 0)]
+        return [("shared", r) for r in range(shared_rounds(cfg))] + [("evaluate", 0)]
     raise ValueError(f"unknown federated strategy {cfg.strategy!r} ({' | '.join(STRATEGIES)})")
 
 
@@ -103,13 +107,14 @@ class Coordinator:
         content = RecordDict({Key.CONFIG: config_record(self.cfg.to_run_config()),
                               "phase": ConfigRecord({"name": phase, "strategy": self.cfg.strategy,
                                                      "epochs": self._epochs(phase),
+                                                     "steps": self.cfg.gate_steps,
                                                      "finetune-epochs": self._finetune_epochs()})})
         for name, state in arrays.items():
             content[name] = to_record(state)
         return content
 
     def _epochs(self, phase: str) -> int:
-        return {"warmup": self.cfg.warmup_epochs, "gate": self.cfg.gate_epochs}.get(phase, self.cfg.expert_epochs)
+        return self.cfg.expert_epochs if phase == "expert" else self.cfg.warmup_epochs
 
     def _finetune_epochs(self) -> int:
         return self.cfg.personalise_epochs if self.cfg.strategy == "fedavg-ft" else 0

@@ -25,12 +25,15 @@ def _summary_table(strategies: dict) -> list[str]:
     return lines
 
 
-def _site_table(strategies: dict, sites: list[str]) -> list[str]:
+def _site_table(strategies: dict, sites: list[str], traits: dict[str, str | None]) -> list[str]:
     names = list(strategies)
-    lines = ["| site | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    with_traits = any(traits.values())
+    lines = ["| site | " + ("how the site is made | " if with_traits else "") + " | ".join(names) + " |",
+             "|---|" + ("---|" if with_traits else "") + "---|" * len(names)]
     for site in sites:
         cells = [_fmt(strategies[n]["sites"].get(site, {}).get("dice_mean")) for n in names]
-        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+        trait = f"{traits.get(site) or '–'} | " if with_traits else ""
+        lines.append(f"| {site} | {trait}" + " | ".join(cells) + " |")
     return lines
 
 
@@ -100,11 +103,11 @@ def _heatmap(path: Path, rows: list[str], cols: list[str], values: np.ndarray, t
     return path
 
 
-def write_report(run_dir: Path, strategies: dict) -> Path:
-    """Write <run>/report.md and its PNGs from the per-strategy metrics."""
+def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] | None = None) -> Path:
+    """Write <run>/report.md and its PNGs from the per-strategy metrics; `traits`: how each site differs."""
     sites = sorted({s for m in strategies.values() for s in m["sites"]})
     lines = ["# MoME run report", "", f"Run folder: `{run_dir}`", "", "## Summary (held-out cases of each site)", ""]
-    lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""] + _site_table(strategies, sites)
+    lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""] + _site_table(strategies, sites, traits or {})
     dice_png = _bar_plot(run_dir / "dice_per_site.png", sites,
                          {n: [m["sites"].get(s, {}).get("dice_mean", 0.0) for s in sites]
                           for n, m in strategies.items()}, "mean Dice", "Held-out Dice per site and strategy")

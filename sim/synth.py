@@ -45,7 +45,7 @@ class SiteSpec:
     index: int  # position in the federation; keys every RNG stream of the site (anatomy differs per site)
     site_id: str  # folder name and case-id prefix, e.g. "site-a"
     n_train: int = 16  # cases written to imagesTr/labelsTr
-    n_test: int = 6  # held-out cases written to imagesTs/labelsTs
+    n_test: int = 12  # held-out cases written to imagesTs/labelsTs
     channels: tuple[str, ...] = SEQUENCES  # sequences the site acquires (subset of SEQUENCES, same order)
     missing_rate: float = 0.0  # probability a case lacks one of channels[1:]; the first is never missing
     convention: str = "standard"  # contouring convention, one of CONVENTIONS
@@ -120,7 +120,7 @@ def preset_sites(preset: str, n_sites: int, cases: int | None = None,
     if n_sites < 1:
         raise ValueError("n_sites must be >= 1")
     n_train = 16 if cases is None else cases
-    n_test = 6 if test_cases is None else test_cases
+    n_test = 12 if test_cases is None else test_cases
     specs = []
     for i in range(n_sites):
         knobs = {"index": i, "site_id": site_id(i), "n_train": n_train, "n_test": n_test}
@@ -340,6 +340,21 @@ def generate_federation(out: Path, sites: int = 4, preset: str = "mixed", seed: 
     specs = preset_sites(preset, sites, cases, test_cases)
     Path(out).mkdir(parents=True, exist_ok=True)
     return [generate_site(spec, Path(out), size, seed) for spec in specs]
+
+
+def site_traits(site: Path) -> str | None:
+    """How a generated site is made ("risk-margin 3 vox, 16 training cases, no FLAIR"); None for
+    sites that are not synthetic. Reports use it to show where MoME should help."""
+    meta = json.loads((Path(site) / "dataset.json").read_text()).get("synthetic")
+    if not meta:
+        return None
+    traits = [meta["convention"] + (f" {meta['margin']} vox" if meta["margin"] else "")]
+    traits.append(f"{meta['n_train']} training cases")
+    if missing := [s for s in SEQUENCES if s not in meta["channels"]]:
+        traits.append("no " + "/".join(missing))
+    if meta["missing_rate"]:
+        traits.append(f"{meta['missing_rate']:.0%} cases lack a sequence")
+    return ", ".join(traits)
 
 
 def _preview_row(site: Path) -> tuple[str, dict[str, np.ndarray], np.ndarray]:

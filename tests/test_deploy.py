@@ -22,7 +22,7 @@ from tests.conftest import tree_checksums
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # a tiny model and one epoch per phase: the point is the deployment, not the Dice
-TINY = ('size=24 channels="8,16,32" stem-channels=4 warmup-epochs=1 expert-epochs=1 gate-epochs=1 '
+TINY = ('size=24 channels="8,16,32" stem-channels=4 warmup-rounds=1 warmup-epochs=1 expert-epochs=1 gate-steps=2 '
         'personalise-epochs=1 gate-rounds=1')
 slow = pytest.mark.slow  # starts real SuperLink/SuperNode processes (about 1.5 min each); still in the default run
 
@@ -122,7 +122,7 @@ def test_site_data_is_unchanged_by_a_deployment(secure_run):
 @slow
 def test_site_killed_mid_run_is_dropped_and_the_run_completes(own_home, federation, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = parse_run_config(TINY + " warmup-rounds=0 round-timeout=30")
+    overrides = parse_run_config(TINY.replace("warmup-rounds=1", "warmup-rounds=0") + " round-timeout=30")
     with LocalDeployment.prepare(federation[:2], run_dir, overrides=overrides) as dep:
         dep.up()
         dep.submit()

@@ -18,11 +18,13 @@ from flwr.app import Array, Message
 from common.config import Config
 from common.wire import Key
 from server.checkpoint import load_checkpoint
+from server.protocol import plan
+from server.report import write_report
 from sim.run_sim import simulate
-from sim.synth import generate_federation
+from sim.synth import generate_federation, site_traits
 
-TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_epochs=1, expert_epochs=1, gate_epochs=1,
-                  personalise_epochs=1, gate_rounds=2, batch_size=2)
+TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_rounds=1, warmup_epochs=1, expert_epochs=1,
+                  gate_steps=2, personalise_epochs=1, gate_rounds=2, batch_size=2)
 ALLOWED_RECORDS = {Key.METRICS, Key.MODEL, "site"}
 
 
@@ -76,6 +78,32 @@ def test_metrics_json_has_every_key(mome_run, two_sites):
     assert (run_dir / "mome" / "model" / "metadata.json").exists()
     for site in on_disk["sites"]:  # each site keeps the mixture with its personalised gate
         assert json.loads((run_dir / "mome" / "sites" / site / "model" / "metadata.json").read_text())["has_gate"]
+
+
+def test_report_shows_tables_plots_and_how_each_site_differs(mome_run, two_sites):
+    run_dir, metrics, _ = mome_run
+    report = write_report(run_dir, {"mome": metrics}, {d.name: site_traits(d) for d in two_sites})
+    text = report.read_text()
+    assert "how the site is made" in text and "| site-b | risk-margin 3 vox, 4 training cases" in text, text
+    for png in ("dice_per_site.png", "curves_mome.png", "gate_weights_mome.png", "shapley_mome.png"):
+        assert f"]({png})" in text and (run_dir / png).stat().st_size > 1000, png
+
+
+def test_gate_learns_on_validation_cases_only(mome_run):
+    """The experts were fitted to the training split: a gate trained there would over-trust each site's own."""
+    run_dir, _, _ = mome_run
+    rounds = json.loads((run_dir / "mome" / "metrics.json").read_text())["rounds"]
+    gate_sites = [s for r in rounds if r["phase"] == "gate" for s in r["sites"].values()]
+    assert gate_sites and all(s["n_gate"] == s["n_val"] > 0 for s in gate_sites), gate_sites
+
+
+@pytest.mark.parametrize("warmup_rounds, warmup_epochs, expert_epochs", [(1, 1, 1), (8, 4, 8), (2, 3, 5), (0, 2, 3)])
+def test_fedavg_gets_at_least_the_local_epochs_of_mome(warmup_rounds, warmup_epochs, expert_epochs):
+    cfg = TINY_RUN.replace(warmup_rounds=warmup_rounds, warmup_epochs=warmup_epochs, expert_epochs=expert_epochs)
+    mome_epochs = sum(warmup_epochs if p == "warmup" else expert_epochs
+                      for p, _ in plan(cfg) if p in ("warmup", "expert"))
+    fedavg_epochs = warmup_epochs * sum(p == "shared" for p, _ in plan(cfg.replace(strategy="fedavg")))
+    assert mome_epochs <= fedavg_epochs < mome_epochs + warmup_epochs
 
 
 def _checkpoint(run_dir: Path, step: int) -> dict:

@@ -123,15 +123,15 @@ def test_gate_routes_each_site_to_its_own_expert():
         train_expert(experts[-1], site, [], CFG, "regions", epochs=3, progress=False)
     cfg = CFG.replace(gate_pool=4)
     gate = build_gate(cfg, F, n_experts=2)
-    history = train_gate(gate, experts, site_a + site_b, cfg, "regions", epochs=8, progress=False)
-    assert history["mean_loss"] < history["loss"][0] and history["n"] == 16
+    history = train_gate(gate, experts, site_a + site_b, cfg, "regions", steps=64, progress=False)
+    assert history["mean_loss"] < history["loss"][0] and history["n"] == 16 and history["steps"] == 64
     with torch.no_grad():
         to_a = torch.cat([mixture_probs(experts, gate, b, "regions")[1][:, 0] for b in site_a])
         to_b = torch.cat([mixture_probs(experts, gate, b, "regions")[1][:, 1] for b in site_b])
     assert to_a.mean() > 0.8 and to_b.mean() > 0.8, (to_a, to_b)
 
     before = [p.detach().clone() for p in gate.parameters()]
-    local = personalise_gate(gate, experts, site_b, cfg.replace(personalise_epochs=1), "regions")
+    local = personalise_gate(gate, experts, site_b, cfg, "regions", steps=4)
     assert all(torch.equal(a, p) for a, p in zip(before, gate.parameters())), "original gate untouched"
     assert any(not torch.equal(a, p) for a, p in zip(before, local.parameters()))
 
