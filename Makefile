@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup sim test bench
+.PHONY: setup sim test bench bench-gate
 setup: $(STAMP)
 
 sim: $(STAMP)
@@ -21,3 +21,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py
+
+bench-gate: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_gate_split.py $(ARGS)

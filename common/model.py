@@ -253,12 +253,14 @@ def gate_weights(gate: GateNet, batch: Mapping[str, torch.Tensor]) -> torch.Tens
 
 
 @torch.no_grad()
-def expert_probs(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """Frozen experts' probabilities [B, K, R, D, H, W] (eval mode, no graph)."""
+def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Frozen experts' outputs in the space the mixture averages [B, K, R, D, H, W] (eval mode, no graph):
+    log-odds for nested regions, log-probabilities for exclusive classes."""
     out = []
     for expert in experts:
         expert.eval()
-        out.append(probabilities(expert(batch["image"], batch["presence"], batch["clinical"]), kind))
+        logits = expert(batch["image"], batch["presence"], batch["clinical"])
+        out.append(logits if kind == "regions" else torch.log_softmax(logits, dim=1))
     return torch.stack(out, dim=1)
 
 
@@ -269,10 +271,15 @@ def mixture_probs(
     kind: str,
     cached: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate-weighted mean of expert probabilities -> (probs [B, R, ...], weights [B, K]); grads reach the gate only."""
-    probs = cached if cached is not None else expert_probs(experts, batch, kind)
+    """Gate-weighted mean of the experts' log-odds (log-probabilities for classes), then sigmoid (softmax)
+    -> (probs [B, R, ...], weights [B, K]); grads reach the gate only.
+
+    Not a mean of probabilities: that mixture is less confident than its experts wherever they disagree, so a
+    soft loss scores it worse than the single expert it would beat on thresholded Dice, and a gate trained on that
+    loss collapses onto one expert per case. In log-odds the mixture keeps its experts' confidence."""
+    scores = cached if cached is not None else expert_logits(experts, batch, kind)
     weights = gate_weights(gate, batch)
-    return (weights[:, :, None, None, None, None] * probs).sum(1), weights
+    return probabilities((weights[:, :, None, None, None, None] * scores).sum(1), kind), weights
 
 
 def build_expert(cfg: Config, n_clinical: int, n_out: int, seed: int | None = None) -> ExpertNet:

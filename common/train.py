@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from common.balance import ModalityBalancer, aux_scores
 from common.config import Config
 from common.metrics import evaluate, expert_predictor
-from common.model import ExpertNet, GateNet, drop_modalities, expert_probs, mixture_probs
+from common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_probs
 
 Batch = Mapping[str, torch.Tensor]
-# expert probabilities cached across gate epochs only below this size; above it they are recomputed per step
+# frozen experts' outputs cached across gate steps only below this size; above it they are recomputed per step
 CACHE_LIMIT_BYTES = 512 * 2**20
 # the per-modality aux losses are taken on 2x average-pooled logits and labels: they only rank the modalities and
 # keep each stem informative, and at full resolution they cost about a fifth of a training step on CPU
@@ -138,11 +138,11 @@ def train_expert(
 
 
 def _expert_cache(experts, batches, kind) -> list[torch.Tensor] | None:
-    """Frozen experts give the same probabilities every epoch: compute once when it fits in memory."""
+    """Frozen experts give the same outputs every step: compute them once when they fit in memory."""
     size = sum(b["label"][:, :1].numel() for b in batches) * len(experts) * batches[0]["label"].shape[1] * 4
     if size > CACHE_LIMIT_BYTES:
         return None
-    return [expert_probs(experts, b, kind) for b in batches]
+    return [expert_logits(experts, b, kind) for b in batches]
 
 
 def train_gate(

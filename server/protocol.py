@@ -230,6 +230,8 @@ class Coordinator:
                               str(Action.EVALUATE), step)
 
     def _checked(self, step: int, replies: list[Reply], sent_for) -> list[Reply]:
+        """The replies that pass the update checks, in site-id order: replies arrive in any order, and a weighted
+        sum taken in arrival order differs in the last bits from run to run, which training then amplifies."""
         good = []
         for r in replies:
             try:
@@ -239,4 +241,4 @@ class Coordinator:
                 good.append(r)
             except RejectedUpdate as exc:
                 self._drop(step, r.site_id, f"update rejected: {exc}")
-        return good
+        return sorted(good, key=lambda r: r.site_id)

@@ -162,6 +162,22 @@ def test_bad_update_is_dropped_and_logged(two_sites, tmp_path, kind, reason, cap
     assert "update rejected" in caplog.text
 
 
+def test_same_seed_same_models(tiny_federation, tmp_path):
+    """Four sites (a float sum of two terms does not depend on their order; of four it does): two runs of the
+    same config end with bit-identical experts and gate, whatever order the sites' replies arrived in."""
+    cfg = TINY_RUN.replace(gate_rounds=1)
+    finals = []
+    for run in ("one", "two"):
+        simulate("mome", tiny_federation, cfg, tmp_path / run)
+        finals.append(load_checkpoint(tmp_path / run / "mome" / "checkpoints" / "step_004.npz"))
+    one, two = finals
+    assert sorted(one["experts"]) == sorted(two["experts"]) == sorted(d.name for d in tiny_federation)
+    for site in one["experts"]:
+        assert all(np.array_equal(one["experts"][site][k], two["experts"][site][k]) for k in one["experts"][site])
+    assert all(np.array_equal(one["gate"][k], two["gate"][k]) for k in one["gate"])
+    assert all(np.array_equal(one["base"][k], two["base"][k]) for k in one["base"])
+
+
 def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
     data = two_sites[0].parent
     overrides = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items() if k != "strategy")

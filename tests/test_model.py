@@ -82,6 +82,29 @@ def test_absent_modality_is_excluded_not_zero_averaged():
         assert torch.allclose(fused, (feats[:, 0] + feats[:, 2]) / 2, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["regions", "classes"])
+def test_mixture_averages_log_odds_so_agreeing_experts_keep_their_confidence(kind):
+    """Two experts: one sure (+4 log-odds), one mildly against (-2). Averaging probabilities would give 0.55 and
+    a loss that prefers the sure expert alone; in log-odds the equal mixture is sigmoid(1) = 0.73."""
+    batch = all_patterns_batch(kind, 2)
+    b = batch["image"].shape[0]
+    gate = build_gate(CFG.replace(gate_pool=4), F, n_experts=2)
+    with torch.no_grad():  # an equal-weight gate
+        gate.mlp[-1].weight.zero_()
+        gate.mlp[-1].bias.zero_()
+    shape = (b, 1, 2, SIZE, SIZE, SIZE)
+    if kind == "regions":
+        scores = torch.cat([torch.full(shape, 4.0), torch.full(shape, -2.0)], dim=1)
+        expected = torch.sigmoid(torch.tensor(1.0))
+    else:  # log-probabilities of the two classes: expert 1 gives p1 = 0.9, expert 2 gives p1 = 0.3
+        p = torch.tensor([[0.1, 0.9], [0.7, 0.3]])
+        scores = p.log()[None, :, :, None, None, None].expand(b, 2, 2, SIZE, SIZE, SIZE)
+        expected = torch.softmax(p.log().mean(0), dim=0)[1]
+    probs, weights = mixture_probs([], gate, batch, kind, cached=scores)
+    assert torch.allclose(weights, torch.full((b, 2), 0.5))
+    assert torch.allclose(probs[:, 1 if kind == "classes" else 0], expected.expand_as(probs[:, 0]), atol=1e-6)
+
+
 def test_top_k_gate_keeps_k_experts():
     gate = GateNet(M, F, n_experts=4, pool=4, hidden=8, top_k=2)
     batch = all_patterns_batch("regions", 1)
