@@ -76,8 +76,7 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
     def train_gate(msg: Message, context: Context) -> Message:
         site, cfg = site_for(msg, context)
         experts = _experts(msg)
-        state, metrics = site.train_gate(list(experts.values()), from_record(msg.content[Key.GATE]),
-                                         int(_phase(msg)["steps"]))
+        state, metrics = site.train_gate(list(experts.values()), from_record(msg.content[Key.GATE]))
         return reply(msg, site, metrics, state, metrics["n_gate"])
 
     @app.evaluate()

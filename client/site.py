@@ -92,12 +92,13 @@ class Site:
         """As many steps as fedavg-ft's local fine-tuning takes: personalise_epochs passes over the train split."""
         return self.cfg.personalise_epochs * len(self.train)
 
-    def train_gate(self, experts: list[State], gate_state: State, steps: int) -> tuple[State, dict]:
+    def train_gate(self, experts: list[State], gate_state: State) -> tuple[State, dict]:
+        """The gate trained for cfg.gate_steps steps on the held-out split, with every expert frozen."""
         models = [self.expert(s) for s in experts]
         gate = self.gate(len(models), gate_state)
-        history = train_gate(gate, models, self.gate_cases, self.cfg, self.kind, steps=steps, progress=False)
-        metrics = {"train_loss": history["mean_loss"], "gate_weights": history["weights"], **self.counts}
-        return state_to_numpy(gate), metrics | {"n_gate": history["n"]}
+        history = train_gate(gate, models, self.gate_cases, self.cfg, self.kind, progress=False)
+        return state_to_numpy(gate), {"train_loss": history["mean_loss"], "gate_weights": history["weights"],
+                                      "n_gate": history["n"], **self.counts}
 
     def evaluate_mixture(self, experts: dict[str, State], gate_state: State) -> dict:
         """Own expert, the global-gate mixture and the personalised mixture on held-out cases."""

@@ -107,7 +107,6 @@ class Coordinator:
         content = RecordDict({Key.CONFIG: config_record(self.cfg.to_run_config()),
                               "phase": ConfigRecord({"name": phase, "strategy": self.cfg.strategy,
                                                      "epochs": self._epochs(phase),
-                                                     "steps": self.cfg.gate_steps,
                                                      "finetune-epochs": self._finetune_epochs()})})
         for name, state in arrays.items():
             content[name] = to_record(state)

@@ -107,7 +107,8 @@ def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] 
     """Write <run>/report.md and its PNGs from the per-strategy metrics; `traits`: how each site differs."""
     sites = sorted({s for m in strategies.values() for s in m["sites"]})
     lines = ["# MoME run report", "", f"Run folder: `{run_dir}`", "", "## Summary (held-out cases of each site)", ""]
-    lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""] + _site_table(strategies, sites, traits or {})
+    lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""]
+    lines += _site_table(strategies, sites, traits or {})
     dice_png = _bar_plot(run_dir / "dice_per_site.png", sites,
                          {n: [m["sites"].get(s, {}).get("dice_mean", 0.0) for s in sites]
                           for n, m in strategies.items()}, "mean Dice", "Held-out Dice per site and strategy")

@@ -348,8 +348,8 @@ def site_traits(site: Path) -> str | None:
     meta = json.loads((Path(site) / "dataset.json").read_text()).get("synthetic")
     if not meta:
         return None
-    traits = [meta["convention"] + (f" {meta['margin']} vox" if meta["margin"] else "")]
-    traits.append(f"{meta['n_train']} training cases")
+    traits = [meta["convention"] + (f" {meta['margin']} vox" if meta["margin"] else ""),
+              f"{meta['n_train']} training cases"]
     if missing := [s for s in SEQUENCES if s not in meta["channels"]]:
         traits.append("no " + "/".join(missing))
     if meta["missing_rate"]:
