@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup sim test bench bench-gate
+.PHONY: setup sim test bench bench-gate bench-heldout
 setup: $(STAMP)
 
 sim: $(STAMP)
@@ -24,3 +24,6 @@ bench: $(STAMP)
 
 bench-gate: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_gate_split.py $(ARGS)
+
+bench-heldout: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_heldout.py $(ARGS)

@@ -33,6 +33,7 @@ class Config:
     batch_size: int = 2
     expert_epochs: int = 8
     gate_steps: int = 30  # gate optimiser steps per gate round, on the site's held-out split
+    gate_prior_lr: float = 3e-2  # lr of the gate's output bias, its case-independent preference over experts
     personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
     # federation
     strategy: str = "mome"  # mome | fedavg | fedavg-ft | local | centralized

@@ -234,6 +234,11 @@ class GateNet(nn.Module):
         m = len(cfg.modality_names)
         return cls(m, n_clinical, n_experts, cfg.gate_pool, cfg.gate_hidden, cfg.gate_top_k)
 
+    @property
+    def prior(self) -> nn.Parameter:
+        """The output bias: the part of the routing that is the same for every case (a site-level preference)."""
+        return self.mlp[-1].bias
+
     def logits(self, image, presence, clinical, stats) -> torch.Tensor:
         imaging = presence[:, : self.n_modalities, None, None, None]
         small = F.adaptive_avg_pool3d(image, self.pool) * imaging

@@ -145,6 +145,14 @@ def _expert_cache(experts, batches, kind) -> list[torch.Tensor] | None:
     return [expert_logits(experts, b, kind) for b in batches]
 
 
+def _gate_optimizer(gate: GateNet, cfg: Config) -> torch.optim.Optimizer:
+    """The output bias takes its own, larger lr. A site's labelling convention is the same for all its cases, so
+    what it asks of the gate is mostly a shift of that bias by about a logit; Adam moves a weight by about lr per
+    step, so at the body's lr a few-shot site's personalisation (6 steps) would shift it by about 0.02."""
+    rest = [p for p in gate.parameters() if p is not gate.prior]
+    return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": [gate.prior], "lr": cfg.gate_prior_lr}])
+
+
 def train_gate(
     gate: GateNet,
     experts: Sequence[ExpertNet],
@@ -164,7 +172,7 @@ def train_gate(
     if not batches or steps <= 0:
         return history
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=cfg.lr)
+    optimizer = _gate_optimizer(gate, cfg)
     cache = _expert_cache(experts, batches, kind)
     order = [i for _ in range(-(-steps // len(batches))) for i in _order(len(batches), generator)][:steps]
     gate.train()

@@ -136,6 +136,20 @@ def test_gate_routes_each_site_to_its_own_expert():
     assert any(not torch.equal(a, p) for a, p in zip(before, local.parameters()))
 
 
+def test_gate_prior_moves_at_its_own_lr():
+    """Adam's first step moves each weight by about its lr: the output bias by gate_prior_lr, the rest by lr."""
+    cases = blob_cases(2, 16, seed=2, signature=4.0)
+    experts = [build_expert(CFG, F, n_out=2, seed=s) for s in (0, 1)]
+    cfg = CFG.replace(gate_pool=4, lr=1e-3, gate_prior_lr=5e-2)
+    gate = build_gate(cfg, F, n_experts=2)
+    before = {n: p.detach().clone() for n, p in gate.named_parameters()}
+    train_gate(gate, experts, cases, cfg, "regions", steps=1, progress=False)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in gate.named_parameters()}
+    prior = next(n for n, p in gate.named_parameters() if p is gate.prior)
+    assert 0.9 * cfg.gate_prior_lr < moved.pop(prior) < 1.1 * cfg.gate_prior_lr
+    assert 0 < max(moved.values()) < 1.1 * cfg.lr, moved
+
+
 def test_baselines_return_one_metric_dict_per_site():
     sites = [tuple(blob_cases(2, 16, seed=s + k) for k in (0, 10, 20)) for s in (5, 6)]
     cfg = CFG.replace(expert_epochs=1)
