@@ -4,7 +4,7 @@
 sampling noise. Synthetic cases are drawn per (seed, site, case), so regenerating a run's sites with more
 held-out cases keeps their training cases and first held-out cases and adds new ones. The models every site ends
 up using (`<run>/<strategy>/sites/<site>/model`, e.g. MoME's mixture with that site's personalised gate) are
-scored on them; nothing is retrained.
+scored on them; nothing is retrained. `local` and `centralized` keep no per-site models, so they are not scored.
 
     python benchmarks/bench_heldout.py RUN [--test-cases 60]
 """
@@ -29,9 +29,11 @@ from sim.synth import SiteSpec, generate_site
 
 def regenerate(run: Path, out: Path, test_cases: int) -> list[Path]:
     """The run's synthetic sites again, with `test_cases` held-out cases each; checks the training cases match."""
+    if not (run / "data").is_dir():
+        raise SystemExit(f"{run}: no data/ folder; only runs on generated synthetic sites can be re-scored")
     fields = {f.name for f in dataclasses.fields(SiteSpec)}
     sites = []
-    for original in sorted(p for p in (run / "data").iterdir() if p.is_dir()):
+    for original in sorted(p.parent for p in (run / "data").glob("*/dataset.json")):
         meta = json.loads((original / "dataset.json").read_text()).get("synthetic")
         if meta is None:
             raise SystemExit(f"{original}: not a synthetic site (no 'synthetic' entry in dataset.json)")
@@ -46,14 +48,23 @@ def regenerate(run: Path, out: Path, test_cases: int) -> list[Path]:
 
 def score(run: Path, site_dirs: list[Path]) -> dict[str, dict[str, float]]:
     """strategy -> site -> held-out mean Dice of the model that site ends up using."""
-    cfg = config_from_mapping(json.loads((run / "config.json").read_text()))
+    try:
+        cfg = config_from_mapping(json.loads((run / "config.json").read_text()))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{run / 'config.json'}: cannot read the run's config ({exc})") from exc
     sites = [Site.open(d, cfg) for d in site_dirs]
     results: dict[str, dict[str, float]] = {}
-    for strategy in sorted(p for p in run.iterdir() if (p / "sites").is_dir()):
+    strategies = sorted((p for p in run.iterdir() if (p / "sites").is_dir()), key=lambda p: (p.name != "mome", p.name))
+    if not strategies:
+        raise SystemExit(f"{run}: no <strategy>/sites/ folders with site models")
+    for strategy in strategies:
         results[strategy.name] = {}
         for site in sites:
-            bundle = load_bundle(strategy / "sites" / site.site_id / "model")
-            dice = evaluate(predictor(bundle), site.test, site.kind, with_hd95=False)["dice_mean"]
+            folder = strategy / "sites" / site.site_id / "model"
+            if not folder.is_dir():  # the site dropped out of that run
+                results[strategy.name][site.site_id] = float("nan")
+                continue
+            dice = evaluate(predictor(load_bundle(folder)), site.test, site.kind, with_hd95=False)["dice_mean"]
             results[strategy.name][site.site_id] = dice
         print(f"{strategy.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[strategy.name].items()), flush=True)
     return results
@@ -66,8 +77,8 @@ def table(results: dict[str, dict[str, float]], n_test: int) -> str:
              "|---" * (len(names) + 1) + "|"]
     for sid in site_ids:
         lines.append(f"| {sid} | " + " | ".join(f"{results[n][sid]:.3f}" for n in names) + " |")
-    lines.append("| mean | " + " | ".join(f"{np.mean(list(results[n].values())):.3f}" for n in names) + " |")
-    lines.append("| worst site | " + " | ".join(f"{min(results[n].values()):.3f}" for n in names) + " |")
+    lines.append("| mean | " + " | ".join(f"{np.nanmean(list(results[n].values())):.3f}" for n in names) + " |")
+    lines.append("| worst site | " + " | ".join(f"{np.nanmin(list(results[n].values())):.3f}" for n in names) + " |")
     return "\n".join(lines)
 
 

@@ -146,11 +146,12 @@ def _expert_cache(experts, batches, kind) -> list[torch.Tensor] | None:
 
 
 def _gate_optimizer(gate: GateNet, cfg: Config) -> torch.optim.Optimizer:
-    """The output bias takes its own, larger lr. A site's labelling convention is the same for all its cases, so
-    what it asks of the gate is mostly a shift of that bias by about a logit; Adam moves a weight by about lr per
-    step, so at the body's lr a few-shot site's personalisation (6 steps) would shift it by about 0.02."""
-    rest = [p for p in gate.parameters() if p is not gate.prior]
-    return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": [gate.prior], "lr": cfg.gate_prior_lr}])
+    """The output bias takes its own, larger lr (gate rounds and personalisation alike). A site's labelling
+    convention is the same for all its cases, so much of what it asks of the gate is a shift of that bias; Adam
+    moves a weight by at most about lr per step, and a few-shot site personalises for only a few steps."""
+    prior = gate.prior
+    rest = [p for p in gate.parameters() if p is not prior]
+    return torch.optim.AdamW([{"params": rest, "lr": cfg.lr}, {"params": [prior], "lr": cfg.gate_prior_lr}])
 
 
 def train_gate(
