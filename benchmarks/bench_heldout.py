@@ -24,7 +24,8 @@ from common.bundle import load_bundle
 from common.config import config_from_mapping
 from common.metrics import evaluate
 from common.predict import predictor
-from sim.synth import SiteSpec, generate_site
+from server.report import site_table
+from sim.synth import SiteSpec, generate_site, site_traits
 
 
 def regenerate(run: Path, out: Path, test_cases: int) -> list[Path]:
@@ -46,39 +47,38 @@ def regenerate(run: Path, out: Path, test_cases: int) -> list[Path]:
     return sites
 
 
-def score(run: Path, site_dirs: list[Path]) -> dict[str, dict[str, float]]:
-    """strategy -> site -> held-out mean Dice of the model that site ends up using."""
+def score(run: Path, site_dirs: list[Path]) -> dict[str, dict]:
+    """Per strategy, held-out mean Dice of the model each site ends up using, shaped as in metrics.json
+    ({strategy: {"sites": {site: {"dice_mean": x}}}}); a site that dropped out of a strategy has no entry."""
     try:
         cfg = config_from_mapping(json.loads((run / "config.json").read_text()))
     except (OSError, ValueError) as exc:
         raise SystemExit(f"{run / 'config.json'}: cannot read the run's config ({exc})") from exc
     sites = [Site.open(d, cfg) for d in site_dirs]
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict] = {}
     strategies = sorted((p for p in run.iterdir() if (p / "sites").is_dir()), key=lambda p: (p.name != "mome", p.name))
     if not strategies:
         raise SystemExit(f"{run}: no <strategy>/sites/ folders with site models")
     for strategy in strategies:
-        results[strategy.name] = {}
+        scores = {}
         for site in sites:
             folder = strategy / "sites" / site.site_id / "model"
-            if not folder.is_dir():  # the site dropped out of that run
-                results[strategy.name][site.site_id] = float("nan")
-                continue
-            dice = evaluate(predictor(load_bundle(folder)), site.test, site.kind, with_hd95=False)["dice_mean"]
-            results[strategy.name][site.site_id] = dice
-        print(f"{strategy.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[strategy.name].items()), flush=True)
+            if folder.is_dir():  # absent when the site dropped out of that run
+                scores[site.site_id] = evaluate(predictor(load_bundle(folder)), site.test, site.kind,
+                                                with_hd95=False)["dice_mean"]
+        results[strategy.name] = {"sites": {k: {"dice_mean": v} for k, v in scores.items()}}
+        print(f"{strategy.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     return results
 
 
-def table(results: dict[str, dict[str, float]], n_test: int) -> str:
-    names = list(results)
-    site_ids = list(next(iter(results.values())))
-    lines = [f"| mean Dice on {n_test} held-out cases per site | " + " | ".join(names) + " |",
-             "|---" * (len(names) + 1) + "|"]
-    for sid in site_ids:
-        lines.append(f"| {sid} | " + " | ".join(f"{results[n][sid]:.3f}" for n in names) + " |")
-    lines.append("| mean | " + " | ".join(f"{np.nanmean(list(results[n].values())):.3f}" for n in names) + " |")
-    lines.append("| worst site | " + " | ".join(f"{np.nanmin(list(results[n].values())):.3f}" for n in names) + " |")
+def table(results: dict[str, dict], site_dirs: list[Path]) -> str:
+    """The report's per-site table, plus the mean and the worst site of each strategy."""
+    traits = {d.name: site_traits(d) for d in site_dirs}
+    lines = site_table(results, [d.name for d in site_dirs], traits)
+    pad = " |" if any(traits.values()) else ""
+    for label, reduce in (("mean", np.mean), ("worst site", np.min)):
+        cells = [f"{reduce([s['dice_mean'] for s in r['sites'].values()]):.3f}" for r in results.values()]
+        lines.append(f"| {label} |{pad} " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -88,8 +88,10 @@ def main() -> None:
     parser.add_argument("--test-cases", type=int, default=60)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = score(args.run, regenerate(args.run, Path(tmp), args.test_cases))
-    print(table(results, args.test_cases))
+        site_dirs = regenerate(args.run, Path(tmp), args.test_cases)
+        results = score(args.run, site_dirs)
+        print(f"\nmean Dice on {args.test_cases} held-out cases per site\n")
+        print(table(results, site_dirs))
 
 
 if __name__ == "__main__":

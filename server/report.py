@@ -25,7 +25,8 @@ def _summary_table(strategies: dict) -> list[str]:
     return lines
 
 
-def _site_table(strategies: dict, sites: list[str], traits: dict[str, str | None]) -> list[str]:
+def site_table(strategies: dict, sites: list[str], traits: dict[str, str | None]) -> list[str]:
+    """Mean Dice per site (rows) and strategy (columns), with how each site is made where that is known."""
     names = list(strategies)
     with_traits = any(traits.values())
     lines = ["| site | " + ("how the site is made | " if with_traits else "") + " | ".join(names) + " |",
@@ -108,7 +109,7 @@ def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] 
     sites = sorted({s for m in strategies.values() for s in m["sites"]})
     lines = ["# MoME run report", "", f"Run folder: `{run_dir}`", "", "## Summary (held-out cases of each site)", ""]
     lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""]
-    lines += _site_table(strategies, sites, traits or {})
+    lines += site_table(strategies, sites, traits or {})
     dice_png = _bar_plot(run_dir / "dice_per_site.png", sites,
                          {n: [m["sites"].get(s, {}).get("dice_mean", 0.0) for s in sites]
                           for n, m in strategies.items()}, "mean Dice", "Held-out Dice per site and strategy")
