@@ -25,8 +25,12 @@ def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
     if "data-dir" not in node:
         raise ValueError("node config needs data-dir (and site-id): --node-config 'site-id=\"a\" data-dir=\"...\"'")
     data_dir = Path(str(node["data-dir"]))
-    out_dir = Path(str(node["out-dir"])) if node.get("out-dir") else None
-    return data_dir, str(node.get("site-id", data_dir.name)), out_dir
+    site_id = str(node.get("site-id", data_dir.name))
+    if node.get("out-dir"):
+        return data_dir, site_id, Path(str(node["out-dir"]))
+    out_dir = Path("mome-out") / site_id  # a site's final model is never dropped for want of a folder
+    log.warning("no out-dir in the node config: site %s writes its model under %s", site_id, out_dir.resolve())
+    return data_dir, site_id, out_dir
 
 
 def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None = None) -> ClientApp:
@@ -45,11 +49,13 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         return opened[key], cfg
 
     def reply(msg: Message, site: Site, metrics: dict, state: dict | None = None,
-              n_examples: int = 0) -> Message:
+              n_examples: int = 0, outcome: dict | None = None) -> Message:
         content = RecordDict({Key.METRICS: metric_record({**metrics, NUM_EXAMPLES: n_examples}),
                               "site": ConfigRecord({SITE_ID: site.site_id})})
         if state is not None:
             content[Key.MODEL] = to_record(state)
+        if outcome is not None:
+            content[Key.OUTCOME] = ConfigRecord({k: str(v) for k, v in outcome.items()})
         return Message(content, reply_to=msg)
 
     @app.query("describe")
@@ -59,7 +65,7 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         content = RecordDict({"site": ConfigRecord({SITE_ID: site.site_id, "labels": json.dumps(facts["labels"]),
                                                     "modalities": ",".join(facts["modalities"])}),
                               Key.METRICS: metric_record({k: facts[k] for k in ("n_train", "n_val", "n_test",
-                                                                                 "skipped")})})
+                                                                                 "n_unlabelled", "skipped")})})
         return Message(content, reply_to=msg)
 
     @app.train("shared")
@@ -80,15 +86,16 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         return reply(msg, site, metrics, state, metrics["n_gate"])
 
     @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
+    def finalise(msg: Message, context: Context) -> Message:
+        """The last step: the site's final model is saved first, then evaluated where labels exist."""
         site, cfg = site_for(msg, context)
         phase = _phase(msg)
         if Key.GATE in msg.content:
-            metrics = site.evaluate_mixture(_experts(msg), from_record(msg.content[Key.GATE]))
+            metrics, outcome = site.finalise_mixture(_experts(msg), from_record(msg.content[Key.GATE]))
         else:
-            metrics = site.evaluate_shared(from_record(msg.content[Key.MODEL]), int(phase["finetune-epochs"]),
-                                           str(phase["strategy"]))
-        return reply(msg, site, metrics, None, metrics["n_test"])
+            metrics, outcome = site.finalise_shared(from_record(msg.content[Key.MODEL]),
+                                                    int(phase["finetune-epochs"]), str(phase["strategy"]))
+        return reply(msg, site, metrics, None, metrics["n_test"], outcome)
 
     return app
 

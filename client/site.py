@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,12 +13,16 @@ import torch
 from common.bundle import Bundle, save_bundle
 from common.clinical import parse_schema
 from common.config import Config
-from common.metrics import evaluate, expert_predictor, mixture_predictor
+from common.metrics import Predictor, evaluate, expert_predictor, mixture_predictor
 from common.model import ExpertNet, GateNet, build_expert, build_gate, gate_weights
+from common.predict import segment_cases
 from common.shapley import site_shapley
 from common.sitedata import SiteData, load_site, split_train_val, to_batches
 from common.state import load_numpy_state, state_to_numpy
 from common.train import personalise_gate, train_expert, train_gate
+from common.wire import Status
+
+log = logging.getLogger("mome.site")
 
 State = dict[str, np.ndarray]
 
@@ -32,14 +37,16 @@ class Site:
     out_dir: Path | None
     train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
-    test: list[dict] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)  # batches of the labelled held-out cases
+    unlabelled: list[dict] = field(default_factory=list)  # held-out cases without labels (segmented at the end)
 
     @classmethod
     def open(cls, site_dir: Path, cfg: Config, site_id: str = "", out_dir: Path | None = None) -> "Site":
         data = load_site(site_dir, cfg)
         train, val = split_train_val(data.train, cfg.val_fraction, cfg.seed)
         return cls(site_id or data.site_id, data, cfg, out_dir, to_batches(train, cfg.batch_size),
-                   to_batches(val, cfg.batch_size), to_batches(data.test, cfg.batch_size))
+                   to_batches(val, cfg.batch_size), to_batches(data.labelled_test, cfg.batch_size),
+                   data.unlabelled_test)
 
     @property
     def kind(self) -> str:
@@ -48,7 +55,8 @@ class Site:
     @property
     def counts(self) -> dict[str, int]:
         n = lambda batches: sum(int(b["image"].shape[0]) for b in batches)  # noqa: E731
-        return {"n_train": n(self.train), "n_val": n(self.val), "n_test": n(self.test)}
+        return {"n_train": n(self.train), "n_val": n(self.val), "n_test": n(self.test),
+                "n_unlabelled": len(self.unlabelled)}
 
     def describe(self) -> dict:
         """Non-private facts the server needs to build models: label spec, modalities, counts."""
@@ -100,32 +108,73 @@ class Site:
         return state_to_numpy(gate), {"train_loss": history["mean_loss"], "gate_weights": history["weights"],
                                       "n_gate": history["n"], **self.counts}
 
-    def evaluate_mixture(self, experts: dict[str, State], gate_state: State) -> dict:
-        """Own expert, the global-gate mixture and the personalised mixture on held-out cases."""
+    def finalise_mixture(self, experts: dict[str, State], gate_state: State) -> tuple[dict, dict]:
+        """The last MoME step: personalise the gate, save the site's mixture, then evaluate and segment."""
         names = list(experts)
         models = [self.expert(experts[n]) for n in names]
         gate = self.gate(len(models), gate_state)
-        personal = personalise_gate(gate, models, self.gate_cases, self.cfg, self.kind, self.personalise_steps)
-        own = models[names.index(self.site_id)] if self.site_id in names else None
-        results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind), self.test, self.kind),
-                   "mixture_global": evaluate(mixture_predictor(models, gate, self.kind), self.test, self.kind)}
-        if own is not None:
-            results["expert"] = evaluate(expert_predictor(own, self.kind), self.test, self.kind)
-            results["shapley"] = self._shapley(own)
-        results["gate_weights"] = self._mean_gate_weights(personal)
-        self._save(Bundle(self.cfg, self.data.label_spec, experts, state_to_numpy(personal), "mome",
-                          self.site_id))
-        return _flatten(results, self.counts)
+        try:
+            personal = personalise_gate(gate, models, self.gate_cases, self.cfg, self.kind, self.personalise_steps)
+        except Exception:  # the global gate is still a working mixture: keep it rather than nothing
+            log.exception("site %s: personalising the gate failed; saving the global gate", self.site_id)
+            personal = gate
+        bundle = Bundle(self.cfg, self.data.label_spec, experts, state_to_numpy(personal), "mome", self.site_id)
+        return self.finalise(bundle, mixture_predictor(models, personal, self.kind),
+                             lambda: self.evaluate_mixture(names, models, gate, personal))
 
-    def evaluate_shared(self, state: State, finetune_epochs: int, strategy: str) -> dict:
+    def finalise_shared(self, state: State, finetune_epochs: int, strategy: str) -> tuple[dict, dict]:
+        """The last step of a shared-model strategy: fine-tune (fedavg-ft), save, then evaluate and segment."""
         model = self.expert(state)
         if finetune_epochs > 0:
             train_expert(model, self.train, self.val, self.cfg, self.kind, epochs=finetune_epochs, progress=False)
-        results = {"model": evaluate(expert_predictor(model, self.kind), self.test, self.kind),
-                   "shapley": self._shapley(model)}
-        self._save(Bundle(self.cfg, self.data.label_spec, {"shared": state_to_numpy(model)}, None, strategy,
-                          self.site_id))
-        return _flatten(results, self.counts)
+        return self.finalise_model(model, strategy)
+
+    def finalise_model(self, model: ExpertNet, strategy: str) -> tuple[dict, dict]:
+        bundle = Bundle(self.cfg, self.data.label_spec, {"shared": state_to_numpy(model)}, None, strategy,
+                        self.site_id)
+        return self.finalise(bundle, expert_predictor(model, self.kind), lambda: self.evaluate_model(model))
+
+    def finalise(self, bundle: Bundle, predict_probs: Predictor, evaluate_fn: Callable[[], dict]) -> tuple[dict, dict]:
+        """Save the site's final model first; then evaluate where held-out labels exist and segment the unlabelled
+        held-out cases. Nothing after the save can lose the model. Returns (metrics, outcome)."""
+        metrics = {**self.counts, "model_saved": int(self.save_model(bundle) is not None)}
+        outcome = {"status": Status.NO_LABELS, "reason": self._why_no_metrics()}
+        if self.test:
+            try:
+                metrics.update(_flatten(evaluate_fn()))
+                outcome = {"status": Status.EVALUATED, "reason": ""}
+            except Exception as exc:  # the full traceback stays in the site's log
+                log.exception("site %s: evaluation failed", self.site_id)
+                outcome = {"status": Status.EVALUATION_FAILED,
+                           "reason": f"evaluation raised {type(exc).__name__} at the site (details in its log)"}
+        if self.unlabelled and self.out_dir is not None:
+            try:
+                metrics["n_segmented"] = len(segment_cases(predict_probs, self.unlabelled, self.data.label_spec,
+                                                           self.out_dir / "predictions"))
+            except Exception as exc:
+                log.exception("site %s: segmenting the unlabelled held-out cases failed", self.site_id)
+                outcome["segmentation"] = f"failed: {type(exc).__name__} (details in the site's log)"
+        return metrics, outcome
+
+    def _why_no_metrics(self) -> str:
+        if self.unlabelled:
+            return f"no held-out labels: {len(self.unlabelled)} held-out case(s), none with a label file in labelsTs/"
+        return "no held-out labels: the site has no held-out cases (imagesTs/ empty or absent)"
+
+    def evaluate_mixture(self, names: list[str], models: list[ExpertNet], gate: GateNet, personal: GateNet) -> dict:
+        """Personalised mixture, global-gate mixture and own expert on the labelled held-out cases."""
+        results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind), self.test, self.kind),
+                   "mixture_global": evaluate(mixture_predictor(models, gate, self.kind), self.test, self.kind)}
+        if self.site_id in names:
+            own = models[names.index(self.site_id)]
+            results["expert"] = evaluate(expert_predictor(own, self.kind), self.test, self.kind)
+            results["shapley"] = self._shapley(own)
+        results["gate_weights"] = self._mean_gate_weights(personal)
+        return results
+
+    def evaluate_model(self, model: ExpertNet) -> dict:
+        return {"model": evaluate(expert_predictor(model, self.kind), self.test, self.kind),
+                "shapley": self._shapley(model)}
 
     def _shapley(self, model: ExpertNet) -> list[float]:
         """Mean Shapley value per modality (imaging ones, then clinical) over held-out cases."""
@@ -137,14 +186,16 @@ class Site:
         weights = [gate_weights(gate, b) for b in self.test]
         return torch.cat(weights).mean(0).tolist() if weights else []
 
-    def _save(self, bundle: Bundle) -> None:
-        if self.out_dir is not None:
-            save_bundle(bundle, self.out_dir / "model")
+    def save_model(self, bundle: Bundle) -> Path | None:
+        """The site's final model, at <out-dir>/model (atomically); None when the site has no out-dir."""
+        if self.out_dir is None:
+            return None
+        return save_bundle(bundle, self.out_dir / "model")
 
 
-def _flatten(results: dict, counts: dict) -> dict:
+def _flatten(results: dict) -> dict:
     """{'mixture': {'dice': [...], 'dice_mean': x}} -> {'mixture.dice': [...], ...} scalars/lists only."""
-    flat = dict(counts)
+    flat = {}
     for name, value in results.items():
         if isinstance(value, dict):
             flat.update({f"{name}.{k}": v for k, v in value.items() if v is not None and k != "n"})

@@ -71,7 +71,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
     report = write_report(run_dir, combined["strategies"], {d.name: site_traits(d) for d in site_dirs})
     print(report.read_text().split("## Mean Dice per site")[0])
     print(f"run folder: {run_dir}\nreport: {report}")
-    return 0
+    for name in combined["failed"]:
+        print(_red(f"strategy {name} FAILED: {combined['strategies'][name].get('error')}"), file=sys.stderr)
+    return 1 if combined["failed"] else 0
+
+
+def _red(text: str) -> str:
+    return f"\033[31m{text}\033[0m" if sys.stderr.isatty() else text
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

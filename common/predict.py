@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -11,12 +13,14 @@ import torch
 
 from common.bundle import Bundle, load_bundle
 from common.clinical import parse_schema, read_clinical_csv
-from common.metrics import expert_predictor, mixture_predictor
+from common.labels import LabelSpec
+from common.metrics import Predictor, expert_predictor, mixture_predictor
 from common.model import build_expert, build_gate
 from common.preprocess import resize_probs
 from common.sitedata import BadCase, SiteLayout, SiteReport, preprocess_case, read_case, read_layout
 from common.state import load_numpy_state
 
+INPUT_KEYS = ("image", "presence", "clinical", "stats")  # what a model reads of a case (never the label)
 CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})(\.nii(?:\.gz)?)$")
 
 
@@ -63,23 +67,41 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[P
     """Write <out>/<case>.nii.gz per case; returns (written files, problems of skipped cases)."""
     bundle = load_bundle(bundle_dir)
     predict_probs = predictor(bundle)
-    layout, image_dir, cases, rows = _inputs([Path(s) for s in source], bundle)
+    layout, image_dir, case_ids, rows = _inputs([Path(s) for s in source], bundle)
     schema = parse_schema(bundle.cfg.clinical_fields)
+    problems: list[str] = []
+
+    def cases() -> Iterator[dict]:  # one case in memory at a time
+        for case in case_ids:
+            try:
+                raw = read_case(layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
+                                image_dir=image_dir, allow_missing=True)
+            except BadCase as bad:
+                problems.append(f"{bad.path}: {bad.reason}")
+                continue
+            yield preprocess_case(raw, bundle.cfg, schema, rows.get(case), bundle.label_spec)
+
+    written = segment_cases(predict_probs, cases(), bundle.label_spec, out_dir)
+    return written, problems
+
+
+def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSpec, out_dir: Path) -> list[Path]:
+    """Write <out_dir>/<case>.nii.gz for preprocessed cases, on each case's own grid (shape and affine)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, problems = [], []
+    written = []
     for case in cases:
-        try:
-            raw = read_case(layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
-                            image_dir=image_dir, allow_missing=True)
-        except BadCase as bad:
-            problems.append(f"{bad.path}: {bad.reason}")
-            continue
-        tensors = preprocess_case(raw, bundle.cfg, schema, rows.get(case), bundle.label_spec)
-        batch = {k: tensors[k][None] for k in ("image", "presence", "clinical", "stats")}
+        batch = {k: case[k][None] for k in INPUT_KEYS}
         with torch.no_grad():
             probs = predict_probs(batch)[0]
-        label = bundle.label_spec.to_label_map(resize_probs(probs, raw["shape"]))
-        path = out_dir / f"{case}.nii.gz"
-        nib.save(nib.Nifti1Image(label.astype(np.uint8), raw["affine"]), str(path))
-        written.append(path)
-    return written, problems
+        label = spec.to_label_map(resize_probs(probs, case["shape"]))
+        written.append(_save_nifti(nib.Nifti1Image(label.astype(np.uint8), case["affine"]),
+                                   out_dir / f"{case['case_id']}.nii.gz"))
+    return written
+
+
+def _save_nifti(image: nib.Nifti1Image, path: Path) -> Path:
+    """Write beside the target, then rename: a reader never sees half a segmentation."""
+    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp.nii.gz")
+    nib.save(image, str(tmp))
+    os.replace(tmp, path)
+    return path

@@ -35,10 +35,15 @@ class SiteReport:
 
     site_dir: Path
     usable: dict[str, list[str]] = field(default_factory=lambda: {"Tr": [], "Ts": []})
+    unlabelled: list[str] = field(default_factory=list)  # held-out cases without a label file
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (case, file, reason)
     warnings: list[str] = field(default_factory=list)
     modalities: list[str] = field(default_factory=list)
     clinical: bool = False
+
+    @property
+    def n_labelled_test(self) -> int:
+        return len(self.usable["Ts"]) - len(self.unlabelled)
 
     def skip(self, case: str, path: Path, reason: str) -> None:
         self.skipped.append((case, str(path), reason))
@@ -47,7 +52,8 @@ class SiteReport:
         lines = [f"site {self.site_dir}",
                  f"  modalities: {', '.join(self.modalities) or 'none'}"
                  f"{' + clinical' if self.clinical else ''}",
-                 f"  usable: {len(self.usable['Tr'])} training, {len(self.usable['Ts'])} held-out",
+                 f"  usable: {len(self.usable['Tr'])} training, {len(self.usable['Ts'])} held-out "
+                 f"({self.n_labelled_test} labelled, {len(self.unlabelled)} unlabelled)",
                  f"  skipped: {len(self.skipped)}"]
         lines += [f"    {case}: {path}: {reason}" for case, path, reason in self.skipped]
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -175,8 +181,12 @@ def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int, with
     return out
 
 
+def label_path(layout: SiteLayout, case: str, split: str) -> Path:
+    return layout.site_dir / f"labels{split}" / f"{case}{layout.file_ending}"
+
+
 def _read_label(layout: SiteLayout, case: str, split: str, shape, affine) -> np.ndarray:
-    path = layout.site_dir / f"labels{split}" / f"{case}{layout.file_ending}"
+    path = label_path(layout, case, split)
     if not path.exists():
         raise BadCase(path, "missing label file")
     try:
@@ -203,11 +213,19 @@ class SiteData:
     label_spec: LabelSpec
     report: SiteReport
     train: list[dict]
-    test: list[dict]
+    test: list[dict]  # held-out cases; those with a label file carry "label"
 
     @property
     def site_id(self) -> str:
         return self.site_dir.name
+
+    @property
+    def labelled_test(self) -> list[dict]:
+        return [c for c in self.test if "label" in c]
+
+    @property
+    def unlabelled_test(self) -> list[dict]:
+        return [c for c in self.test if "label" not in c]
 
 
 def _read_clinical(site_dir: Path, report: SiteReport) -> dict[str, dict[str, str]]:
@@ -242,8 +260,11 @@ def preprocess_case(raw: dict, cfg: Config, schema: ClinicalSchema, row: dict | 
     return case
 
 
-def load_site(site_dir: Path | str, cfg: Config, test_labels: bool = True) -> SiteData:
-    """Validate and load every case; bad cases are skipped and reported, nothing is written."""
+def load_site(site_dir: Path | str, cfg: Config) -> SiteData:
+    """Validate and load every case; bad cases are skipped and reported, nothing is written.
+
+    A held-out case is labelled when labelsTs/ holds its label file; a hospital's held-out cases usually have none,
+    and a site may have some of each."""
     site_dir = Path(site_dir)
     report = SiteReport(site_dir)
     layout = read_layout(site_dir, cfg, report)
@@ -252,7 +273,7 @@ def load_site(site_dir: Path | str, cfg: Config, test_labels: bool = True) -> Si
     splits: dict[str, list[dict]] = {"Tr": [], "Ts": []}
     for split in splits:
         for case in discover_cases(layout, split):
-            with_label = split == "Tr" or (test_labels and (site_dir / "labelsTs").is_dir())
+            with_label = split == "Tr" or label_path(layout, case, split).exists()
             try:
                 raw = read_case(layout, case, split, len(cfg.modality_names), with_label)
             except BadCase as bad:
@@ -267,6 +288,8 @@ def load_site(site_dir: Path | str, cfg: Config, test_labels: bool = True) -> Si
                     report.warnings.append(f"{site_dir / 'clinical.csv'}: case {case}: {problem}")
             splits[split].append(preprocess_case(raw, cfg, schema, row, layout.label_spec))
             report.usable[split].append(case)
+            if not with_label:
+                report.unlabelled.append(case)
     known = set(report.usable["Tr"]) | set(report.usable["Ts"]) | {c for c, _, _ in report.skipped}
     for case in sorted(set(rows) - known):
         report.warnings.append(f"{site_dir / 'clinical.csv'}: row for case {case}, "

@@ -16,6 +16,21 @@ class Key(StrEnum):
     MODEL = "model"  # the one model a site trained (expert, shared model or gate)
     GATE = "gate"  # the global gate, server -> site
     EXPERT_PREFIX = "expert."  # expert.<site-id>, server -> site
+    OUTCOME = "outcome"  # how a site's final step ended (status, reason), site -> server
+
+
+class Status(StrEnum):
+    """How a site's final step ended. The model is saved before evaluation, so only FAILED loses it."""
+
+    EVALUATED = "evaluated"
+    NO_LABELS = "no-held-out-labels"  # model saved; nothing labelled to score it on
+    EVALUATION_FAILED = "evaluation-failed"  # model saved; evaluation raised at the site
+    FAILED = "failed"  # the final step failed or never answered (set by the server)
+
+    @property
+    def ok(self) -> bool:
+        """The site ended with its model and whatever metrics its data allows."""
+        return self in (Status.EVALUATED, Status.NO_LABELS)
 
 
 class Action(StrEnum):

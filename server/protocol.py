@@ -31,6 +31,11 @@ class Reply:
     site_id: str
     metrics: dict
     state: dict[str, np.ndarray] | None
+    outcome: dict[str, str] | None = None  # the final step's status and reason
+
+    def record(self) -> dict:
+        """What the run's history keeps of this reply: its metrics and, for the final step, its outcome."""
+        return {**self.metrics, **(self.outcome or {})}
 
 
 def _sender(sent: list[Message], reply: Message) -> int:
@@ -90,7 +95,9 @@ class Coordinator:
             self._count(site, "up", record_bytes(msg.content))
             metrics = {k: (list(v) if isinstance(v, list) else v) for k, v in msg.content[Key.METRICS].items()}
             state = from_record(msg.content[Key.MODEL]) if Key.MODEL in msg.content else None
-            replies.append(Reply(site, metrics, state))
+            outcome = ({k: str(v) for k, v in msg.content[Key.OUTCOME].items()}
+                       if Key.OUTCOME in msg.content else None)
+            replies.append(Reply(site, metrics, state, outcome))
         for node in set(contents) - answered:
             self._drop(step, self.nodes.get(node, f"node-{node}"), "no reply before the round timeout")
         return replies
@@ -156,7 +163,7 @@ class Coordinator:
             replies = getattr(self, f"_step_{phase}")(index, n_clinical)
             self.state["history"].append({
                 "step": index, "phase": phase, "round": rnd, "seconds": time.perf_counter() - start,
-                "sites": {r.site_id: r.metrics for r in replies}})
+                "sites": {r.site_id: r.record() for r in replies}})
             self.state["step"] = index + 1
             self.state["traffic"] = self.traffic
             save_checkpoint(self.ckpt_dir, index + 1, self.state)

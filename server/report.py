@@ -15,14 +15,37 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _failed(text: str) -> str:
+    return f'<span style="color:red">**{text}**</span>'
+
+
 def _summary_table(strategies: dict) -> list[str]:
-    lines = ["| strategy | mean Dice | worst site | worst Dice | mean HD95 (vox) | wall time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| strategy | mean Dice | worst site | worst Dice | mean HD95 (vox) | sites scored / models saved "
+             "| wall time (s) |", "|---|---|---|---|---|---|---|"]
     for name, m in strategies.items():
         s = m["summary"]
+        if m.get("status") == "failed":
+            lines.append(f"| {name} | {_failed('FAILED')} | – | – | – | 0 / {s.get('n_models_saved', 0)} | "
+                         f"{m.get('wall_time_s', 0):.0f} |")
+            continue
         lines.append(f"| {name} | {_fmt(s.get('dice_mean'))} | {s.get('worst_site', '–')} | "
-                     f"{_fmt(s.get('worst_dice'))} | {_fmt(s.get('hd95_mean'), 2)} | {m.get('wall_time_s', 0):.0f} |")
+                     f"{_fmt(s.get('worst_dice'))} | {_fmt(s.get('hd95_mean'), 2)} | "
+                     f"{s.get('n_evaluated', '–')} / {s.get('n_models_saved', '–')} | {m.get('wall_time_s', 0):.0f} |")
+    failed = [(n, m) for n, m in strategies.items() if m.get("status") == "failed"]
+    lines += [""] + [f"- {_failed(f'{n} failed')}: {m.get('error', '')}" for n, m in failed] if failed else []
     return lines
+
+
+def _site_status_lines(m: dict) -> list[str]:
+    """Why a site has no metrics: no held-out labels, a failed evaluation, or a failed final step."""
+    lines = []
+    for site, e in m["sites"].items():
+        status = e.get("status", "evaluated")
+        if status == "evaluated":
+            continue
+        text = f"{site}: {status}: {e.get('reason', '')}; model {'saved' if e.get('model_saved') else 'NOT saved'}"
+        lines.append(f"- {_failed(text) if status != 'no-held-out-labels' else text}")
+    return ["Sites without metrics:", "", *lines, ""] if lines else []
 
 
 def site_table(strategies: dict, sites: list[str], traits: dict[str, str | None]) -> list[str]:
@@ -111,11 +134,11 @@ def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] 
     lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""]
     lines += site_table(strategies, sites, traits or {})
     dice_png = _bar_plot(run_dir / "dice_per_site.png", sites,
-                         {n: [m["sites"].get(s, {}).get("dice_mean", 0.0) for s in sites]
+                         {n: [m["sites"].get(s, {}).get("dice_mean", np.nan) for s in sites]
                           for n, m in strategies.items()}, "mean Dice", "Held-out Dice per site and strategy")
     lines += ["", f"![Dice per site]({dice_png.name})", ""]
     for name, m in strategies.items():
-        lines += [f"## {name}", "", *_region_table(m), ""]
+        lines += [f"## {name}", "", *_region_table(m), "", *_site_status_lines(m)]
         if m.get("dropped"):
             lines += ["Dropped updates / sites:", ""]
             lines += [f"- step {d['step']}: {d['site']}: {d['reason']}" for d in m["dropped"]] + [""]

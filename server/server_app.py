@@ -14,7 +14,8 @@ from common.bundle import Bundle, save_bundle
 from common.atomic import write_json
 from common.config import Config, config_from_mapping
 from common.labels import LabelSpec
-from common.summary import HEADLINE, site_entry, summarise
+from common.summary import HEADLINE, headline, site_entry, strategy_status, summarise
+from common.wire import Status
 from server.protocol import Coordinator
 
 log = logging.getLogger("mome.server")
@@ -28,8 +29,7 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     cfg.save(out_dir / "config.json")
     state = Coordinator(grid, cfg, out_dir).run()
     spec = LabelSpec.from_dict(state["labels"])
-    final = state["history"][-1]["sites"] if state["history"] else {}
-    sites = {s: site_entry(m, HEADLINE[cfg.strategy]) for s, m in sorted(final.items())}
+    sites = final_sites(state, HEADLINE[cfg.strategy])
     for site, entry in sites.items():
         entry.update(bytes_up=state["traffic"].get(site, {}).get("up", 0),
                      bytes_down=state["traffic"].get(site, {}).get("down", 0))
@@ -38,15 +38,27 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
                 out_dir / "model")
     metrics = {
         "strategy": cfg.strategy, "regions": list(spec.metric_names), "modalities": list(cfg.modality_names),
-        "experts": sorted(experts), "sites": sites, "summary": summarise(sites),
+        **strategy_status(sites), "experts": sorted(experts), "sites": sites, "summary": summarise(sites),
         "rounds": [{k: v for k, v in h.items()} for h in state["history"]],
         "dropped": state["dropped"], "traffic": state["traffic"],
         "wall_time_s": time.perf_counter() - start, "config": cfg.to_dict(),
     }
     write_json(out_dir / "metrics.json", metrics)
-    log.info("%s: mean Dice %.3f, worst site %s", cfg.strategy, metrics["summary"].get("dice_mean", float("nan")),
-             metrics["summary"].get("worst_site"))
+    log.info("%s: %s", cfg.strategy, headline(metrics))
     return metrics
+
+
+def final_sites(state: dict, headline_variant: str) -> dict[str, dict]:
+    """Per-site entries of the final step: each replying site's metrics and outcome, and every site dropped at
+    that step as failed with its reason."""
+    last = state["history"][-1] if state["history"] else None
+    if last is None or last["phase"] != "evaluate":
+        return {}
+    sites = {s: site_entry(m, headline_variant) for s, m in sorted(last["sites"].items())}
+    for drop in state["dropped"]:
+        if drop["step"] == last["step"] and drop["site"] not in sites:
+            sites[drop["site"]] = {"status": str(Status.FAILED), "reason": drop["reason"], "model_saved": 0}
+    return dict(sorted(sites.items()))
 
 
 def _show_progress() -> None:

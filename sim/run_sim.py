@@ -15,8 +15,9 @@ from client.site import Site
 from common.atomic import write_json
 from common.clinical import parse_schema
 from common.config import Config
-from common.summary import site_entry, summarise
+from common.summary import failed_strategy, headline, site_entry, strategy_status, summarise
 from server.server_app import make_server_app
+from sim.baselines import train_centralized, train_local
 
 log = logging.getLogger("mome.sim")
 FEDERATED = ("mome", "fedavg", "fedavg-ft")
@@ -54,38 +55,47 @@ def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, m
 
 
 def run_baseline(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
-    """`local` or `centralized`, trained without Flower on the same splits and budget."""
-    from common.baselines import run_centralized, run_local
-
+    """`local` or `centralized`, trained without Flower on the same splits and budget; each site's model is saved
+    (at <run>/<strategy>/sites/<site>/model) before it is evaluated, as in the federated strategies."""
     start = time.perf_counter()
     # the same number of local training epochs a site spends in the federated strategies
     budget = cfg.replace(strategy=strategy, expert_epochs=cfg.warmup_rounds * cfg.warmup_epochs
                          + cfg.expert_rounds * cfg.expert_epochs)
-    sites = [Site.open(d, budget) for d in site_dirs]
-    triples = [(s.train, s.val, s.test) for s in sites]
-    runner = run_local if strategy == "local" else run_centralized
-    results = runner(triples, budget, sites[0].kind, parse_schema(cfg.clinical_fields).width)
+    out_dir = run_dir / strategy
+    sites = [Site.open(d, budget, out_dir=out_dir / "sites" / d.name) for d in site_dirs]
+    splits = [(s.train, s.val) for s in sites]
+    shape = (budget, sites[0].kind, parse_schema(cfg.clinical_fields).width, sites[0].data.label_spec.n_out)
+    models = (train_local(splits, *shape) if strategy == "local"
+              else [train_centralized(splits, *shape)] * len(sites))
     entries = {}
-    for site, result in zip(sites, results):
-        entry = site_entry({k: v for k, v in result.items() if k != "n"}, headline="")
-        entry.update(site.counts)
-        entries[site.site_id] = entry
-    metrics = {"strategy": strategy, "regions": list(sites[0].data.label_spec.metric_names),
+    for site, model in zip(sites, models):
+        flat, outcome = site.finalise_model(model, strategy)
+        entries[site.site_id] = site_entry({**flat, **outcome}, headline="model")
+    metrics = {"strategy": strategy, **strategy_status(entries), "regions": list(sites[0].data.label_spec.metric_names),
                "modalities": list(cfg.modality_names), "sites": entries, "summary": summarise(entries),
                "rounds": [], "dropped": [], "wall_time_s": time.perf_counter() - start, "config": budget.to_dict()}
-    write_json(run_dir / strategy / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def run_all(strategies: list[str], site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
-    """Run each strategy on the same data; gather <run>/metrics.json."""
+    """Run each strategy on the same data; a strategy that fails is recorded as failed and the next one runs.
+    Gathers <run>/metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
     results = {}
     for strategy in strategies:
         log.info("strategy %s", strategy)
         runner = simulate if strategy in FEDERATED else run_baseline
-        results[strategy] = runner(strategy, site_dirs, cfg, run_dir)
-    combined = {"sites": [d.name for d in site_dirs], "strategies": results}
+        start = time.perf_counter()
+        try:
+            results[strategy] = runner(strategy, site_dirs, cfg, run_dir)
+        except Exception as exc:  # the other strategies still run; the failure is reported, not lost
+            log.exception("strategy %s failed", strategy)
+            results[strategy] = failed_strategy(strategy, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+            write_json(run_dir / strategy / "metrics.json", results[strategy])
+        log.info("%s: %s", strategy, headline(results[strategy]))
+    combined = {"sites": [d.name for d in site_dirs], "strategies": results,
+                "failed": [s for s, m in results.items() if m.get("status") == "failed"]}
     write_json(run_dir / "metrics.json", combined)
     return combined

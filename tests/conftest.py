@@ -12,6 +12,10 @@ import torch
 from common.config import Config
 
 TINY = Config(size=24)
+# a federation run in seconds: tiny networks, one round of each phase
+TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_rounds=1, warmup_epochs=1, expert_epochs=1,
+                  gate_steps=2, personalise_epochs=1, gate_rounds=2, batch_size=2)
+TINY_OVERRIDES = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items() if k != "strategy")
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +25,15 @@ def tiny_federation(tmp_path_factory) -> list[Path]:
 
     out = tmp_path_factory.mktemp("federation")
     return generate_federation(out, sites=4, preset="mixed", seed=0, size=24, cases=4, test_cases=2)
+
+
+@pytest.fixture(scope="session")
+def two_sites(tmp_path_factory) -> list[Path]:
+    """Two 24^3 sites (a standard one and a convention-minority one), read-only."""
+    from sim.synth import generate_federation
+
+    return generate_federation(tmp_path_factory.mktemp("fed2"), sites=2, preset="mixed", seed=1, size=24,
+                               cases=4, test_cases=2)
 
 
 @pytest.fixture

@@ -137,7 +137,9 @@ def test_site_killed_mid_run_is_dropped_and_the_run_completes(own_home, federati
         combined = dep.collect()
     metrics = combined["strategies"]["mome"]
     assert sorted(metrics["experts"]) == ["site-a", "site-b"]  # site-b's expert arrived before the crash
-    assert list(metrics["sites"]) == ["site-a"]  # only the survivor evaluated
+    assert metrics["sites"]["site-a"]["status"] == "evaluated"  # only the survivor evaluated
+    assert metrics["sites"]["site-b"]["status"] == "failed" and metrics["sites"]["site-b"]["model_saved"] == 0
+    assert metrics["status"] == "ok" and metrics["summary"]["n_evaluated"] == 1
     dropped = metrics["dropped"]
     assert {d["site"] for d in dropped} == {"site-b"}  # the SuperLink's error replies are named by site
     assert all(d["step"] >= 1 for d in dropped)  # nothing was lost before the crash

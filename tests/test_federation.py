@@ -15,23 +15,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, Message
 
-from common.config import Config
 from common.wire import Key
 from server.checkpoint import load_checkpoint
 from server.protocol import plan
 from server.report import write_report
 from sim.run_sim import simulate
-from sim.synth import generate_federation, site_traits
+from sim.synth import site_traits
+from tests.conftest import TINY_OVERRIDES, TINY_RUN
 
-TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_rounds=1, warmup_epochs=1, expert_epochs=1,
-                  gate_steps=2, personalise_epochs=1, gate_rounds=2, batch_size=2)
-ALLOWED_RECORDS = {Key.METRICS, Key.MODEL, "site"}
-
-
-@pytest.fixture(scope="module")
-def two_sites(tmp_path_factory) -> list[Path]:
-    return generate_federation(tmp_path_factory.mktemp("fed2"), sites=2, preset="mixed", seed=1, size=24,
-                               cases=4, test_cases=2)
+ALLOWED_RECORDS = {Key.METRICS, Key.MODEL, Key.OUTCOME, "site"}
 
 
 def record_replies(log_path: str):
@@ -126,7 +118,8 @@ def test_sites_send_only_named_weights_and_scalars(mome_run):
     for r in replies:
         assert set(r["records"]) <= ALLOWED_RECORDS, r["records"]
         assert set(r["metrics"].values()) <= {"int", "float", "list"}
-        assert set(r["configs"]) <= {"site-id", "labels", "modalities"}  # labels: the dataset.json label spec
+        # labels: the dataset.json label spec; status/reason: how the final step ended
+        assert set(r["configs"]) <= {"site-id", "labels", "modalities", "status", "reason", "segmentation"}
         if r["type"].startswith("train."):
             sent = r["sent_arrays"][Key.GATE if r["type"] == "train.gate" else Key.MODEL]
             assert r["arrays"] == sent, "a site returns exactly the arrays it was sent, nothing else"
@@ -180,9 +173,8 @@ def test_same_seed_same_models(tiny_federation, tmp_path):
 
 def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
     data = two_sites[0].parent
-    overrides = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items() if k != "strategy")
     cmd = [sys.executable, "-m", "common.cli", "sim", "--data", str(data), "--out", str(tmp_path),
-           "--run-config", overrides]
+           "--run-config", TINY_OVERRIDES]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=env)
