@@ -2,8 +2,9 @@
 
 Every site's expert was fitted to its own training split, so on those cases it looks better than it is on new
 ones; a gate trained there may learn to route each site to its own expert. This runs the MoME protocol without
-Flower (FedAvg warm-up, one expert per site, gate rounds with FedAvg, local personalisation) with the default
-config, once, then trains the gate both ways from the same experts and reports held-out mean Dice per site.
+Flower, through the same site steps and server aggregation the federation uses (FedAvg warm-up, one expert per
+site, gate rounds, local personalisation) with the default config, once, then trains the gate both ways from the
+same experts and reports held-out mean Dice per site.
 
     python benchmarks/bench_gate_split.py [--data DIR] [--test-cases 20] [--seed 0]
 """
@@ -21,45 +22,43 @@ import numpy as np
 from client.site import Site
 from common.config import Config
 from common.metrics import evaluate, expert_predictor, mixture_predictor
+from common.sitedata import find_site_dirs
 from common.state import state_to_numpy
-from common.train import personalise_gate, train_gate
-from server.aggregate import site_weights, weighted_average
+from common.train import personalise_gate
+from server.aggregate import aggregate
 from sim.synth import generate_federation
 
 Split = Callable[[Site], list[dict]]
-SPLITS: dict[str, Split] = {"val (MoME)": lambda s: s.val, "train+val": lambda s: s.train + s.val}
-
-
-def fedavg(states: list[dict], counts: list[int]) -> dict:
-    return weighted_average(states, site_weights(counts, [0.0] * len(counts), "fedavg", 1.0))
+SPLITS: dict[str, Split] = {"val (MoME)": lambda s: s.val_batches,
+                            "train+val": lambda s: s.train_batches + s.val_batches}
 
 
 def experts_from_warmup(sites: list[Site], cfg: Config) -> dict[str, dict]:
     base = state_to_numpy(sites[0].expert())
     for _ in range(cfg.warmup_rounds):
-        base = fedavg([s.train_model(base, cfg.warmup_epochs)[0] for s in sites], [s.counts["n_train"] for s in sites])
+        replies = [s.train_model(base, cfg.warmup_epochs) for s in sites]
+        base = aggregate([state for state, _ in replies], [m["n_train"] for _, m in replies],
+                         [m["train_loss"] for _, m in replies])
     return {s.site_id: s.train_model(base, cfg.expert_epochs)[0] for s in sites}
 
 
 def gate_results(sites: list[Site], experts: dict[str, dict], cfg: Config, split: Split) -> dict[str, dict]:
+    """Gate rounds as the server runs them (Site.train_gate, aggregated by case counts), then personalisation."""
     names = list(experts)
     gate = state_to_numpy(sites[0].gate(len(names)))
     for _ in range(cfg.gate_rounds):
-        updates = []
-        for site in sites:
-            local = site.gate(len(names), gate)
-            train_gate(local, [site.expert(experts[n]) for n in names], split(site), cfg, site.kind, progress=False)
-            updates.append(state_to_numpy(local))
-        gate = fedavg(updates, [len(split(s)) for s in sites])
+        replies = [site.train_gate([experts[n] for n in names], gate, split(site)) for site in sites]
+        gate = aggregate([state for state, _ in replies], [m["n_gate"] for _, m in replies],
+                         [m["train_loss"] for _, m in replies], cfg.gate_aggregation, cfg.dro_temperature)
     results = {}
     for site in sites:
         models = [site.expert(experts[n]) for n in names]
         global_gate = site.gate(len(names), gate)
         personal = personalise_gate(global_gate, models, split(site), cfg, site.kind, site.personalise_steps)
         results[site.site_id] = {
-            "personalised": evaluate(mixture_predictor(models, personal, site.kind), site.test, site.kind,
+            "personalised": evaluate(mixture_predictor(models, personal, site.kind), site.test_batches, site.kind,
                                      with_hd95=False)["dice_mean"],
-            "global gate": evaluate(mixture_predictor(models, global_gate, site.kind), site.test, site.kind,
+            "global gate": evaluate(mixture_predictor(models, global_gate, site.kind), site.test_batches, site.kind,
                                     with_hd95=False)["dice_mean"]}
     return results
 
@@ -72,13 +71,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = Config(seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = (sorted(p for p in Path(args.data).iterdir() if (p / "dataset.json").exists()) if args.data else
+        dirs = (find_site_dirs(args.data) if args.data else
                 generate_federation(Path(tmp), seed=args.seed, size=cfg.size, test_cases=args.test_cases))
         sites = [Site.open(d, cfg) for d in dirs]
         start = time.perf_counter()
         experts = experts_from_warmup(sites, cfg)
-        table = {s.site_id: {"own expert": evaluate(expert_predictor(s.expert(experts[s.site_id]), s.kind), s.test,
-                                                    s.kind, with_hd95=False)["dice_mean"]} for s in sites}
+        table = {s.site_id: {"own expert": evaluate(expert_predictor(s.expert(experts[s.site_id]), s.kind),
+                                                    s.test_batches, s.kind, with_hd95=False)["dice_mean"]}
+                 for s in sites}
         for label, split in SPLITS.items():
             for site_id, values in gate_results(sites, experts, cfg, split).items():
                 table[site_id] |= {f"{label}: {k}": v for k, v in values.items()}

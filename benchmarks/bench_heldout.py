@@ -4,7 +4,7 @@
 sampling noise. Synthetic cases are drawn per (seed, site, case), so regenerating a run's sites with more
 held-out cases keeps their training cases and first held-out cases and adds new ones. The models every site ends
 up using (`<run>/<strategy>/sites/<site>/model`, e.g. MoME's mixture with that site's personalised gate) are
-scored on them; nothing is retrained. `local` and `centralized` keep no per-site models, so they are not scored.
+scored on them; nothing is retrained.
 
     python benchmarks/bench_heldout.py RUN [--test-cases 60]
 """
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from client.predict import predictor
 from client.site import Site
 from common.bundle import load_bundle
 from common.config import config_from_mapping
 from common.metrics import evaluate
-from common.predict import predictor
+from common.sitedata import find_site_dirs
 from server.report import site_table
 from sim.synth import SiteSpec, generate_site, site_traits
 
@@ -34,7 +35,7 @@ def regenerate(run: Path, out: Path, test_cases: int) -> list[Path]:
         raise SystemExit(f"{run}: no data/ folder; only runs on generated synthetic sites can be re-scored")
     fields = {f.name for f in dataclasses.fields(SiteSpec)}
     sites = []
-    for original in sorted(p.parent for p in (run / "data").glob("*/dataset.json")):
+    for original in find_site_dirs(run / "data"):
         meta = json.loads((original / "dataset.json").read_text()).get("synthetic")
         if meta is None:
             raise SystemExit(f"{original}: not a synthetic site (no 'synthetic' entry in dataset.json)")
@@ -64,7 +65,7 @@ def score(run: Path, site_dirs: list[Path]) -> dict[str, dict]:
         for site in sites:
             folder = strategy / "sites" / site.site_id / "model"
             if folder.is_dir():  # absent when the site dropped out of that run
-                scores[site.site_id] = evaluate(predictor(load_bundle(folder)), site.test, site.kind,
+                scores[site.site_id] = evaluate(predictor(load_bundle(folder)), site.test_batches, site.kind,
                                                 with_hd95=False)["dice_mean"]
         results[strategy.name] = {"sites": {k: {"dice_mean": v} for k, v in scores.items()}}
         print(f"{strategy.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)

@@ -10,15 +10,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from client.predict import segment_cases
 from common.bundle import Bundle, save_bundle
-from common.clinical import parse_schema
 from common.config import Config
+from common.labels import LabelKind
 from common.metrics import Predictor, evaluate, expert_predictor, mixture_predictor
-from common.model import ExpertNet, GateNet, build_expert, build_gate, gate_weights
-from common.predict import segment_cases
+from common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
 from common.shapley import site_shapley
 from common.sitedata import SiteData, load_site, split_train_val, to_batches
-from common.state import load_numpy_state, state_to_numpy
+from common.state import state_to_numpy
 from common.train import personalise_gate, train_expert, train_gate
 from common.wire import Status
 
@@ -35,9 +35,9 @@ class Site:
     data: SiteData
     cfg: Config
     out_dir: Path | None
-    train: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)
-    test: list[dict] = field(default_factory=list)  # batches of the labelled held-out cases
+    train_batches: list[dict] = field(default_factory=list)
+    val_batches: list[dict] = field(default_factory=list)
+    test_batches: list[dict] = field(default_factory=list)  # batches of the labelled held-out cases
     unlabelled: list[dict] = field(default_factory=list)  # held-out cases without labels (segmented at the end)
 
     @classmethod
@@ -49,13 +49,13 @@ class Site:
                    data.unlabelled_test)
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> LabelKind:
         return self.data.label_spec.kind
 
     @property
     def counts(self) -> dict[str, int]:
         n = lambda batches: sum(int(b["image"].shape[0]) for b in batches)  # noqa: E731
-        return {"n_train": n(self.train), "n_val": n(self.val), "n_test": n(self.test),
+        return {"n_train": n(self.train_batches), "n_val": n(self.val_batches), "n_test": n(self.test_batches),
                 "n_unlabelled": len(self.unlabelled)}
 
     def describe(self) -> dict:
@@ -64,22 +64,16 @@ class Site:
                 "skipped": len(self.data.report.skipped), **self.counts}
 
     def expert(self, state: State | None = None) -> ExpertNet:
-        n_clinical = parse_schema(self.cfg.clinical_fields).width
-        model = build_expert(self.cfg, n_clinical, self.data.label_spec.n_out)
-        if state is not None:
-            load_numpy_state(model, state)
-        return model
+        return load_expert(self.cfg, self.data.label_spec.n_out, state)
 
     def gate(self, n_experts: int, state: State | None = None) -> GateNet:
-        gate = build_gate(self.cfg, parse_schema(self.cfg.clinical_fields).width, n_experts)
-        if state is not None:
-            load_numpy_state(gate, state)
-        return gate
+        return load_gate(self.cfg, n_experts, state)
 
     def train_model(self, state: State, epochs: int) -> tuple[State, dict]:
         """Fine-tune a model (shared model or own expert) from the given weights."""
         model = self.expert(state)
-        history = train_expert(model, self.train, self.val, self.cfg, self.kind, epochs=epochs, progress=False)
+        history = train_expert(model, self.train_batches, self.val_batches, self.cfg, self.kind, epochs=epochs,
+                               progress=False)
         metrics = {"train_loss": history["loss"][-1], **self.counts}
         if history.get("best_val_dice") is not None:
             metrics["val_dice"] = history["best_val_dice"]
@@ -93,18 +87,21 @@ class Site:
 
         On the training split the site's own expert looks far better than it is on new cases, and a gate trained
         there routes everything to it. Only a site too small to hold any case out falls back to its training split."""
-        return self.val or self.train
+        return self.val_batches or self.train_batches
 
     @property
     def personalise_steps(self) -> int:
         """As many steps as fedavg-ft's local fine-tuning takes: personalise_epochs passes over the train split."""
-        return self.cfg.personalise_epochs * len(self.train)
+        return self.cfg.personalise_epochs * len(self.train_batches)
 
-    def train_gate(self, experts: list[State], gate_state: State) -> tuple[State, dict]:
-        """The gate trained for cfg.gate_steps steps on the held-out split, with every expert frozen."""
+    def train_gate(self, experts: list[State], gate_state: State,
+                   batches: list[dict] | None = None) -> tuple[State, dict]:
+        """The gate trained for cfg.gate_steps steps with every expert frozen, on the held-out split (batches: on
+        others, for ablations)."""
         models = [self.expert(s) for s in experts]
         gate = self.gate(len(models), gate_state)
-        history = train_gate(gate, models, self.gate_cases, self.cfg, self.kind, progress=False)
+        history = train_gate(gate, models, self.gate_cases if batches is None else batches, self.cfg, self.kind,
+                             progress=False)
         return state_to_numpy(gate), {"train_loss": history["mean_loss"], "gate_weights": history["weights"],
                                       "n_gate": history["n"], **self.counts}
 
@@ -126,7 +123,8 @@ class Site:
         """The last step of a shared-model strategy: fine-tune (fedavg-ft), save, then evaluate and segment."""
         model = self.expert(state)
         if finetune_epochs > 0:
-            train_expert(model, self.train, self.val, self.cfg, self.kind, epochs=finetune_epochs, progress=False)
+            train_expert(model, self.train_batches, self.val_batches, self.cfg, self.kind, epochs=finetune_epochs,
+                         progress=False)
         return self.finalise_model(model, strategy)
 
     def finalise_model(self, model: ExpertNet, strategy: str) -> tuple[dict, dict]:
@@ -139,7 +137,7 @@ class Site:
         held-out cases. Nothing after the save can lose the model. Returns (metrics, outcome)."""
         metrics = {**self.counts, "model_saved": int(self.save_model(bundle) is not None)}
         outcome = {"status": Status.NO_LABELS, "reason": self._why_no_metrics()}
-        if self.test:
+        if self.test_batches:
             try:
                 metrics.update(_flatten(evaluate_fn()))
                 outcome = {"status": Status.EVALUATED, "reason": ""}
@@ -163,27 +161,27 @@ class Site:
 
     def evaluate_mixture(self, names: list[str], models: list[ExpertNet], gate: GateNet, personal: GateNet) -> dict:
         """Personalised mixture, global-gate mixture and own expert on the labelled held-out cases."""
-        results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind), self.test, self.kind),
-                   "mixture_global": evaluate(mixture_predictor(models, gate, self.kind), self.test, self.kind)}
+        results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind), self.test_batches, self.kind),
+                   "mixture_global": evaluate(mixture_predictor(models, gate, self.kind), self.test_batches, self.kind)}
         if self.site_id in names:
             own = models[names.index(self.site_id)]
-            results["expert"] = evaluate(expert_predictor(own, self.kind), self.test, self.kind)
+            results["expert"] = evaluate(expert_predictor(own, self.kind), self.test_batches, self.kind)
             results["shapley"] = self._shapley(own)
         results["gate_weights"] = self._mean_gate_weights(personal)
         return results
 
     def evaluate_model(self, model: ExpertNet) -> dict:
-        return {"model": evaluate(expert_predictor(model, self.kind), self.test, self.kind),
+        return {"model": evaluate(expert_predictor(model, self.kind), self.test_batches, self.kind),
                 "shapley": self._shapley(model)}
 
     def _shapley(self, model: ExpertNet) -> list[float]:
         """Mean Shapley value per modality (imaging ones, then clinical) over held-out cases."""
-        values = site_shapley(model, self.test, self.kind, self.cfg.modality_names)["shapley"]
+        values = site_shapley(model, self.test_batches, self.kind, self.cfg.modality_names)["shapley"]
         return [values[m] for m in (*self.cfg.modality_names, "clinical")]
 
     @torch.no_grad()
     def _mean_gate_weights(self, gate: GateNet) -> list[float]:
-        weights = [gate_weights(gate, b) for b in self.test]
+        weights = [gate_weights(gate, b) for b in self.test_batches]
         return torch.cat(weights).mean(0).tolist() if weights else []
 
     def save_model(self, bundle: Bundle) -> Path | None:

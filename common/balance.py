@@ -8,11 +8,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from common.labels import LabelKind
 from common.metrics import dice_score
 from common.model import probabilities
 
 
-def aux_scores(aux_logits: torch.Tensor, label: torch.Tensor, present: torch.Tensor, kind: str) -> torch.Tensor:
+def aux_scores(aux_logits: torch.Tensor, label: torch.Tensor, present: torch.Tensor, kind: LabelKind) -> torch.Tensor:
     """Each modality's contribution on a batch [M]: its auxiliary head's soft Dice on the cases that have it.
 
     NaN marks a modality no case of the batch has.

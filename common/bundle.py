@@ -16,6 +16,9 @@ import numpy as np
 
 from common.config import Config, config_from_mapping
 from common.labels import LabelSpec
+from common.state import flatten_states, unflatten_states
+
+FORMAT = "mome-bundle/2"  # /2: weights keyed experts/<name>/<param> and gate/<param> (common.state.flatten_states)
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Bundle:
 
     def metadata(self) -> dict:
         return {
-            "format": "mome-bundle/1", "strategy": self.strategy, "site_id": self.site_id,
+            "format": FORMAT, "strategy": self.strategy, "site_id": self.site_id,
             "experts": list(self.experts), "has_gate": self.gate is not None,
             "modalities": list(self.cfg.modality_names), "clinical_fields": self.cfg.clinical_fields,
             "labels": self.label_spec.to_dict(),
@@ -55,11 +58,8 @@ def save_bundle(bundle: Bundle, folder: Path) -> Path:
     """Write into a temporary sibling folder, then swap it in, so a reader never sees half a bundle."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    arrays = {f"expert/{name}/{k}": v for name, state in bundle.experts.items() for k, v in state.items()}
-    if bundle.gate is not None:
-        arrays.update({f"gate/{k}": v for k, v in bundle.gate.items()})
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **flatten_states({"experts": bundle.experts, "gate": bundle.gate or {}}))
     (tmp / "weights.npz").write_bytes(buffer.getvalue())
     (tmp / "metadata.json").write_text(json.dumps(bundle.metadata(), indent=2))
     old = folder.with_name(f".{folder.name}.old")
@@ -76,15 +76,11 @@ def load_bundle(folder: Path) -> Bundle:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing; is {folder} a model bundle?")
     meta = json.loads(meta_path.read_text())
-    experts: dict[str, dict[str, np.ndarray]] = {name: {} for name in meta["experts"]}
-    gate: dict[str, np.ndarray] | None = {} if meta["has_gate"] else None
-    with np.load(folder / "weights.npz") as npz:
-        for key in npz.files:
-            kind, _, rest = key.partition("/")
-            if kind == "gate":
-                gate[rest] = npz[key]
-            else:
-                name, _, param = rest.partition("/")
-                experts[name][param] = npz[key]
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: bundle format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    with np.load(folder / "weights.npz", allow_pickle=False) as npz:
+        weights = unflatten_states({key: npz[key] for key in npz.files})
+    experts = {name: weights["experts"][name] for name in meta["experts"]}
+    gate = weights.get("gate", {}) if meta["has_gate"] else None
     return Bundle(config_from_mapping(meta["config"]), LabelSpec.from_dict(meta["labels"]), experts,
                   gate, meta["strategy"], meta.get("site_id", ""))

@@ -4,9 +4,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from enum import StrEnum
 from typing import Any, Mapping
+
+OUT_DIR_KEY = "out-dir"  # run-config key for where the coordinator writes; not a training setting
+
+
+class Strategy(StrEnum):
+    """What `mome sim` can run; the first three are federated (Flower), the last two simulation-only references."""
+
+    MOME = "mome"
+    FEDAVG = "fedavg"
+    FEDAVG_FT = "fedavg-ft"  # FedAvg, then local fine-tuning at each site
+    LOCAL = "local"  # each site alone
+    CENTRALIZED = "centralized"  # pooled data: an upper reference, impossible in a real federation
+
+    @property
+    def federated(self) -> bool:
+        return self in (Strategy.MOME, Strategy.FEDAVG, Strategy.FEDAVG_FT)
+
+    @classmethod
+    def parse(cls, name: str) -> "Strategy":
+        try:
+            return cls(name)
+        except ValueError:
+            raise ValueError(f"unknown strategy {name!r}; choose from {' | '.join(cls)}") from None
 
 
 @dataclass(frozen=True)
@@ -36,7 +62,7 @@ class Config:
     gate_prior_lr: float = 3e-2  # lr of the gate's output bias, its case-independent preference over experts
     personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
     # federation
-    strategy: str = "mome"  # mome | fedavg | fedavg-ft | local | centralized
+    strategy: str = "mome"  # a Strategy
     warmup_rounds: int = 8
     warmup_epochs: int = 4  # local epochs per warm-up (and matching FedAvg) round
     expert_rounds: int = 1
@@ -51,6 +77,11 @@ class Config:
     @property
     def modality_names(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.modalities.split(",") if m.strip())
+
+    @property
+    def local_epochs(self) -> int:
+        """Epochs of local training a site spends in MoME (warm-up + expert rounds): every baseline gets as many."""
+        return self.warmup_rounds * self.warmup_epochs + self.expert_rounds * self.expert_epochs
 
     @property
     def channel_list(self) -> tuple[int, ...]:
@@ -94,12 +125,22 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         raise ValueError(f"config key {name!r}: cannot read {value!r} as {kind.__name__}") from exc
 
 
-def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse 'key=value key2=value2' (the flwr --run-config style) into a mapping of strings."""
-    out: dict[str, Any] = {}
-    for item in text.split():
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip().strip('"')
-    return out
+# `flwr run --run-config` syntax: space-separated key=value, values quoted or bare
+_RUN_CONFIG_ITEM = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def parse_run_config(text: str | None) -> dict[str, Any]:
+    """'k=v k2="s" k3=word' -> {k: v}, read as `flwr run --run-config` reads it (each value TOML: numbers, bools,
+    quoted strings) except that a bare word is taken as a string. Keys are checked against Config (the
+    coordinator-only `out-dir` aside), so a typo fails here, before any site starts."""
+    values: dict[str, Any] = {}
+    rest = _RUN_CONFIG_ITEM.sub("", text or "").strip()
+    if rest:
+        raise ValueError(f"run config {rest!r} is not key=value")
+    for key, raw in _RUN_CONFIG_ITEM.findall(text or ""):
+        try:
+            values[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key] = raw
+    config_from_mapping({k: v for k, v in values.items() if k != OUT_DIR_KEY})
+    return values

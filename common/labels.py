@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
+
+
+class LabelKind(StrEnum):
+    """How output channels relate: nnU-Net regions (nested, one sigmoid each) or classes (one softmax)."""
+
+    REGIONS = "regions"
+    CLASSES = "classes"
 
 
 @dataclass(frozen=True)
 class LabelSpec:
     """Output channels of a model and how label maps turn into targets and back."""
 
-    kind: str  # "regions" (nested binary channels) or "classes" (one-hot incl. background)
+    kind: LabelKind  # regions: nested binary channels; classes: one-hot including background
     names: tuple[str, ...]  # one per output channel
     members: tuple[tuple[int, ...], ...]  # label values making up each output channel
     values: tuple[int, ...]  # every label value a label map may contain
@@ -24,7 +32,7 @@ class LabelSpec:
     @property
     def metric_names(self) -> tuple[str, ...]:
         """Channels that Dice/HD95 are reported for (background excluded for classes)."""
-        return self.names if self.kind == "regions" else self.names[1:]
+        return self.names if self.kind == LabelKind.REGIONS else self.names[1:]
 
     def to_target(self, label: np.ndarray) -> np.ndarray:
         """Label map [...] -> float32 target [n_out, ...]."""
@@ -32,7 +40,7 @@ class LabelSpec:
 
     def to_label_map(self, probs: np.ndarray) -> np.ndarray:
         """Probabilities [n_out, ...] -> label map with the dataset's own values (uint8)."""
-        if self.kind == "classes":
+        if self.kind == LabelKind.CLASSES:
             return np.asarray(self.members, dtype=np.int64)[:, 0][probs.argmax(0)].astype(np.uint8)
         out = np.zeros(probs.shape[1:], dtype=np.uint8)
         for channel, value in enumerate(self.regions_class_order):
@@ -45,7 +53,7 @@ class LabelSpec:
 
     @staticmethod
     def from_dict(d: dict) -> "LabelSpec":
-        return LabelSpec(d["kind"], tuple(d["names"]), tuple(tuple(m) for m in d["members"]),
+        return LabelSpec(LabelKind(d["kind"]), tuple(d["names"]), tuple(tuple(m) for m in d["members"]),
                          tuple(d["values"]), tuple(d.get("regions_class_order", ())))
 
 
@@ -63,11 +71,11 @@ def label_spec_from_dataset_json(meta: dict) -> LabelSpec:
     values = tuple(sorted({v for items in parsed.values() for v in items} | {0}))
     if not any(isinstance(v, list) for v in labels.values()):
         order = sorted(parsed.items(), key=lambda kv: kv[1][0])
-        return LabelSpec("classes", tuple(n for n, _ in order), tuple(m for _, m in order), values)
+        return LabelSpec(LabelKind.CLASSES, tuple(n for n, _ in order), tuple(m for _, m in order), values)
     regions = {n: m for n, m in parsed.items() if m != (0,)}
     order = meta.get("regions_class_order")
     if order is None:
         order = [max(m) for m in regions.values()]
     if len(order) != len(regions):
         raise ValueError(f"'regions_class_order' has {len(order)} entries for {len(regions)} regions")
-    return LabelSpec("regions", tuple(regions), tuple(regions.values()), values, tuple(int(v) for v in order))
+    return LabelSpec(LabelKind.REGIONS, tuple(regions), tuple(regions.values()), values, tuple(int(v) for v in order))

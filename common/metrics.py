@@ -10,24 +10,23 @@ import torch
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
+from common.labels import LabelKind
 from common.model import ExpertNet, GateNet, mixture_probs, probabilities
 
 Batch = Mapping[str, torch.Tensor]
 Predictor = Callable[[Batch], torch.Tensor]
 
 
-def foreground(x: torch.Tensor, kind: str, hard: bool = True) -> torch.Tensor:
+def foreground(x: torch.Tensor, kind: LabelKind, hard: bool = True) -> torch.Tensor:
     """The scored channels: every region, or every class but background (argmax one-hot when hard)."""
-    if kind == "regions":
+    if LabelKind(kind) is LabelKind.REGIONS:
         return (x > 0.5).float() if hard else x
-    if kind == "classes":
-        if hard:
-            x = torch.nn.functional.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).float()
-        return x[:, 1:]
-    raise ValueError(f"unknown label kind {kind!r}")
+    if hard:
+        x = torch.nn.functional.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).float()
+    return x[:, 1:]
 
 
-def dice_score(probs: torch.Tensor, target: torch.Tensor, kind: str, hard: bool = False) -> torch.Tensor:
+def dice_score(probs: torch.Tensor, target: torch.Tensor, kind: LabelKind, hard: bool = False) -> torch.Tensor:
     """Per-case Dice [B] averaged over scored channels; soft unless hard. Both empty scores 1 (smoothing)."""
     pred, ref = foreground(probs, kind, hard), foreground(target, kind, hard=True)
     per_channel = 1.0 - DiceLoss(reduction="none")(pred, ref)
@@ -55,7 +54,7 @@ def _hd95_per_case(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def evaluate(predict_probs: Predictor, batches: Iterable[Batch], kind: str, with_hd95: bool = True) -> dict:
+def evaluate(predict_probs: Predictor, batches: Iterable[Batch], kind: LabelKind, with_hd95: bool = True) -> dict:
     """Dice per scored region, mean Dice, mean HD95 (voxels) and case count over the batches.
 
     Conventions (no NaN): Dice of an empty target with an empty prediction is 1, with any prediction 0;
@@ -79,7 +78,7 @@ def evaluate(predict_probs: Predictor, batches: Iterable[Batch], kind: str, with
     }
 
 
-def expert_predictor(model: ExpertNet, kind: str) -> Predictor:
+def expert_predictor(model: ExpertNet, kind: LabelKind) -> Predictor:
     """batch -> probabilities of one expert (eval mode, no grad)."""
 
     @torch.no_grad()
@@ -90,7 +89,7 @@ def expert_predictor(model: ExpertNet, kind: str) -> Predictor:
     return predict
 
 
-def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: str) -> Predictor:
+def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: LabelKind) -> Predictor:
     """batch -> gate-weighted mixture probabilities of the frozen experts."""
 
     @torch.no_grad()

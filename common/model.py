@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UnetOutBlock, UnetResBlock, UnetUpBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
+from common.clinical import parse_schema
 from common.config import Config
+from common.labels import LabelKind
+from common.state import load_numpy_state
 
-KINDS = ("regions", "classes")
 # oneDNN's 3D convolutions (backward above all) run 1.5-3x faster on CPU in channels-last layout
 CHANNELS_LAST = torch.channels_last_3d
 LEAKY_SLOPE = 0.01
@@ -28,13 +31,11 @@ def _instance_norm(channels: int) -> tuple:
     return ("group", {"num_groups": channels})
 
 
-def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, kind: LabelKind) -> torch.Tensor:
     """Sigmoid for nested regions, softmax over channels for exclusive classes."""
-    if kind == "regions":
+    if LabelKind(kind) is LabelKind.REGIONS:
         return torch.sigmoid(logits)
-    if kind == "classes":
-        return torch.softmax(logits, dim=1)
-    raise ValueError(f"unknown label kind {kind!r}; expected one of {KINDS}")
+    return torch.softmax(logits, dim=1)
 
 
 def drop_modalities(
@@ -258,14 +259,14 @@ def gate_weights(gate: GateNet, batch: Mapping[str, torch.Tensor]) -> torch.Tens
 
 
 @torch.no_grad()
-def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: LabelKind) -> torch.Tensor:
     """Frozen experts' outputs in the space the mixture averages [B, K, R, D, H, W] (eval mode, no graph):
     log-odds for nested regions, log-probabilities for exclusive classes."""
     out = []
     for expert in experts:
         expert.eval()
         logits = expert(batch["image"], batch["presence"], batch["clinical"])
-        out.append(logits if kind == "regions" else torch.log_softmax(logits, dim=1))
+        out.append(logits if LabelKind(kind) is LabelKind.REGIONS else torch.log_softmax(logits, dim=1))
     return torch.stack(out, dim=1)
 
 
@@ -273,7 +274,7 @@ def mixture_probs(
     experts: Sequence[ExpertNet],
     gate: GateNet,
     batch: Mapping[str, torch.Tensor],
-    kind: str,
+    kind: LabelKind,
     cached: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate-weighted mean of the experts' log-odds (log-probabilities for classes), then sigmoid (softmax)
@@ -298,3 +299,19 @@ def build_gate(cfg: Config, n_clinical: int, n_experts: int, seed: int | None = 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed if seed is None else seed)
         return GateNet.from_config(cfg, n_clinical, n_experts)
+
+
+def load_expert(cfg: Config, n_out: int, state: Mapping[str, np.ndarray] | None = None) -> ExpertNet:
+    """The expert a config describes, with the given weights (or freshly initialised from the seed)."""
+    model = build_expert(cfg, parse_schema(cfg.clinical_fields).width, n_out)
+    if state is not None:
+        load_numpy_state(model, state)
+    return model
+
+
+def load_gate(cfg: Config, n_experts: int, state: Mapping[str, np.ndarray] | None = None) -> GateNet:
+    """The gate over n_experts a config describes, with the given weights (or freshly initialised)."""
+    gate = build_gate(cfg, parse_schema(cfg.clinical_fields).width, n_experts)
+    if state is not None:
+        load_numpy_state(gate, state)
+    return gate

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from common.labels import LabelKind
 from common.metrics import dice_score
 from common.model import ExpertNet, probabilities
 
@@ -16,7 +17,7 @@ Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (probs, target) 
 MODES = ("reuse", "naive")
 
 
-def _subset_values(model: ExpertNet, batch: Batch, players: list[int], kind: str, score: Score,
+def _subset_values(model: ExpertNet, batch: Batch, players: list[int], kind: LabelKind, score: Score,
                    target: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """v(S) per case for every subset S of players (bitmask order); hidden players are masked out of presence."""
     image, presence, clinical = batch["image"], batch["presence"], batch["clinical"]
@@ -38,7 +39,7 @@ def _subset_values(model: ExpertNet, batch: Batch, players: list[int], kind: str
 def shapley_values(
     model: ExpertNet,
     batch: Batch,
-    kind: str,
+    kind: LabelKind,
     score: Score | None = None,
     reference: str = "label",
     mode: str = "reuse",
@@ -76,7 +77,7 @@ def shapley_values(
     return phi * (presence > 0).cpu()
 
 
-def site_shapley(model: ExpertNet, batches: Iterable[Batch], kind: str, names: Sequence[str], **kwargs) -> dict:
+def site_shapley(model: ExpertNet, batches: Iterable[Batch], kind: LabelKind, names: Sequence[str], **kwargs) -> dict:
     """Mean Shapley value per player over the site's cases that have it, with those counts.
 
     names: the M imaging modality names; the clinical player is reported as "clinical".

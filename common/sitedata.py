@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +24,23 @@ MODALITY_ALIASES = {
     "t2": "T2", "t2w": "T2",
     "flair": "FLAIR", "t2flair": "FLAIR", "t2f": "FLAIR",
 }
+
+
+def site_id(index: int) -> str:
+    """Default site names, as `mome synth` names its folders: 0 -> 'site-a', 25 -> 'site-z', 26 -> 'site-aa'."""
+    name, n = "", index + 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        name = chr(97 + r) + name
+    return f"site-{name}"
+
+
+def find_site_dirs(root: Path | str) -> list[Path]:
+    """The site folders of a federation's data folder: its sub-folders holding a dataset.json, by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SiteDataError(f"{root}: not a folder")
+    return sorted(p for p in root.iterdir() if (p / "dataset.json").is_file())
 
 
 class SiteDataError(Exception):
@@ -115,13 +133,21 @@ def _channel_index(channels: dict[int, str], name: str | int) -> int:
     raise ValueError(f"missing_channels names unknown channel {name!r}")
 
 
+def channel_file(file_ending: str) -> re.Pattern:
+    """nnU-Net's image file name: <case>_<cccc><file_ending>, cccc the channel index."""
+    return re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+
+
+def case_ids(paths: Iterable[Path], file_ending: str) -> list[str]:
+    """The case ids among image file names (files named otherwise are not cases)."""
+    pattern = channel_file(file_ending)
+    return sorted({m.group(1) for p in paths if (m := pattern.match(p.name))})
+
+
 def discover_cases(layout: SiteLayout, split: str) -> list[str]:
-    """Case ids found in images<split>/ from files named <case>_<cccc><ending>."""
+    """Case ids found in images<split>/."""
     folder = layout.site_dir / f"images{split}"
-    if not folder.is_dir():
-        return []
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(layout.file_ending)}$")
-    return sorted({m.group(1) for p in folder.iterdir() if (m := pattern.match(p.name))})
+    return case_ids(folder.iterdir(), layout.file_ending) if folder.is_dir() else []
 
 
 def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:

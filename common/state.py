@@ -37,6 +37,30 @@ def load_numpy_state(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> Non
     )
 
 
+def flatten_states(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts of arrays -> one flat mapping with '/'-joined keys, as an .npz holds them:
+    {'experts': {'site-a': {'w': x}}, 'gate': {'w': y}} -> {'experts/site-a/w': x, 'gate/w': y}."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_states(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def unflatten_states(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The inverse of flatten_states (state-dict names hold dots, never '/')."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *path, name = key.split("/")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return tree
+
+
 def save_state(path: Path | str, module: nn.Module | Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
     """Write arrays + JSON metadata as one .npz, atomically (temp file in the same folder, then os.replace)."""
     path = Path(path)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from common.balance import ModalityBalancer, aux_scores
 from common.config import Config
+from common.labels import LabelKind
 from common.metrics import evaluate, expert_predictor
 from common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_probs
 
@@ -25,21 +26,19 @@ CACHE_LIMIT_BYTES = 512 * 2**20
 AUX_POOL = 2
 
 
-def segmentation_loss(kind: str) -> nn.Module:
+def segmentation_loss(kind: LabelKind) -> nn.Module:
     """Dice + voxel loss on logits: sigmoid focal for nested regions, softmax CE for exclusive classes."""
-    if kind == "regions":
+    if LabelKind(kind) is LabelKind.REGIONS:
         # not DiceCELoss: with more than one channel it applies softmax CE, wrong for overlapping regions
         return DiceFocalLoss(sigmoid=True, gamma=2.0)
-    if kind == "classes":
-        return DiceCELoss(softmax=True)
-    raise ValueError(f"unknown label kind {kind!r}")
+    return DiceCELoss(softmax=True)
 
 
-def mixture_loss(probs: torch.Tensor, label: torch.Tensor, kind: str) -> torch.Tensor:
+def mixture_loss(probs: torch.Tensor, label: torch.Tensor, kind: LabelKind) -> torch.Tensor:
     """Dice + BCE (regions) or Dice + CE (classes) on probabilities, as the mixture has no logits."""
     dice = DiceLoss()(probs, label)
     probs = probs.clamp(1e-6, 1 - 1e-6)
-    if kind == "regions":
+    if LabelKind(kind) is LabelKind.REGIONS:
         return dice + F.binary_cross_entropy(probs, label)
     return dice + F.nll_loss(probs.log(), label.argmax(1))
 
@@ -52,7 +51,8 @@ def _cases(batches: Sequence[Batch]) -> int:
     return int(sum(b["label"].shape[0] for b in batches))
 
 
-def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn, factors, cfg: Config, kind: str):
+def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn, factors, cfg: Config,
+                 kind: LabelKind):
     """Main loss on the (dropped-out) presence + factor-weighted per-modality aux losses + clinical aux loss."""
     label, m_count = batch["label"], model.n_modalities
     feats = model.stem_features(batch["image"])
@@ -80,7 +80,7 @@ def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn
     return loss, aux_scores(aux, aux_label, present, kind)
 
 
-def _validate(model: ExpertNet, val_batches: Sequence[Batch], kind: str) -> float | None:
+def _validate(model: ExpertNet, val_batches: Sequence[Batch], kind: LabelKind) -> float | None:
     if not val_batches:
         return None
     return evaluate(expert_predictor(model, kind), val_batches, kind, with_hd95=False)["dice_mean"]
@@ -91,7 +91,7 @@ def train_expert(
     train_batches: Sequence[Batch],
     val_batches: Sequence[Batch],
     cfg: Config,
-    kind: str,
+    kind: LabelKind,
     epochs: int | None = None,
     progress: bool = True,
 ) -> dict:
@@ -159,7 +159,7 @@ def train_gate(
     experts: Sequence[ExpertNet],
     batches: Sequence[Batch],
     cfg: Config,
-    kind: str,
+    kind: LabelKind,
     steps: int | None = None,
     progress: bool = True,
 ) -> dict:
@@ -196,7 +196,7 @@ def train_gate(
 
 
 def personalise_gate(
-    gate: GateNet, experts: Sequence[ExpertNet], batches: Sequence[Batch], cfg: Config, kind: str, steps: int,
+    gate: GateNet, experts: Sequence[ExpertNet], batches: Sequence[Batch], cfg: Config, kind: LabelKind, steps: int,
     progress: bool = False,
 ) -> GateNet:
     """A copy of the gate fine-tuned on local batches for `steps` steps; the original is untouched."""

@@ -27,3 +27,9 @@ def weighted_average(updates: list[dict[str, np.ndarray]], weights: np.ndarray) 
         else:
             out[name] = first.copy()
     return out
+
+
+def aggregate(updates: list[dict[str, np.ndarray]], n_examples: list[int], losses: list[float],
+              mode: str = "fedavg", temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """The server's one way of combining site updates: weights from case counts (and losses, for DRO)."""
+    return weighted_average(updates, site_weights(n_examples, losses, mode, temperature))

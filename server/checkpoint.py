@@ -6,37 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write_bytes
-from common.state import load_state, save_state
+from common.state import flatten_states, load_state, save_state, unflatten_states
 
-# server-state entries holding model weights: name -> nesting depth (1: a state dict, 2: dict of state dicts)
-WEIGHTS = {"base": 1, "gate": 1, "experts": 2}
+WEIGHTS = ("base", "gate", "experts")  # server-state entries holding model weights; the rest is JSON metadata
 
 
 def _flatten(state: dict[str, Any]) -> tuple[dict, dict]:
-    arrays, meta = {}, {k: v for k, v in state.items() if k not in WEIGHTS}
-    for key, depth in WEIGHTS.items():
-        value = state.get(key)
-        meta[f"{key}:present"] = value is not None
-        groups = {"": value} if depth == 1 else (value or {})
-        for group, weights in groups.items():
-            prefix = f"{key}/{group}/" if depth == 2 else f"{key}/"
-            arrays.update({prefix + name: a for name, a in (weights or {}).items()})
+    meta = {k: v for k, v in state.items() if k not in WEIGHTS}
+    meta.update({f"{key}:present": state.get(key) is not None for key in WEIGHTS})
     meta["experts:sites"] = sorted(state.get("experts") or {})
-    return arrays, meta
+    return flatten_states({key: state[key] for key in WEIGHTS if state.get(key) is not None}), meta
 
 
 def _unflatten(arrays: dict, meta: dict) -> dict[str, Any]:
     state = {k: v for k, v in meta.items() if ":" not in k}
-    state["experts"] = {site: {} for site in meta["experts:sites"]}
-    for key in ("base", "gate"):
-        state[key] = {} if meta[f"{key}:present"] else None
-    for name, array in arrays.items():
-        key, _, rest = name.partition("/")
-        if key == "experts":
-            site, _, param = rest.partition("/")
-            state["experts"][site][param] = array
-        else:
-            state[key][rest] = array
+    weights = unflatten_states(arrays)
+    for key in WEIGHTS:
+        state[key] = weights.get(key, {}) if meta[f"{key}:present"] else None
+    state["experts"] = {site: state["experts"].get(site, {}) for site in meta["experts:sites"]}
     return state
 
 

@@ -12,18 +12,16 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.clinical import parse_schema
-from common.config import Config
+from common.config import Config, Strategy
 from common.labels import LabelSpec
-from common.model import build_expert, build_gate
+from common.model import load_expert, load_gate
 from common.state import state_to_numpy
 from common.wire import NUM_EXAMPLES, SITE_ID, Action, Key, config_record, from_record, record_bytes, to_record
-from server.aggregate import site_weights, weighted_average
+from server.aggregate import aggregate
 from server.checkpoint import load_latest, save_checkpoint
 from server.validation import RejectedUpdate, check_update
 
 log = logging.getLogger("mome.server")
-STRATEGIES = ("mome", "fedavg", "fedavg-ft")
 
 
 @dataclass
@@ -47,18 +45,19 @@ def _sender(sent: list[Message], reply: Message) -> int:
 
 
 def shared_rounds(cfg: Config) -> int:
-    """FedAvg rounds (of warmup_epochs each) that give a site at least MoME's local epochs: warm-up + experts."""
-    return cfg.warmup_rounds + -(-cfg.expert_rounds * cfg.expert_epochs // max(cfg.warmup_epochs, 1))
+    """FedAvg rounds (of warmup_epochs each) that give a site at least MoME's local epochs."""
+    return -(-cfg.local_epochs // max(cfg.warmup_epochs, 1))
 
 
 def plan(cfg: Config) -> list[tuple[str, int]]:
     """The steps of a run: (phase, round index). Baselines get the same local training epochs."""
-    if cfg.strategy == "mome":
+    strategy = Strategy.parse(cfg.strategy)
+    if strategy == Strategy.MOME:
         return ([("warmup", r) for r in range(cfg.warmup_rounds)] + [("expert", r) for r in range(cfg.expert_rounds)]
                 + [("gate", r) for r in range(cfg.gate_rounds)] + [("evaluate", 0)])
-    if cfg.strategy in ("fedavg", "fedavg-ft"):
+    if strategy.federated:
         return [("shared", r) for r in range(shared_rounds(cfg))] + [("evaluate", 0)]
-    raise ValueError(f"unknown federated strategy {cfg.strategy!r} ({' | '.join(STRATEGIES)})")
+    raise ValueError(f"{strategy} is not a federated strategy")
 
 
 class Coordinator:
@@ -123,7 +122,7 @@ class Coordinator:
         return self.cfg.expert_epochs if phase == "expert" else self.cfg.warmup_epochs
 
     def _finetune_epochs(self) -> int:
-        return self.cfg.personalise_epochs if self.cfg.strategy == "fedavg-ft" else 0
+        return self.cfg.personalise_epochs if self.cfg.strategy == Strategy.FEDAVG_FT else 0
 
     # -- steps -------------------------------------------------------------------------------
     def describe(self) -> LabelSpec:
@@ -151,16 +150,15 @@ class Coordinator:
 
     def run(self) -> dict:
         spec = self.describe()
-        n_clinical = parse_schema(self.cfg.clinical_fields).width
         if self.state["base"] is None:
-            self.state["base"] = state_to_numpy(build_expert(self.cfg, n_clinical, spec.n_out))
+            self.state["base"] = state_to_numpy(load_expert(self.cfg, spec.n_out))
         steps = plan(self.cfg)
         for index, (phase, rnd) in enumerate(steps):
             if index < self.state["step"]:
                 continue
             start = time.perf_counter()
             log.info("step %d/%d: %s round %d", index + 1, len(steps), phase, rnd + 1)
-            replies = getattr(self, f"_step_{phase}")(index, n_clinical)
+            replies = getattr(self, f"_step_{phase}")(index)
             self.state["history"].append({
                 "step": index, "phase": phase, "round": rnd, "seconds": time.perf_counter() - start,
                 "sites": {r.site_id: r.record() for r in replies}})
@@ -188,18 +186,17 @@ class Coordinator:
                                  str(Action.TRAIN_SHARED), step)
         good = self._checked(step, replies, lambda r: sent)
         if good:
-            weights = site_weights([r.metrics[NUM_EXAMPLES] for r in good],
-                                   [r.metrics["train_loss"] for r in good], "fedavg", 1.0)
-            self.state[key] = weighted_average([r.state for r in good], weights)
+            self.state[key] = aggregate([r.state for r in good], [r.metrics[NUM_EXAMPLES] for r in good],
+                                        [r.metrics["train_loss"] for r in good])
         return replies
 
-    def _step_warmup(self, step: int, n_clinical: int) -> list[Reply]:
+    def _step_warmup(self, step: int) -> list[Reply]:
         return self._train_shared(step, "warmup", "base")
 
-    def _step_shared(self, step: int, n_clinical: int) -> list[Reply]:
+    def _step_shared(self, step: int) -> list[Reply]:
         return self._train_shared(step, "shared", "base")
 
-    def _step_expert(self, step: int, n_clinical: int) -> list[Reply]:
+    def _step_expert(self, step: int) -> list[Reply]:
         experts, base = self.state["experts"], self.state["base"]
         contents = {n: self._content("expert", **{Key.MODEL: experts.get(self.nodes.get(n), base)})
                     for n in self._live_nodes()}
@@ -211,24 +208,24 @@ class Coordinator:
     def _expert_records(self) -> dict[str, dict]:
         return {f"{Key.EXPERT_PREFIX}{s}": self.state["experts"][s] for s in sorted(self.state["experts"])}
 
-    def _step_gate(self, step: int, n_clinical: int) -> list[Reply]:
+    def _step_gate(self, step: int) -> list[Reply]:
         if not self.state["experts"]:
             raise RuntimeError("no expert survived the expert rounds; cannot train a gate")
         if self.state.get("gate_sites") != sorted(self.state["experts"]):
-            self.state["gate"] = state_to_numpy(build_gate(self.cfg, n_clinical, len(self.state["experts"])))
+            self.state["gate"] = state_to_numpy(load_gate(self.cfg, len(self.state["experts"])))
             self.state["gate_sites"] = sorted(self.state["experts"])
         sent = self.state["gate"]
         replies = self._exchange({n: self._content("gate", **{Key.GATE: sent}, **self._expert_records())
                                   for n in self._live_nodes()}, str(Action.TRAIN_GATE), step)
         good = self._checked(step, replies, lambda r: sent)
         if good:
-            weights = site_weights([r.metrics[NUM_EXAMPLES] for r in good], [r.metrics["train_loss"] for r in good],
-                                   self.cfg.gate_aggregation, self.cfg.dro_temperature)
-            self.state["gate"] = weighted_average([r.state for r in good], weights)
+            self.state["gate"] = aggregate([r.state for r in good], [r.metrics[NUM_EXAMPLES] for r in good],
+                                           [r.metrics["train_loss"] for r in good], self.cfg.gate_aggregation,
+                                           self.cfg.dro_temperature)
         return replies
 
-    def _step_evaluate(self, step: int, n_clinical: int) -> list[Reply]:
-        if self.cfg.strategy == "mome":
+    def _step_evaluate(self, step: int) -> list[Reply]:
+        if self.cfg.strategy == Strategy.MOME:
             arrays = {Key.GATE: self.state["gate"], **self._expert_records()}
         else:
             arrays = {Key.MODEL: self.state["base"]}

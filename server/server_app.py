@@ -10,16 +10,14 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.bundle import Bundle, save_bundle
 from common.atomic import write_json
-from common.config import Config, config_from_mapping
+from common.bundle import Bundle, save_bundle
+from common.config import OUT_DIR_KEY, Config, Strategy, config_from_mapping
 from common.labels import LabelSpec
-from common.summary import HEADLINE, headline, site_entry, strategy_status, summarise
-from common.wire import Status
 from server.protocol import Coordinator
+from server.results import final_sites, headline, strategy_metrics
 
 log = logging.getLogger("mome.server")
-OUT_KEY = "out-dir"  # run-config key for where the coordinator writes; not a training setting
 
 
 def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
@@ -29,36 +27,15 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     cfg.save(out_dir / "config.json")
     state = Coordinator(grid, cfg, out_dir).run()
     spec = LabelSpec.from_dict(state["labels"])
-    sites = final_sites(state, HEADLINE[cfg.strategy])
-    for site, entry in sites.items():
-        entry.update(bytes_up=state["traffic"].get(site, {}).get("up", 0),
-                     bytes_down=state["traffic"].get(site, {}).get("down", 0))
-    experts = state["experts"] if cfg.strategy == "mome" else {"shared": state["base"]}
-    save_bundle(Bundle(cfg, spec, experts, state["gate"] if cfg.strategy == "mome" else None, cfg.strategy),
-                out_dir / "model")
-    metrics = {
-        "strategy": cfg.strategy, "regions": list(spec.metric_names), "modalities": list(cfg.modality_names),
-        **strategy_status(sites), "experts": sorted(experts), "sites": sites, "summary": summarise(sites),
-        "rounds": [{k: v for k, v in h.items()} for h in state["history"]],
-        "dropped": state["dropped"], "traffic": state["traffic"],
-        "wall_time_s": time.perf_counter() - start, "config": cfg.to_dict(),
-    }
+    mome = cfg.strategy == Strategy.MOME
+    experts = state["experts"] if mome else {"shared": state["base"]}
+    save_bundle(Bundle(cfg, spec, experts, state["gate"] if mome else None, cfg.strategy), out_dir / "model")
+    metrics = strategy_metrics(cfg, spec.metric_names, final_sites(state, cfg.strategy),
+                               time.perf_counter() - start, experts=sorted(experts), rounds=state["history"],
+                               dropped=state["dropped"], traffic=state["traffic"])
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s: %s", cfg.strategy, headline(metrics))
     return metrics
-
-
-def final_sites(state: dict, headline_variant: str) -> dict[str, dict]:
-    """Per-site entries of the final step: each replying site's metrics and outcome, and every site dropped at
-    that step as failed with its reason."""
-    last = state["history"][-1] if state["history"] else None
-    if last is None or last["phase"] != "evaluate":
-        return {}
-    sites = {s: site_entry(m, headline_variant) for s, m in sorted(last["sites"].items())}
-    for drop in state["dropped"]:
-        if drop["step"] == last["step"] and drop["site"] not in sites:
-            sites[drop["site"]] = {"status": str(Status.FAILED), "reason": drop["reason"], "model_saved": 0}
-    return dict(sorted(sites.items()))
 
 
 def _show_progress() -> None:
@@ -80,8 +57,8 @@ def make_server_app(cfg: Config | None = None, out_dir: Path | None = None) -> S
     def main(grid: Grid, context: Context) -> None:
         _show_progress()
         run_config = dict(context.run_config)
-        target = out_dir or Path(str(run_config.pop(OUT_KEY, "runs/coordinator")))
-        run_config.pop(OUT_KEY, None)
+        target = out_dir or Path(str(run_config.pop(OUT_DIR_KEY, "runs/coordinator")))
+        run_config.pop(OUT_DIR_KEY, None)
         resolved = cfg or config_from_mapping(run_config)
         run_strategy(grid, resolved, target / resolved.strategy if cfg is None else target)
 

@@ -14,14 +14,12 @@ from client.client_app import make_client_app
 from client.site import Site
 from common.atomic import write_json
 from common.clinical import parse_schema
-from common.config import Config
-from common.summary import failed_strategy, headline, site_entry, strategy_status, summarise
+from common.config import Config, Strategy
+from server.results import headline, headline_variant, site_entry, strategy_metrics
 from server.server_app import make_server_app
 from sim.baselines import train_centralized, train_local
 
 log = logging.getLogger("mome.sim")
-FEDERATED = ("mome", "fedavg", "fedavg-ft")
-ALL_STRATEGIES = (*FEDERATED, "local", "centralized")
 
 
 def partition_locator(site_dirs: list[Path], out_dir: Path):
@@ -59,26 +57,23 @@ def run_baseline(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Pat
     (at <run>/<strategy>/sites/<site>/model) before it is evaluated, as in the federated strategies."""
     start = time.perf_counter()
     # the same number of local training epochs a site spends in the federated strategies
-    budget = cfg.replace(strategy=strategy, expert_epochs=cfg.warmup_rounds * cfg.warmup_epochs
-                         + cfg.expert_rounds * cfg.expert_epochs)
+    budget = cfg.replace(strategy=strategy, expert_epochs=cfg.local_epochs)
     out_dir = run_dir / strategy
     sites = [Site.open(d, budget, out_dir=out_dir / "sites" / d.name) for d in site_dirs]
-    splits = [(s.train, s.val) for s in sites]
+    splits = [(s.train_batches, s.val_batches) for s in sites]
     shape = (budget, sites[0].kind, parse_schema(cfg.clinical_fields).width, sites[0].data.label_spec.n_out)
-    models = (train_local(splits, *shape) if strategy == "local"
+    models = (train_local(splits, *shape) if strategy == Strategy.LOCAL
               else [train_centralized(splits, *shape)] * len(sites))
     entries = {}
     for site, model in zip(sites, models):
         flat, outcome = site.finalise_model(model, strategy)
-        entries[site.site_id] = site_entry({**flat, **outcome}, headline="model")
-    metrics = {"strategy": strategy, **strategy_status(entries), "regions": list(sites[0].data.label_spec.metric_names),
-               "modalities": list(cfg.modality_names), "sites": entries, "summary": summarise(entries),
-               "rounds": [], "dropped": [], "wall_time_s": time.perf_counter() - start, "config": budget.to_dict()}
+        entries[site.site_id] = site_entry({**flat, **outcome}, headline_variant(strategy))
+    metrics = strategy_metrics(budget, sites[0].data.label_spec.metric_names, entries, time.perf_counter() - start)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
-def run_all(strategies: list[str], site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
+def run_all(strategies: list[Strategy], site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
     """Run each strategy on the same data; a strategy that fails is recorded as failed and the next one runs.
     Gathers <run>/metrics.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,13 +81,14 @@ def run_all(strategies: list[str], site_dirs: list[Path], cfg: Config, run_dir: 
     results = {}
     for strategy in strategies:
         log.info("strategy %s", strategy)
-        runner = simulate if strategy in FEDERATED else run_baseline
+        runner = simulate if Strategy(strategy).federated else run_baseline
         start = time.perf_counter()
         try:
             results[strategy] = runner(strategy, site_dirs, cfg, run_dir)
         except Exception as exc:  # the other strategies still run; the failure is reported, not lost
             log.exception("strategy %s failed", strategy)
-            results[strategy] = failed_strategy(strategy, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+            results[strategy] = strategy_metrics(cfg.replace(strategy=strategy), [], {}, time.perf_counter() - start,
+                                                 error=f"{type(exc).__name__}: {exc}")
             write_json(run_dir / strategy / "metrics.json", results[strategy])
         log.info("%s: %s", strategy, headline(results[strategy]))
     combined = {"sites": [d.name for d in site_dirs], "strategies": results,

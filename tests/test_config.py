@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Config, config_from_mapping, parse_overrides
+from common.config import Config, Strategy, config_from_mapping, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +19,32 @@ def test_pyproject_run_config_matches_config_defaults():
 
 
 def test_overrides_are_typed_and_unknown_keys_refused():
-    cfg = config_from_mapping(parse_overrides('expert-epochs=3 lr=0.01 gate-aggregation="dro"'))
+    cfg = config_from_mapping(parse_run_config('expert-epochs=3 lr=0.01 gate-aggregation="dro"'))
     assert cfg.expert_epochs == 3 and cfg.lr == 0.01 and cfg.gate_aggregation == "dro"
     assert config_from_mapping(cfg.to_run_config()) == cfg
     with pytest.raises(ValueError, match="unknown config key 'expert-epoch'"):
         config_from_mapping({"expert-epoch": 3})
     with pytest.raises(ValueError, match="cannot read 'many' as int"):
         config_from_mapping({"expert-epochs": "many"})
+
+
+def test_one_run_config_syntax_for_sim_and_deployment():
+    """`flwr run --run-config` syntax (TOML values), plus bare words as strings; typos fail before any site runs."""
+    values = parse_run_config('gate-aggregation=dro channels="8,16" modalities=T1,T2 lr=1e-2 warmup-rounds=0 '
+                              "out-dir='/tmp/x'")
+    assert values == {"gate-aggregation": "dro", "channels": "8,16", "modalities": "T1,T2", "lr": 0.01,
+                      "warmup-rounds": 0, "out-dir": "/tmp/x"}
+    assert parse_run_config("") == {} and parse_run_config(None) == {}
+    with pytest.raises(ValueError, match="unknown config key 'expert-epoch'"):
+        parse_run_config("expert-epoch=3")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_run_config("expert-epochs 3")
+
+
+def test_strategy_names_and_the_budget_every_baseline_gets():
+    assert [s.value for s in Strategy] == ["mome", "fedavg", "fedavg-ft", "local", "centralized"]
+    assert [s for s in Strategy if s.federated] == ["mome", "fedavg", "fedavg-ft"]
+    with pytest.raises(ValueError, match="unknown strategy 'fedprox'"):
+        Strategy.parse("fedprox")
+    cfg = Config(warmup_rounds=3, warmup_epochs=2, expert_rounds=2, expert_epochs=5)
+    assert cfg.local_epochs == 3 * 2 + 2 * 5

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sim.certs import write_certificates
-from sim.deploy_local import LocalDeployment, alive, deploy_local, parse_run_config
+from common.config import parse_run_config
+from deploy.certs import write_certificates
+from deploy.compose import expand, render_compose
+from deploy.local import LocalDeployment, deploy_local
+from deploy.processes import alive
+from deploy.topology import RUN, SUPERLINK, Topology, parse_node_config
 from sim.synth import generate_federation
-from sim.topology import RUN, SUPERLINK, Topology, expand, parse_node_config, render_compose
 from tests.conftest import tree_checksums
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +245,7 @@ def test_certificates_and_site_keys_are_what_flower_reads(tmp_path):
 
 
 def test_security_is_on_unless_insecure_is_named():
-    from common.cli import build_parser
+    from cli.main import build_parser
 
     assert build_parser().parse_args(["deploy-local"]).insecure is False
     top = Topology.build(2, "/data", containers=False)

@@ -155,6 +155,7 @@ def test_bad_update_is_dropped_and_logged(two_sites, tmp_path, kind, reason, cap
     assert "update rejected" in caplog.text
 
 
+@pytest.mark.slow
 def test_same_seed_same_models(tiny_federation, tmp_path):
     """Four sites (a float sum of two terms does not depend on their order; of four it does): two runs of the
     same config end with bit-identical experts and gate, whatever order the sites' replies arrived in."""
@@ -171,9 +172,10 @@ def test_same_seed_same_models(tiny_federation, tmp_path):
     assert all(np.array_equal(one["base"][k], two["base"][k]) for k in one["base"])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
     data = two_sites[0].parent
-    cmd = [sys.executable, "-m", "common.cli", "sim", "--data", str(data), "--out", str(tmp_path),
+    cmd = [sys.executable, "-m", "cli.main", "sim", "--data", str(data), "--out", str(tmp_path),
            "--run-config", TINY_OVERRIDES]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -195,7 +197,7 @@ def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
 
 
 def test_predict_matches_input_geometry(mome_run, two_sites, tmp_path):
-    from common.cli import main as mome
+    from cli.main import main as mome
 
     run_dir, _, _ = mome_run
     site = two_sites[1]

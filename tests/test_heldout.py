@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from common.cli import main as mome
-from sim.run_sim import ALL_STRATEGIES, simulate
+from cli.main import main as mome
+from common.config import Strategy
+from sim.run_sim import simulate
 from sim.synth import generate_federation
 from tests.conftest import TINY_OVERRIDES, TINY_RUN
 
@@ -54,11 +55,12 @@ def test_check_data_counts_labelled_and_unlabelled_held_out_cases(heldout_kinds,
     assert "0 held-out (0 labelled, 0 unlabelled)" in out
 
 
+@pytest.mark.slow  # runs every strategy once (about 1.5 min, shared)
 def test_every_strategy_completes_and_every_site_keeps_its_model(compare_run):
     run_dir, code = compare_run
     assert code == 0
     combined = json.loads((run_dir / "metrics.json").read_text())
-    assert set(combined["strategies"]) == set(ALL_STRATEGIES) and combined["failed"] == []
+    assert set(combined["strategies"]) == set(Strategy) and combined["failed"] == []
     assert "nan" not in (run_dir / "metrics.json").read_text().lower()
     for name, m in combined["strategies"].items():
         assert m["status"] == "ok", (name, m.get("error"))
@@ -79,9 +81,10 @@ def test_every_strategy_completes_and_every_site_keeps_its_model(compare_run):
     assert "site-b: no-held-out-labels" in report and "FAILED" not in report
 
 
+@pytest.mark.slow  # runs every strategy once (about 1.5 min, shared)
 def test_unlabelled_held_out_cases_are_segmented_on_their_own_grid(compare_run, heldout_kinds):
     run_dir, _ = compare_run
-    for name in ALL_STRATEGIES:
+    for name in Strategy:
         for site, expected in ((LABELLED, 1), (UNLABELLED, 3)):
             predictions = sorted((run_dir / name / "sites" / site / "predictions").glob("*.nii.gz"))
             assert len(predictions) == expected, (name, site)
@@ -92,7 +95,8 @@ def test_unlabelled_held_out_cases_are_segmented_on_their_own_grid(compare_run, 
         assert not (run_dir / name / "sites" / NONE / "predictions").exists()
 
 
-@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+@pytest.mark.slow  # runs every strategy once (about 1.5 min, shared)
+@pytest.mark.parametrize("strategy", list(Strategy))
 def test_predict_with_every_sites_bundle_keeps_the_input_geometry(compare_run, heldout_kinds, tmp_path, strategy):
     run_dir, _ = compare_run
     target = heldout_kinds / UNLABELLED

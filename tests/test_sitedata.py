@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.cli import main as mome
+from cli.main import main as mome
 from common.labels import label_spec_from_dataset_json
 from common.sitedata import SiteDataError, load_site, split_train_val, to_batches
 from tests.conftest import TINY, tree_checksums

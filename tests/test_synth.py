@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from sim import synth
-from sim.synth import (PRESETS, SEQUENCES, SiteSpec, generate_federation, generate_site, preset_sites,
-                       write_preview)
+from sim.preview import write_preview
+from sim.synth import PRESETS, SEQUENCES, SiteSpec, generate_federation, generate_site, preset_sites
 
 SIZE = 24
 

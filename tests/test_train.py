@@ -16,16 +16,7 @@ from sim.baselines import train_centralized, train_local
 
 M, F = 4, 3
 CFG = Config(channels="8,16,32", stem_channels=4, lr=1e-2, batch_size=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Pin torch to one thread here: when other processes share the 2 cores, its 2-thread pool stalls at
-    barriers and training runs 10-30x slower; one thread keeps these tests fast and steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blob_cases(n: int, size: int, seed: int, signature: float = 5.0, complement: bool = False) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -15,52 +14,43 @@ from common.bundle import Bundle, load_bundle
 from common.clinical import parse_schema, read_clinical_csv
 from common.labels import LabelSpec
 from common.metrics import Predictor, expert_predictor, mixture_predictor
-from common.model import build_expert, build_gate
+from common.model import load_expert, load_gate
 from common.preprocess import resize_probs
-from common.sitedata import BadCase, SiteLayout, SiteReport, preprocess_case, read_case, read_layout
-from common.state import load_numpy_state
+from common.sitedata import (BadCase, SiteLayout, SiteReport, case_ids, channel_file, preprocess_case, read_case,
+                             read_layout)
 
 INPUT_KEYS = ("image", "presence", "clinical", "stats")  # what a model reads of a case (never the label)
-CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})(\.nii(?:\.gz)?)$")
 
 
-def predictor(bundle: Bundle):
+def predictor(bundle: Bundle) -> Predictor:
     """batch -> probabilities, from the bundle's experts (and gate, for a mixture)."""
-    n_clinical = parse_schema(bundle.cfg.clinical_fields).width
-    experts = []
-    for state in bundle.experts.values():
-        model = build_expert(bundle.cfg, n_clinical, bundle.label_spec.n_out)
-        load_numpy_state(model, state)
-        experts.append(model)
+    n_out, kind = bundle.label_spec.n_out, bundle.label_spec.kind
+    experts = [load_expert(bundle.cfg, n_out, state) for state in bundle.experts.values()]
     if bundle.gate is None:
-        return expert_predictor(experts[0], bundle.label_spec.kind)
-    gate = build_gate(bundle.cfg, n_clinical, len(experts))
-    load_numpy_state(gate, bundle.gate)
-    return mixture_predictor(experts, gate, bundle.label_spec.kind)
+        return expert_predictor(experts[0], kind)
+    return mixture_predictor(experts, load_gate(bundle.cfg, len(experts), bundle.gate), kind)
 
 
 def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[str], dict]:
-    """A site folder (dataset.json maps its channels) or loose files named <case>_<cccc>.nii.gz,
-    whose channel index is the position in the bundle's modality list."""
+    """A site folder (dataset.json maps its channels; imagesTs/, else imagesTr/) or loose files named
+    <case>_<cccc>.nii(.gz), whose channel index is the position in the bundle's modality list."""
     if len(source) == 1 and source[0].is_dir() and (source[0] / "dataset.json").exists():
         site = source[0]
         layout = read_layout(site, bundle.cfg, SiteReport(site))
         image_dir = site / "imagesTs" if (site / "imagesTs").is_dir() else site / "imagesTr"
-        cases = sorted({m.group(1) for p in image_dir.iterdir() if (m := CHANNEL_FILE.match(p.name))})
         rows = read_clinical_csv(site / "clinical.csv") if (site / "clinical.csv").exists() else {}
-        return layout, image_dir, cases, rows
+        return layout, image_dir, case_ids(image_dir.iterdir(), layout.file_ending), rows
     files = [p for s in source for p in (sorted(s.iterdir()) if s.is_dir() else [s])]
-    matches = [(p, CHANNEL_FILE.match(p.name)) for p in files]
-    bad = [str(p) for p, m in matches if m is None]
-    if bad:
-        raise ValueError(f"not named <case>_<cccc>.nii.gz: {', '.join(bad[:5])}")
-    folders = {p.parent for p, _ in matches}
+    ending = ".nii.gz" if files and files[0].name.endswith(".nii.gz") else ".nii"
+    bad = [str(p) for p in files if not channel_file(ending).match(p.name)]
+    if not files or bad:
+        raise ValueError(f"not named <case>_<cccc>{ending}: {', '.join(bad[:5]) or 'no input file'}")
+    folders = {p.parent for p in files}
     if len(folders) != 1:
         raise ValueError("loose input files must lie in one folder")
-    ending = matches[0][1].group(3)
     layout = SiteLayout(folders.pop(), bundle.label_spec, {i: i for i in range(len(bundle.cfg.modality_names))},
                         ending, {})
-    return layout, layout.site_dir, sorted({m.group(1) for _, m in matches}), {}
+    return layout, layout.site_dir, case_ids(files, ending), {}
 
 
 def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[Path], list[str]]:

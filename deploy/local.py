@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -20,230 +17,18 @@ from typing import Any, Iterable, Mapping
 import tomli_w
 
 from common.atomic import write_json
-from common.config import Config, config_from_mapping
-from sim.certs import write_certificates
-from sim.topology import RUN, SUPERLINK, Ports, Service, Topology, format_node_config
+from common.config import OUT_DIR_KEY, parse_run_config
+from common.sitedata import SiteDataError, find_site_dirs
+from deploy.app import _app_config, app_for_run
+from deploy.certs import write_certificates
+from deploy.health import check_health, port_open
+from deploy.processes import DeployError, Proc, descendants, entry_point, free_ports, stop_tree
+from deploy.topology import RUN, SUPERLINK, Ports, Service, Topology, format_node_config
 
 log = logging.getLogger("mome.deploy")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REFUSED = "Exit Code: 305"  # flower-supernode logs this (and exits non-zero) when the SuperLink refuses its key
 
 
-class DeployError(RuntimeError):
-    """A deployment step failed; the message names the process and its log."""
-
-
-# -- processes -------------------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def entry_point(name: str) -> str:
-    """A console script of this environment (the venv's bin first), as the compose image has it on PATH."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if not found:
-        raise DeployError(f"{name} is not installed in this environment ({sys.executable})")
-    return found
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) for every process (Linux /proc)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
-        table[int(entry.name)] = (int(fields[1]), fields[0])
-    return table
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below pid. Flower's SuperExec children start their own sessions, so a process group
-    alone misses them."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for child, (parent, _) in table.items():
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    state = _proc_table().get(pid)
-    return state is not None and state[1] not in ("Z", "X")
-
-
-def _signal(pids: Iterable[int], sig: int) -> None:
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            continue
-    for group in groups:  # groups of processes we started (each began its own session), never ours
-        if group != os.getpgrp():
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                pass
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_tree(popen: subprocess.Popen, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
-    """Stop a process we started and everything it started: sig, then SIGKILL after `grace` seconds."""
-    pids = [popen.pid, *descendants(popen.pid)]
-    _signal(pids, sig)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        popen.poll()
-        pids = list(dict.fromkeys([*pids, *(d for p in pids if alive(p) for d in descendants(p))]))
-        if not any(alive(p) for p in pids):
-            break
-        time.sleep(0.1)
-    left = [p for p in pids if alive(p)]
-    if left:
-        _signal(left, signal.SIGKILL)
-    try:
-        popen.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        log.warning("process %d did not exit after SIGKILL", popen.pid)
-
-
-def check_health(address: str, timeout: float = 3.0) -> bool:
-    """True when the gRPC health service at address answers SERVING (liveness of a SuperLink/SuperNode)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-@dataclass
-class Proc:
-    """One process this deployment started, and where its output goes."""
-
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    argv: list[str]
-    stopped_by_us: bool = False
-    echo_thread: threading.Thread | None = None
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    @property
-    def refused(self) -> bool:
-        """A SuperNode that the SuperLink would not activate (unenrolled or wrong key)."""
-        return bool(self.returncode) and REFUSED in self.log_path.read_text(errors="replace")
-
-    def summary(self) -> dict[str, Any]:
-        return {"pid": self.popen.pid, "argv": self.argv, "log": str(self.log_path), "exit_code": self.returncode,
-                "stopped_by_deploy": self.stopped_by_us}
-
-
-# -- the app submitted by `flwr run` -----------------------------------------------------------------
-def _app_config(project_dir: Path) -> dict[str, Any]:
-    doc = tomllib.loads((project_dir / "pyproject.toml").read_text())
-    return doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-
-
-def app_for_run(project_dir: Path, keys: Iterable[str], stage_dir: Path, private: Iterable[Path] = ()) -> Path:
-    """The app folder `flwr run` submits (as a FAB, to the SuperLink and every SuperNode).
-
-    The project folder itself, unless (a) its [tool.flwr.app.config] lacks a key we override (Flower refuses
-    overrides of undeclared keys) or (b) a private folder (site data, keys) lies inside it, where the FAB's
-    *.json/*.toml patterns could pick files up. Then a staged copy holding only the code is submitted."""
-    declared = _app_config(project_dir)
-    missing = sorted(set(keys) - set(declared))
-    inside = [Path(p).resolve() for p in private if Path(p).resolve().is_relative_to(project_dir.resolve())]
-    if inside:  # only a problem if Flower would actually bundle something from there
-        bundled = _fab_files(project_dir)
-        inside = [p for p in inside if any(f.is_relative_to(p) for f in bundled)]
-    if not missing and not inside:
-        return project_dir
-    if missing:
-        log.warning("pyproject.toml [tool.flwr.app.config] lacks %s; submitting a staged copy of the app (%s) "
-                    "that declares every Config key", ", ".join(missing), stage_dir)
-    if inside:
-        log.warning("%s inside the app folder: submitting a staged copy with the code only (%s)",
-                    ", ".join(map(str, inside)), stage_dir)
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True)
-    for entry in sorted(project_dir.iterdir()):
-        if entry.is_dir() and (entry / "__init__.py").exists() and entry.name != "tests":
-            shutil.copytree(entry, stage_dir / entry.name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("README.md", ".gitignore"):
-        if (project_dir / name).exists():
-            shutil.copy2(project_dir / name, stage_dir / name)
-    doc = tomllib.loads((project_dir / "pyproject.toml").read_text())
-    table = doc.setdefault("tool", {}).setdefault("flwr", {}).setdefault("app", {}).setdefault("config", {})
-    for key, value in {**Config().to_run_config(), "out-dir": "runs/coordinator"}.items():
-        table.setdefault(key, value)
-    (stage_dir / "pyproject.toml").write_text(tomli_w.dumps(doc))
-    return stage_dir
-
-
-def _fab_files(project_dir: Path) -> list[Path]:
-    """The files `flwr run <project_dir>` would bundle (Flower's own selection: patterns and .gitignore)."""
-    import io
-    import zipfile
-
-    from flwr.cli.build import build_fab_from_disk
-
-    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project_dir))) as fab:
-        return [(project_dir / name).resolve() for name in fab.namelist()]
-
-
-def parse_run_config(text: str | None) -> dict[str, Any]:
-    """'k=v k2="s"' as `flwr run --run-config` reads it (TOML values); keys are checked against Config."""
-    from flwr.common.config import parse_config_args
-
-    values = dict(parse_config_args([text])) if text and text.strip() else {}
-    config_from_mapping({k: v for k, v in values.items() if k != "out-dir"})  # unknown keys fail here, early
-    return values
-
-
-# -- the deployment --------------------------------------------------------------------------------
 @dataclass
 class LocalDeployment:
     """The topology's processes on this machine. Use as a context manager: every process stops on exit."""
@@ -390,7 +175,7 @@ class LocalDeployment:
         """The deployment's own overrides (out-dir, min-sites = enrolled sites) plus the caller's."""
         expected = len(self.enrolled) if self.topology.secure else len(self.topology.site_ids)
         return {**self.topology.run_config(), "min-sites": expected,
-                **{k: v for k, v in self.overrides.items() if k != "out-dir"}}
+                **{k: v for k, v in self.overrides.items() if k != OUT_DIR_KEY}}
 
     def submit(self) -> Proc:
         """`flwr run <app> coordinator --stream --run-config <run>/run-config.toml`."""
@@ -487,29 +272,25 @@ def _tee(popen: subprocess.Popen, out, echo: bool) -> None:
 
 def site_folders(data_dir: Path, n_sites: int) -> list[Path]:
     """The first n site folders (those holding a dataset.json) of a data folder, by name."""
-    found = sorted(p for p in Path(data_dir).iterdir() if (p / "dataset.json").is_file())
+    try:
+        found = find_site_dirs(data_dir)
+    except SiteDataError as exc:
+        raise DeployError(str(exc)) from exc
     if len(found) < n_sites:
         raise DeployError(f"{data_dir} holds {len(found)} site folder(s) with a dataset.json; {n_sites} requested")
     return found[:n_sites]
 
 
-def deploy_local(n_sites: int, run_dir: Path, data_dir: Path | None = None, insecure: bool = False,
+def deploy_local(n_sites: int, run_dir: Path, data_dir: Path, insecure: bool = False,
                  run_config: str | Mapping[str, Any] | None = None, enrol: Iterable[str] | None = None,
                  timeout: float | None = None, echo: bool = False) -> dict[str, Any]:
     """Run one federation as local processes over loopback gRPC; return the combined metrics.
 
-    Without data_dir, a synthetic federation is generated into <run>/data first. `enrol` limits which
-    sites' keys are registered (default: all); an unenrolled site's SuperNode is refused by the SuperLink."""
+    data_dir holds one folder per site (those with a dataset.json; the first n_sites by name). `enrol` limits
+    which sites' keys are registered (default: all); an unenrolled site's SuperNode is refused by the SuperLink."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = parse_run_config(run_config) if isinstance(run_config, str) or run_config is None else dict(run_config)
-    if data_dir is None:
-        from sim.synth import generate_federation
-
-        data_dir = run_dir / "data"
-        if not data_dir.exists():
-            generate_federation(data_dir, sites=n_sites, preset="mixed", seed=int(overrides.get("seed", 0)),
-                                size=int(overrides.get("size", Config().size)))
     sites = site_folders(Path(data_dir), n_sites)
     previous = _sigterm_as_interrupt()
     try:

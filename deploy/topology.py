@@ -1,4 +1,4 @@
-"""One description of the deployed federation (coordinator + N sites), rendered as docker-compose.yml or processes."""
+"""One description of the deployed federation (coordinator + N sites): services, paths, ports, node configs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from sim.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from common.config import OUT_DIR_KEY
+from common.sitedata import site_id
+from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
 RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink
@@ -20,7 +20,6 @@ DEFAULT_DATA, DEFAULT_CERTS, DEFAULT_OUTPUTS = "./data", "./certs", "./runs/comp
 IN_CONTAINER = {"data": "/data", "site_out": "/site-out", "certs": "/certs", "outputs": "/outputs",
                 "state": "/state", "app": "/app"}
 STATE_VOLUME = "superlink-state"
-ENV_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,6 @@ class Topology:
     @classmethod
     def build(cls, n_sites: int, data_dir: str | Path = DEFAULT_DATA, **kwargs: Any) -> "Topology":
         """N sites named like `mome synth` names its folders (site-a, site-b, ...)."""
-        from sim.synth import site_id
-
         if n_sites < 1:
             raise ValueError("a federation needs at least one site")
         return cls(tuple(site_id(i) for i in range(n_sites)), str(data_dir), **kwargs)
@@ -131,7 +128,7 @@ class Topology:
 
     def run_config(self) -> dict[str, Any]:
         """Run-config overrides the deployment itself sets: where the coordinator writes, how many sites."""
-        return {"out-dir": self._see("outputs", self.out_dir), "min-sites": len(self.site_ids)}
+        return {OUT_DIR_KEY: self._see("outputs", self.out_dir), "min-sites": len(self.site_ids)}
 
     def flower_config(self) -> str:
         """The Flower CLI's config.toml: how `flwr run` / `flwr supernode register` reach the SuperLink."""
@@ -244,68 +241,3 @@ def _toml_value(value: Any) -> str:
 
 def _health(address: str) -> tuple[str, ...]:
     return ("mome", "health", "--address", address)
-
-
-def expand(text: str, env: Mapping[str, str] | None = None) -> str:
-    """Resolve ${VAR:-default} as compose does (env first, then the default)."""
-    env = env or {}
-    return ENV_VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
-
-
-# -- docker-compose.yml ---------------------------------------------------------------------------
-class _Dumper(yaml.SafeDumper):
-    """Plain YAML (no &anchors for repeated values); commands as one-line [a, b] lists."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
-def _flow_lists(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(isinstance(x, str) for x in data) and sum(len(x) + 2 for x in data) < 90
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _flow_lists)
-
-
-def _volumes(service: Service) -> list[str]:
-    return [f"{m.source}:{m.target}{':ro' if m.read_only else ''}" for m in service.mounts]
-
-
-def compose_dict(top: Topology) -> dict[str, Any]:
-    """The compose model of the topology (rendered to YAML by render_compose)."""
-    if not top.containers or not top.secure:
-        raise ValueError("the compose file describes the secure container deployment only")
-    build = {"context": ".", "dockerfile": "Dockerfile"}
-    healthy = {SUPERLINK: {"condition": "service_healthy"}}
-    check = {"interval": "10s", "timeout": "5s", "retries": 5, "start_period": "20s"}
-    services: dict[str, Any] = {}
-    for svc in top.services():
-        entry: dict[str, Any] = {"image": f"${{MOME_IMAGE:-{IMAGE}}}", "build": dict(build),
-                                 "command": list(svc.command), "environment": dict(svc.env),
-                                 "volumes": _volumes(svc)}
-        if svc.health:
-            entry["healthcheck"] = {"test": ["CMD", *svc.health], **check}
-        if svc.role == "superlink":
-            entry["ports"] = [f"${{MOME_FLEET_PORT:-{top.ports.fleet}}}:{top.ports.fleet}",  # hospitals connect here
-                              f"127.0.0.1:${{MOME_CONTROL_PORT:-{top.ports.control}}}:{top.ports.control}"]
-            entry["restart"] = "unless-stopped"
-        elif svc.role == "site":
-            entry["depends_on"] = dict(healthy)
-            entry["restart"] = "unless-stopped"  # also retries until the coordinator has enrolled the key
-        else:  # enrol / run: one-shot coordinator commands
-            entry["depends_on"] = dict(healthy)
-            entry["restart"] = "no"
-        services[svc.name] = entry
-    return {"services": services, "volumes": {STATE_VOLUME: {}}}
-
-
-def render_compose(top: Topology) -> str:
-    """docker-compose.yml text; the committed file is this for Topology.for_compose(3, "./data")."""
-    header = (f"# Generated by `mome compose --sites {len(top.site_ids)} --data {expand(top.data_dir)}` from "
-              "sim/topology.py: edit the topology, not this file.\n"
-              "# Host paths: MOME_DATA (one folder per site), MOME_CERTS (`mome certs`), MOME_OUTPUTS; "
-              "a hospital on its own machine\n"
-              "# sets MOME_SUPERLINK=<coordinator>:9092. Set them in an .env file next to this one.\n")
-    body = yaml.dump(compose_dict(top), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
-    return header + body.replace("'no'", '"no"')

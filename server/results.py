@@ -1,10 +1,16 @@
-"""The shape of metrics.json: per-site entries of a strategy and the across-site summary."""
+"""The shape of a strategy's metrics.json: per-site entries, the across-site summary, the strategy's status."""
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+from common.config import Config, Strategy
 from common.wire import Status
 
-HEADLINE = {"mome": "mixture", "fedavg": "model", "fedavg-ft": "model"}
+
+def headline_variant(strategy: str) -> str:
+    """Which of a site's evaluated variants its headline metrics are: the personalised mixture for MoME."""
+    return "mixture" if strategy == Strategy.MOME else "model"
 
 
 def site_entry(flat: dict, headline: str) -> dict:
@@ -49,10 +55,28 @@ def strategy_status(sites: dict[str, dict], error: str = "") -> dict:
     return {"status": "ok"}
 
 
-def failed_strategy(strategy: str, error: str, wall_time_s: float) -> dict:
-    """metrics.json of a strategy that ended without results."""
-    return {"strategy": strategy, **strategy_status({}, error), "sites": {}, "summary": summarise({}),
-            "rounds": [], "dropped": [], "wall_time_s": wall_time_s}
+def strategy_metrics(cfg: Config, regions: Sequence[str], sites: dict[str, dict], wall_time_s: float,
+                     error: str = "", **extra: Any) -> dict:
+    """A strategy's metrics.json (federated or not; `extra`: rounds, dropped, traffic, experts where it has them)."""
+    return {"strategy": cfg.strategy, **strategy_status(sites, error), "regions": list(regions),
+            "modalities": list(cfg.modality_names), "sites": sites, "summary": summarise(sites), "rounds": [],
+            "dropped": [], **extra, "wall_time_s": wall_time_s, "config": cfg.to_dict()}
+
+
+def final_sites(state: dict, strategy: str) -> dict[str, dict]:
+    """Per-site entries of a federated run's final step: each replying site's metrics and outcome, and every site
+    dropped at that step as failed, with its reason."""
+    last = state["history"][-1] if state["history"] else None
+    if last is None or last["phase"] != "evaluate":
+        return {}
+    sites = {s: site_entry(m, headline_variant(strategy)) for s, m in last["sites"].items()}
+    for drop in state["dropped"]:
+        if drop["step"] == last["step"] and drop["site"] not in sites:
+            sites[drop["site"]] = {"status": str(Status.FAILED), "reason": drop["reason"], "model_saved": 0}
+    for site, entry in sites.items():
+        traffic = state["traffic"].get(site, {})
+        entry.update(bytes_up=traffic.get("up", 0), bytes_down=traffic.get("down", 0))
+    return dict(sorted(sites.items()))
 
 
 def headline(metrics: dict) -> str:

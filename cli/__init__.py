@@ -1,0 +1,1 @@
+"""The `mome` command, one module per kind of user: hospital, coordinator, developer."""

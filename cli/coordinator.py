@@ -1,0 +1,63 @@
+"""A coordinator's commands: certificates and site keys, the compose file, health probes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def certs(args: argparse.Namespace) -> int:
+    from deploy.certs import DEFAULT_SERVER_NAMES, write_certificates
+    from deploy.topology import Topology
+
+    top = Topology.build(args.sites)
+    names = tuple(dict.fromkeys([*DEFAULT_SERVER_NAMES, *args.server_name]))
+    paths = write_certificates(Path(args.out), list(top.site_ids), names, days=args.days, overwrite=args.overwrite)
+    # the Flower CLI connection the compose file's coordinator services (enrol-*, run) mount
+    (paths.root / "flwr").mkdir(exist_ok=True)
+    (paths.root / "flwr" / "config.toml").write_text(top.flower_config())
+    print(f"CA and SuperLink certificate ({', '.join(names)}) in {paths.root}")
+    for site in top.site_ids:
+        print(f"  {site}: give {paths.site_key(site)} to the site (keep it secret); "
+              f"enrol {paths.site_public_key(site)}")
+    return 0
+
+
+def compose(args: argparse.Namespace) -> int:
+    from deploy.compose import render_compose
+    from deploy.topology import Topology
+
+    Path(args.out).write_text(render_compose(Topology.for_compose(args.sites, args.data)))
+    print(f"wrote {args.out} ({args.sites} sites, data from {args.data}/<site-id>); "
+          f"check it with: docker-compose -f {args.out} config -q")
+    return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    from deploy.health import check_health
+
+    healthy = check_health(args.address, args.timeout)
+    print("SERVING" if healthy else f"not serving: {args.address}")
+    return 0 if healthy else 1
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("certs", help="create the CA, the SuperLink TLS certificate and one auth key pair per site")
+    p.add_argument("--out", required=True, help="folder for the certificates and keys (required; keep private)")
+    p.add_argument("--sites", type=int, default=3, help="key pairs for site-a, site-b, ... (default 3)")
+    p.add_argument("--server-name", action="append", default=[],
+                   help="extra DNS name or IP of the SuperLink for its certificate (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CA and every key")
+    p.set_defaults(func=certs)
+
+    p = sub.add_parser("compose", help="write docker-compose.yml from the deployment topology (deploy/topology.py)")
+    p.add_argument("--sites", type=int, default=3, help="one SuperNode service per site (default 3)")
+    p.add_argument("--data", default="./data", help="host folder holding one folder per site (site-a, ...)")
+    p.add_argument("--out", default="docker-compose.yml", help="file to write (default docker-compose.yml)")
+    p.set_defaults(func=compose)
+
+    p = sub.add_parser("health", help="exit 0 if a SuperLink/SuperNode gRPC health service answers SERVING")
+    p.add_argument("--address", required=True, help="host:port of --health-server-address (required)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=health)

@@ -1,0 +1,139 @@
+"""A developer's commands: synthetic sites, the whole federation simulated, the deployment on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from common.config import Strategy
+
+
+def _log_to_terminal() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _red(text: str) -> str:
+    return f"\033[31m{text}\033[0m" if sys.stderr.isatty() else text
+
+
+def synth(args: argparse.Namespace) -> int:
+    from sim.preview import write_preview
+    from sim.synth import generate_federation
+
+    sites = generate_federation(Path(args.out), sites=args.sites, preset=args.preset, seed=args.seed,
+                                size=args.size, cases=args.cases, test_cases=args.test_cases)
+    for site in sites:
+        print(f"wrote {site}")
+    if args.preview:
+        print(f"preview {write_preview(sites, Path(args.out) / 'preview.png')}")
+    return 0
+
+
+def sim(args: argparse.Namespace) -> int:
+    from common.config import config_from_mapping, parse_run_config
+    from common.sitedata import SiteDataError, find_site_dirs
+    from server.report import write_report
+    from sim.run_sim import run_all
+    from sim.synth import generate_federation, site_traits
+
+    _log_to_terminal()
+    try:
+        strategies = list(Strategy) if args.compare else [Strategy.parse(args.strategy)]
+        overrides = parse_run_config(args.run_config)
+        overrides.setdefault("seed", args.seed)
+        cfg = config_from_mapping(overrides)
+        site_dirs = find_site_dirs(args.data) if args.data else []
+    except (ValueError, SiteDataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.data and not site_dirs:
+        print(f"error: {args.data} holds no site folder (a sub-folder with dataset.json)", file=sys.stderr)
+        return 2
+    run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if not site_dirs:
+        print(f"generating the synthetic federation (preset {args.preset}, {args.sites} sites, {cfg.size}^3)")
+        site_dirs = generate_federation(run_dir / "data", sites=args.sites, preset=args.preset, seed=args.seed,
+                                        size=cfg.size, cases=args.cases)
+    combined = run_all(strategies, site_dirs, cfg, run_dir)
+    report = write_report(run_dir, combined["strategies"], {d.name: site_traits(d) for d in site_dirs})
+    print(report.read_text().split("## Mean Dice per site")[0])
+    print(f"run folder: {run_dir}\nreport: {report}")
+    for name in combined["failed"]:
+        print(_red(f"strategy {name} FAILED: {combined['strategies'][name].get('error')}"), file=sys.stderr)
+    return 1 if combined["failed"] else 0
+
+
+def deploy_local(args: argparse.Namespace) -> int:
+    from common.config import Config, parse_run_config
+    from deploy.local import DeployError, deploy_local as deploy
+    from server.report import write_report
+    from sim.synth import generate_federation
+
+    _log_to_terminal()
+    if args.insecure:
+        print("WARNING: --insecure: no TLS and no SuperNode authentication; anyone on this machine can join "
+              "or read the traffic. Use only for debugging.", file=sys.stderr)
+    run_dir = Path(args.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        overrides = parse_run_config(args.run_config)
+        data_dir = Path(args.data) if args.data else run_dir / "data"
+        if not args.data and not data_dir.exists():
+            generate_federation(data_dir, sites=args.sites, preset="mixed", seed=int(overrides.get("seed", 0)),
+                                size=int(overrides.get("size", Config().size)))
+        combined = deploy(args.sites, run_dir, data_dir, insecure=args.insecure, run_config=overrides,
+                          timeout=args.timeout, echo=not args.quiet)
+    except (DeployError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every process of the deployment was stopped", file=sys.stderr)
+        return 130
+    try:
+        print(f"report: {write_report(run_dir, combined['strategies'])}")
+    except Exception as exc:  # the report is a convenience; metrics.json is the result
+        print(f"(no report.md: {exc})", file=sys.stderr)
+    for name, metrics in combined["strategies"].items():
+        print(f"{name}: sites {', '.join(sorted(metrics['sites']))}; dropped {len(metrics['dropped'])} time(s)")
+    print(f"run folder: {run_dir}\nmetrics: {run_dir}/metrics.json\nlogs: {run_dir}/logs/")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic multi-site federation as NIfTI site folders")
+    p.add_argument("--out", required=True, help="folder to create the site folders in (required)")
+    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--preset", default="mixed",
+                   help="iid | scanner-shift | convention-shift | few-shot | missing-modality | mixed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=48, help="voxels per side")
+    p.add_argument("--cases", type=int, default=None, help="training cases per (non few-shot) site")
+    p.add_argument("--test-cases", type=int, default=None, help="held-out cases per site")
+    p.add_argument("--preview", action="store_true", help="also write preview.png (one case per site)")
+    p.set_defaults(func=synth)
+
+    p = sub.add_parser("sim", help="run the multi-site federation on Flower's simulation engine")
+    p.add_argument("--data", help="folder with one sub-folder per site (default: generate synthetic sites)")
+    p.add_argument("--strategy", default=Strategy.MOME.value, help=" | ".join(Strategy))
+    p.add_argument("--compare", action="store_true", help="run every strategy on the same data")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--sites", type=int, default=4, help="synthetic sites to generate")
+    p.add_argument("--preset", default="mixed", help="synthetic preset (see mome synth)")
+    p.add_argument("--cases", type=int, default=None, help="synthetic training cases per site")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-config", default="", help='overrides, e.g. "expert-epochs=8 gate-aggregation=dro"')
+    p.set_defaults(func=sim)
+
+    p = sub.add_parser("deploy-local", help="run the federation as local SuperLink/SuperNode processes "
+                                            "(TLS + SuperNode auth on loopback)")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (SuperNodes)")
+    p.add_argument("--data", help="folder with one sub-folder per site (default: generate synthetic sites)")
+    p.add_argument("--out", help="run folder (default runs/deploy-<timestamp>)")
+    p.add_argument("--insecure", action="store_true",
+                   help="INSECURE: plain-text gRPC and no SuperNode authentication (debugging only)")
+    p.add_argument("--run-config", default="", help='overrides, e.g. "size=24 expert-epochs=1 round-timeout=60"')
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="do not echo the run's log stream")
+    p.set_defaults(func=deploy_local)

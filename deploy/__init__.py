@@ -1,0 +1,1 @@
+"""Deployment on Flower's deployment engine: topology, certificates, compose file, local processes."""
