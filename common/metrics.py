@@ -11,7 +11,7 @@ from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from common.labels import LabelKind
-from common.model import ExpertNet, GateNet, mixture_probs, probabilities
+from common.model import ExpertNet, GateNet, mixture_logits, probabilities
 
 Batch = Mapping[str, torch.Tensor]
 Predictor = Callable[[Batch], torch.Tensor]
@@ -95,6 +95,6 @@ def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: LabelKi
     @torch.no_grad()
     def predict(batch: Batch) -> torch.Tensor:
         gate.eval()
-        return mixture_probs(experts, gate, batch, kind)[0]
+        return probabilities(mixture_logits(experts, gate, batch, kind)[0], kind)
 
     return predict

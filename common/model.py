@@ -270,22 +270,22 @@ def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor
     return torch.stack(out, dim=1)
 
 
-def mixture_probs(
+def mixture_logits(
     experts: Sequence[ExpertNet],
     gate: GateNet,
     batch: Mapping[str, torch.Tensor],
     kind: LabelKind,
     cached: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate-weighted mean of the experts' log-odds (log-probabilities for classes), then sigmoid (softmax)
-    -> (probs [B, R, ...], weights [B, K]); grads reach the gate only.
+    """Gate-weighted mean of the experts' log-odds (log-probabilities for classes): the mixture's logits
+    [B, R, ...], and the weights [B, K]; grads reach the gate only.
 
     Not a mean of probabilities: that mixture is less confident than its experts wherever they disagree, so a
     soft loss scores it worse than the single expert it would beat on thresholded Dice, and a gate trained on that
     loss collapses onto one expert per case. In log-odds the mixture keeps its experts' confidence."""
     scores = cached if cached is not None else expert_logits(experts, batch, kind)
     weights = gate_weights(gate, batch)
-    return probabilities((weights[:, :, None, None, None, None] * scores).sum(1), kind), weights
+    return (weights[:, :, None, None, None, None] * scores).sum(1), weights
 
 
 def build_expert(cfg: Config, n_clinical: int, n_out: int, seed: int | None = None) -> ExpertNet:

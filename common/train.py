@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
+from monai.losses import DiceCELoss, DiceFocalLoss
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -16,7 +16,7 @@ from common.balance import ModalityBalancer, aux_scores
 from common.config import Config
 from common.labels import LabelKind
 from common.metrics import evaluate, expert_predictor
-from common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_probs
+from common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_logits
 
 Batch = Mapping[str, torch.Tensor]
 # frozen experts' outputs cached across gate steps only below this size; above it they are recomputed per step
@@ -32,15 +32,6 @@ def segmentation_loss(kind: LabelKind) -> nn.Module:
         # not DiceCELoss: with more than one channel it applies softmax CE, wrong for overlapping regions
         return DiceFocalLoss(sigmoid=True, gamma=2.0)
     return DiceCELoss(softmax=True)
-
-
-def mixture_loss(probs: torch.Tensor, label: torch.Tensor, kind: LabelKind) -> torch.Tensor:
-    """Dice + BCE (regions) or Dice + CE (classes) on probabilities, as the mixture has no logits."""
-    dice = DiceLoss()(probs, label)
-    probs = probs.clamp(1e-6, 1 - 1e-6)
-    if LabelKind(kind) is LabelKind.REGIONS:
-        return dice + F.binary_cross_entropy(probs, label)
-    return dice + F.nll_loss(probs.log(), label.argmax(1))
 
 
 def _order(n: int, generator: torch.Generator) -> list[int]:
@@ -175,13 +166,14 @@ def train_gate(
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = _gate_optimizer(gate, cfg)
     cache = _expert_cache(experts, batches, kind)
+    loss_fn = segmentation_loss(kind)  # the experts' own loss, on the mixture's logits
     order = [i for _ in range(-(-steps // len(batches))) for i in _order(len(batches), generator)][:steps]
     gate.train()
     seen = []  # gate weights per step
     for i in tqdm(order, desc="gate", disable=not progress, leave=False):
         cached = cache[i] if cache is not None else None
-        probs, weights = mixture_probs(experts, gate, batches[i], kind, cached=cached)
-        loss = mixture_loss(probs, batches[i]["label"], kind)
+        logits, weights = mixture_logits(experts, gate, batches[i], kind, cached=cached)
+        loss = loss_fn(logits, batches[i]["label"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

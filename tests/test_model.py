@@ -11,7 +11,8 @@ from torch.nn.functional import avg_pool3d, interpolate
 
 from common.config import Config
 from common.metrics import dice_score, evaluate, expert_predictor, mixture_predictor
-from common.model import ExpertNet, GateNet, build_expert, build_gate, drop_modalities, mixture_probs
+from common.model import (ExpertNet, GateNet, build_expert, build_gate, drop_modalities, mixture_logits,
+                          probabilities)
 from common.state import load_numpy_state, load_state, save_state, state_to_numpy
 
 M, F, SIZE = 4, 3, 16
@@ -58,7 +59,8 @@ def test_every_presence_pattern_gives_finite_outputs(kind, n_out):
         assert torch.isfinite(t).all()
     experts = [model, build_expert(CFG, F, n_out, seed=1)]
     gate = build_gate(CFG.replace(gate_pool=4), F, n_experts=2)
-    probs, weights = mixture_probs(experts, gate, batch, kind)
+    logits, weights = mixture_logits(experts, gate, batch, kind)
+    probs = probabilities(logits, kind)
     assert probs.shape == (b, n_out, SIZE, SIZE, SIZE) and weights.shape == (b, 2)
     assert torch.isfinite(probs).all() and torch.allclose(weights.sum(1), torch.ones(b))
     if kind == "classes":
@@ -100,7 +102,8 @@ def test_mixture_averages_log_odds_so_agreeing_experts_keep_their_confidence(kin
         p = torch.tensor([[0.1, 0.9], [0.7, 0.3]])
         scores = p.log()[None, :, :, None, None, None].expand(b, 2, 2, SIZE, SIZE, SIZE)
         expected = torch.softmax(p.log().mean(0), dim=0)[1]
-    probs, weights = mixture_probs([], gate, batch, kind, cached=scores)
+    logits, weights = mixture_logits([], gate, batch, kind, cached=scores)
+    probs = probabilities(logits, kind)
     assert torch.allclose(weights, torch.full((b, 2), 0.5))
     assert torch.allclose(probs[:, 1 if kind == "classes" else 0], expected.expand_as(probs[:, 0]), atol=1e-6)
 
