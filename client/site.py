@@ -156,8 +156,8 @@ class Site:
 
     def _why_no_metrics(self) -> str:
         if self.unlabelled:
-            return f"no held-out labels: {len(self.unlabelled)} held-out case(s), none with a label file in labelsTs/"
-        return "no held-out labels: the site has no held-out cases (imagesTs/ empty or absent)"
+            return f"{len(self.unlabelled)} held-out case(s), none with a label file in labelsTs/"
+        return "the site has no held-out cases (imagesTs/ empty or absent)"
 
     def evaluate_mixture(self, names: list[str], models: list[ExpertNet], gate: GateNet, personal: GateNet) -> dict:
         """Personalised mixture, global-gate mixture and own expert on the labelled held-out cases."""

@@ -66,7 +66,7 @@ def _region_table(m: dict) -> list[str]:
     lines = ["| site | n train/val/test | " + " | ".join(regions) + " | HD95 | up (MB) | down (MB) |",
              "|---|---|" + "---|" * len(regions) + "---|---|---|"]
     for site, e in m["sites"].items():
-        dice = " | ".join(_fmt(d) for d in e.get("dice", []))
+        dice = " | ".join(_fmt(d) for d in e.get("dice", [None] * len(regions)))
         counts = f"{e.get('n_train', '–')}/{e.get('n_val', '–')}/{e.get('n_test', '–')}"
         lines.append(f"| {site} | {counts} | {dice} | {_fmt(e.get('hd95'), 2)} | "
                      f"{e.get('bytes_up', 0) / 1e6:.2f} | {e.get('bytes_down', 0) / 1e6:.2f} |")

@@ -5,6 +5,7 @@ makes `mome sim` fail."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def test_every_strategy_completes_and_every_site_keeps_its_model(compare_run):
         assert summary["worst_site"] == LABELLED and summary["dice_mean"] == sites[LABELLED]["dice_mean"]
     report = (run_dir / "report.md").read_text()
     assert "site-b: no-held-out-labels" in report and "FAILED" not in report
+    rows = [line for line in report.splitlines() if re.match(rf"\| {UNLABELLED} \| \d+/\d+/\d+ \|", line)]
+    header = next(line for line in report.splitlines() if line.startswith("| site | n train/val/test"))
+    assert rows and all(row.count("|") == header.count("|") for row in rows), rows  # '–' where no metric
 
 
 @pytest.mark.slow  # runs every strategy once (about 1.5 min, shared)
