@@ -95,10 +95,14 @@ def deploy_local(args: argparse.Namespace) -> int:
         print(f"report: {write_report(run_dir, combined['strategies'])}")
     except Exception as exc:  # the report is a convenience; metrics.json is the result
         print(f"(no report.md: {exc})", file=sys.stderr)
+    failed = False
     for name, metrics in combined["strategies"].items():
         print(f"{name}: sites {', '.join(sorted(metrics['sites']))}; dropped {len(metrics['dropped'])} time(s)")
+        if metrics.get("status") == "failed":
+            failed = True
+            print(_red(f"strategy {name} FAILED: {metrics.get('error')}"), file=sys.stderr)
     print(f"run folder: {run_dir}\nmetrics: {run_dir}/metrics.json\nlogs: {run_dir}/logs/")
-    return 0
+    return 1 if failed else 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -28,7 +28,8 @@ def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
     site_id = str(node.get("site-id", data_dir.name))
     if node.get("out-dir"):
         return data_dir, site_id, Path(str(node["out-dir"]))
-    out_dir = Path("mome-out") / site_id  # a site's final model is never dropped for want of a folder
+    # a site's final model is never dropped for want of a folder: beside the data folder, not in the app's cwd
+    out_dir = data_dir.resolve().parent / "mome-out" / site_id
     log.warning("no out-dir in the node config: site %s writes its model under %s", site_id, out_dir.resolve())
     return data_dir, site_id, out_dir
 

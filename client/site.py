@@ -123,8 +123,12 @@ class Site:
         """The last step of a shared-model strategy: fine-tune (fedavg-ft), save, then evaluate and segment."""
         model = self.expert(state)
         if finetune_epochs > 0:
-            train_expert(model, self.train_batches, self.val_batches, self.cfg, self.kind, epochs=finetune_epochs,
-                         progress=False)
+            try:
+                train_expert(model, self.train_batches, self.val_batches, self.cfg, self.kind,
+                             epochs=finetune_epochs, progress=False)
+            except Exception:  # the shared model it was sent still works: keep it rather than nothing
+                log.exception("site %s: fine-tuning failed; saving the shared model", self.site_id)
+                model = self.expert(state)
         return self.finalise_model(model, strategy)
 
     def finalise_model(self, model: ExpertNet, strategy: str) -> tuple[dict, dict]:

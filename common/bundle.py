@@ -76,10 +76,12 @@ def load_bundle(folder: Path) -> Bundle:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing; is {folder} a model bundle?")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, "mome-bundle/1"):
         raise ValueError(f"{meta_path}: bundle format {meta.get('format')!r}, this version reads {FORMAT!r}")
     with np.load(folder / "weights.npz", allow_pickle=False) as npz:
-        weights = unflatten_states({key: npz[key] for key in npz.files})
+        # /1 keyed experts as expert/<name>/<param>
+        weights = unflatten_states({key.replace("expert/", "experts/", 1) if key.startswith("expert/") else key:
+                                    npz[key] for key in npz.files})
     experts = {name: weights["experts"][name] for name in meta["experts"]}
     gate = weights.get("gate", {}) if meta["has_gate"] else None
     return Bundle(config_from_mapping(meta["config"]), LabelSpec.from_dict(meta["labels"]), experts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from common.config import Config, Strategy
 from common.labels import LabelSpec
 from common.model import load_expert, load_gate
 from common.state import state_to_numpy
-from common.wire import NUM_EXAMPLES, SITE_ID, Action, Key, config_record, from_record, record_bytes, to_record
+from common.wire import NUM_EXAMPLES, SITE_ID, Action, Key, Status, config_record, from_record, record_bytes, to_record
 from server.aggregate import aggregate
 from server.checkpoint import load_latest, save_checkpoint
 from server.validation import RejectedUpdate, check_update
@@ -42,6 +43,22 @@ def _sender(sent: list[Message], reply: Message) -> int:
         if msg.metadata.message_id == reply.metadata.reply_to_message_id:
             return msg.metadata.dst_node_id
     return reply.metadata.src_node_id
+
+
+def _error_kind(reason: str) -> str:
+    """What the coordinator keeps of a site's error reply: the exception type. Flower's reason also carries the
+    exception's text, which can hold site paths or case ids."""
+    found = re.search(r"<class '([\w.]+)'>", reason)
+    return f"{found.group(1).rsplit('.', 1)[-1]} raised at the site" if found else "the site's app failed"
+
+
+def _outcome(record: ConfigRecord) -> dict[str, str]:
+    """A final-step outcome as the server keeps it: a known status (anything else counts as failed) and a short
+    reason."""
+    values = {k: str(v)[:300] for k, v in record.items() if k in ("status", "reason", "segmentation")}
+    if values.get("status") not in {str(s) for s in Status}:
+        values = {"status": str(Status.FAILED), "reason": "unknown final-step status from the site"}
+    return values
 
 
 def shared_rounds(cfg: Config) -> int:
@@ -87,15 +104,14 @@ class Coordinator:
             node = _sender(messages, msg)
             answered.add(node)
             if msg.has_error():
-                self._drop(step, self.nodes.get(node, f"node-{node}"), f"site failed: {msg.error.reason}")
+                self._drop(step, self.nodes.get(node, f"node-{node}"), f"site failed: {_error_kind(msg.error.reason)}")
                 continue
             site = str(msg.content["site"][SITE_ID])
             self.nodes[node] = site
             self._count(site, "up", record_bytes(msg.content))
             metrics = {k: (list(v) if isinstance(v, list) else v) for k, v in msg.content[Key.METRICS].items()}
             state = from_record(msg.content[Key.MODEL]) if Key.MODEL in msg.content else None
-            outcome = ({k: str(v) for k, v in msg.content[Key.OUTCOME].items()}
-                       if Key.OUTCOME in msg.content else None)
+            outcome = _outcome(msg.content[Key.OUTCOME]) if Key.OUTCOME in msg.content else None
             replies.append(Reply(site, metrics, state, outcome))
         for node in set(contents) - answered:
             self._drop(step, self.nodes.get(node, f"node-{node}"), "no reply before the round timeout")

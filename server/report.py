@@ -10,6 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.wire import Status  # noqa: E402
+from server.results import FAILED  # noqa: E402
+
 
 def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
@@ -24,28 +27,31 @@ def _summary_table(strategies: dict) -> list[str]:
              "| wall time (s) |", "|---|---|---|---|---|---|---|"]
     for name, m in strategies.items():
         s = m["summary"]
-        if m.get("status") == "failed":
+        if m.get("status") == FAILED:
             lines.append(f"| {name} | {_failed('FAILED')} | – | – | – | 0 / {s.get('n_models_saved', 0)} | "
                          f"{m.get('wall_time_s', 0):.0f} |")
             continue
         lines.append(f"| {name} | {_fmt(s.get('dice_mean'))} | {s.get('worst_site', '–')} | "
                      f"{_fmt(s.get('worst_dice'))} | {_fmt(s.get('hd95_mean'), 2)} | "
                      f"{s.get('n_evaluated', '–')} / {s.get('n_models_saved', '–')} | {m.get('wall_time_s', 0):.0f} |")
-    failed = [(n, m) for n, m in strategies.items() if m.get("status") == "failed"]
+    failed = [(n, m) for n, m in strategies.items() if m.get("status") == FAILED]
     lines += [""] + [f"- {_failed(f'{n} failed')}: {m.get('error', '')}" for n, m in failed] if failed else []
     return lines
 
 
 def _site_status_lines(m: dict) -> list[str]:
-    """Why a site has no metrics: no held-out labels, a failed evaluation, or a failed final step."""
+    """Why a site has no metrics (no held-out labels, a failed evaluation, a failed final step), and any failed
+    segmentation of its unlabelled cases."""
     lines = []
     for site, e in m["sites"].items():
-        status = e.get("status", "evaluated")
-        if status == "evaluated":
-            continue
-        text = f"{site}: {status}: {e.get('reason', '')}; model {'saved' if e.get('model_saved') else 'NOT saved'}"
-        lines.append(f"- {_failed(text) if status != 'no-held-out-labels' else text}")
-    return ["Sites without metrics:", "", *lines, ""] if lines else []
+        status = e.get("status", Status.EVALUATED)
+        if status != Status.EVALUATED:
+            text = f"{site}: {status}: {e.get('reason', '')}; model {'saved' if e.get('model_saved') else 'NOT saved'}"
+            lines.append(f"- {text if status == Status.NO_LABELS else _failed(text)}")
+        if e.get("segmentation"):
+            text = f"{site}: segmenting its unlabelled held-out cases {e['segmentation']}"
+            lines.append(f"- {_failed(text)}")
+    return ["Sites without metrics or segmentations:", "", *lines, ""] if lines else []
 
 
 def site_table(strategies: dict, sites: list[str], traits: dict[str, str | None]) -> list[str]:

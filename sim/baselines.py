@@ -8,28 +8,26 @@ import torch
 
 from common.config import Config
 from common.labels import LabelKind
-from common.model import ExpertNet, build_expert
+from common.model import ExpertNet, load_expert
 from common.train import train_expert
 
 Batch = Mapping[str, torch.Tensor]
 Splits = tuple[Sequence[Batch], Sequence[Batch]]  # a site's (train, val) batches
 
 
-def train_local(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_clinical: int,
-                n_out: int) -> list[ExpertNet]:
+def train_local(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_out: int) -> list[ExpertNet]:
     """Each site trains its own expert (same seed, same epochs) on its own data only."""
     models = []
     for train, val in sites:
-        model = build_expert(cfg, n_clinical, n_out)
+        model = load_expert(cfg, n_out)
         train_expert(model, list(train), list(val), cfg, kind, progress=False)
         models.append(model)
     return models
 
 
-def train_centralized(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_clinical: int,
-                      n_out: int) -> ExpertNet:
+def train_centralized(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_out: int) -> ExpertNet:
     """One expert on the pooled training data of all sites (pooled validation picks its best epoch)."""
-    model = build_expert(cfg, n_clinical, n_out)
+    model = load_expert(cfg, n_out)
     train_expert(model, [b for train, _ in sites for b in train], [b for _, val in sites for b in val], cfg, kind,
                  progress=False)
     return model

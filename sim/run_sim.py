@@ -13,9 +13,9 @@ from flwr.simulation import run_simulation
 from client.client_app import make_client_app
 from client.site import Site
 from common.atomic import write_json
-from common.clinical import parse_schema
 from common.config import Config, Strategy
-from server.results import headline, headline_variant, site_entry, strategy_metrics
+from common.wire import Status
+from server.results import FAILED, headline, headline_variant, site_entry, strategy_metrics
 from server.server_app import make_server_app
 from sim.baselines import train_centralized, train_local
 
@@ -61,12 +61,16 @@ def run_baseline(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Pat
     out_dir = run_dir / strategy
     sites = [Site.open(d, budget, out_dir=out_dir / "sites" / d.name) for d in site_dirs]
     splits = [(s.train_batches, s.val_batches) for s in sites]
-    shape = (budget, sites[0].kind, parse_schema(cfg.clinical_fields).width, sites[0].data.label_spec.n_out)
+    shape = (budget, sites[0].kind, sites[0].data.label_spec.n_out)
     models = (train_local(splits, *shape) if strategy == Strategy.LOCAL
               else [train_centralized(splits, *shape)] * len(sites))
     entries = {}
     for site, model in zip(sites, models):
-        flat, outcome = site.finalise_model(model, strategy)
+        try:
+            flat, outcome = site.finalise_model(model, strategy)
+        except Exception as exc:  # one site's failure is that site's, as in the federated strategies
+            log.exception("%s: the final step failed at %s", strategy, site.site_id)
+            flat, outcome = {"model_saved": 0}, {"status": str(Status.FAILED), "reason": type(exc).__name__}
         entries[site.site_id] = site_entry({**flat, **outcome}, headline_variant(strategy))
     metrics = strategy_metrics(budget, sites[0].data.label_spec.metric_names, entries, time.perf_counter() - start)
     write_json(out_dir / "metrics.json", metrics)
@@ -92,6 +96,6 @@ def run_all(strategies: list[Strategy], site_dirs: list[Path], cfg: Config, run_
             write_json(run_dir / strategy / "metrics.json", results[strategy])
         log.info("%s: %s", strategy, headline(results[strategy]))
     combined = {"sites": [d.name for d in site_dirs], "strategies": results,
-                "failed": [s for s, m in results.items() if m.get("status") == "failed"]}
+                "failed": [s for s, m in results.items() if m.get("status") == FAILED]}
     write_json(run_dir / "metrics.json", combined)
     return combined

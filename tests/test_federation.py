@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, Message
 
-from common.wire import Key
+from common.wire import Key, Status
 from server.checkpoint import load_checkpoint
 from server.protocol import plan
 from server.report import write_report
@@ -125,6 +125,8 @@ def test_sites_send_only_named_weights_and_scalars(mome_run):
             assert r["arrays"] == sent, "a site returns exactly the arrays it was sent, nothing else"
         else:
             assert r["arrays"] == []
+        if "status" in r["configs"]:  # the final step's outcome: a fixed code, never free text from the site
+            assert r["configs"]["status"] in set(Status), r["configs"]
         no_case_ids = json.dumps(r)
         assert "_00" not in no_case_ids, "no case identifier may leave a site"
 

@@ -10,7 +10,7 @@ import torch
 from common.balance import ModalityBalancer
 from common.config import Config
 from common.metrics import evaluate, expert_predictor
-from common.model import build_expert, build_gate, mixture_logits
+from common.model import build_expert, build_gate, load_expert, mixture_logits
 from common.train import personalise_gate, segmentation_loss, train_expert, train_gate
 from sim.baselines import train_centralized, train_local
 
@@ -144,10 +144,10 @@ def test_gate_prior_moves_at_its_own_lr():
 
 def test_local_trains_one_model_per_site_and_centralized_one_for_all():
     sites = [tuple(blob_cases(2, 16, seed=s + k) for k in (0, 10)) for s in (5, 6)]
-    cfg = CFG.replace(expert_epochs=1)
-    local = train_local(sites, cfg, "regions", F, n_out=2)
-    pooled = train_centralized(sites, cfg, "regions", F, n_out=2)
-    untrained = build_expert(cfg, F, n_out=2).state_dict()
+    cfg = CFG.replace(expert_epochs=1, clinical_fields="a=num:1,b=num:1,c=num:1")  # the blobs' F = 3 fields
+    local = train_local(sites, cfg, "regions", n_out=2)
+    pooled = train_centralized(sites, cfg, "regions", n_out=2)
+    untrained = load_expert(cfg, n_out=2).state_dict()
     states = [m.state_dict() for m in (*local, pooled)]
     assert len(local) == 2
     for i, state in enumerate(states):  # every model trained, and each on different data
