@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import gzip
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from common.atomic import atomic_write_bytes
 from common.bundle import Bundle, load_bundle
 from common.clinical import parse_schema, read_clinical_csv
 from common.labels import LabelSpec
@@ -57,12 +58,12 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[P
     """Write <out>/<case>.nii.gz per case; returns (written files, problems of skipped cases)."""
     bundle = load_bundle(bundle_dir)
     predict_probs = predictor(bundle)
-    layout, image_dir, case_ids, rows = _inputs([Path(s) for s in source], bundle)
+    layout, image_dir, found, rows = _inputs([Path(s) for s in source], bundle)
     schema = parse_schema(bundle.cfg.clinical_fields)
     problems: list[str] = []
 
     def cases() -> Iterator[dict]:  # one case in memory at a time
-        for case in case_ids:
+        for case in found:
             try:
                 raw = read_case(layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
                                 image_dir=image_dir, allow_missing=True)
@@ -84,14 +85,7 @@ def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSp
         with torch.no_grad():
             probs = predict_probs(batch)[0]
         label = spec.to_label_map(resize_probs(probs, case["shape"]))
-        written.append(_save_nifti(nib.Nifti1Image(label.astype(np.uint8), case["affine"]),
-                                   out_dir / f"{case['case_id']}.nii.gz"))
+        image = nib.Nifti1Image(label.astype(np.uint8), case["affine"])
+        # the project's atomic writer: a reader never sees half a segmentation
+        written.append(atomic_write_bytes(out_dir / f"{case['case_id']}.nii.gz", gzip.compress(image.to_bytes())))
     return written
-
-
-def _save_nifti(image: nib.Nifti1Image, path: Path) -> Path:
-    """Write beside the target, then rename: a reader never sees half a segmentation."""
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp.nii.gz")
-    nib.save(image, str(tmp))
-    os.replace(tmp, path)
-    return path
