@@ -37,8 +37,8 @@ def experts_from_warmup(sites: list[Site], cfg: Config) -> dict[str, dict]:
     base = state_to_numpy(sites[0].expert())
     for _ in range(cfg.warmup_rounds):
         replies = [s.train_model(base, cfg.warmup_epochs) for s in sites]
-        base = aggregate([state for state, _ in replies], [m["n_train"] for _, m in replies],
-                         [m["train_loss"] for _, m in replies])
+        base, _ = aggregate([state for state, _ in replies], [m["n_train"] for _, m in replies],
+                            [m["train_loss"] for _, m in replies])
     return {s.site_id: s.train_model(base, cfg.expert_epochs)[0] for s in sites}
 
 
@@ -48,8 +48,8 @@ def gate_results(sites: list[Site], experts: dict[str, dict], cfg: Config, split
     gate = state_to_numpy(sites[0].gate(len(names)))
     for _ in range(cfg.gate_rounds):
         replies = [site.train_gate([experts[n] for n in names], gate, split(site)) for site in sites]
-        gate = aggregate([state for state, _ in replies], [m["n_gate"] for _, m in replies],
-                         [m["train_loss"] for _, m in replies], cfg.gate_aggregation, cfg.dro_temperature)
+        gate, _ = aggregate([state for state, _ in replies], [m["n_gate"] for _, m in replies],
+                            [m["train_loss"] for _, m in replies], cfg.gate_aggregation, cfg.dro_temperature)
     results = {}
     for site in sites:
         models = [site.expert(experts[n]) for n in names]

@@ -38,12 +38,15 @@ def sim(args: argparse.Namespace) -> int:
     from server.report import write_report
     from sim.run_sim import run_all
     from sim.synth import generate_federation, site_traits
+    from common.wire import site_id_from_name
 
     _log_to_terminal()
     try:
         strategies = list(Strategy) if args.compare else [Strategy.parse(args.strategy)]
         overrides = parse_run_config(args.run_config)
         overrides.setdefault("seed", args.seed)
+        if args.force_resume:
+            overrides["force-resume"] = True
         cfg = config_from_mapping(overrides)
         site_dirs = find_site_dirs(args.data) if args.data else []
     except (ValueError, SiteDataError) as exc:
@@ -58,7 +61,8 @@ def sim(args: argparse.Namespace) -> int:
         site_dirs = generate_federation(run_dir / "data", sites=args.sites, preset=args.preset, seed=args.seed,
                                         size=cfg.size, cases=args.cases)
     combined = run_all(strategies, site_dirs, cfg, run_dir)
-    report = write_report(run_dir, combined["strategies"], {d.name: site_traits(d) for d in site_dirs})
+    traits = {site_id_from_name(d.name): site_traits(d) for d in site_dirs}
+    report = write_report(run_dir, combined["strategies"], traits)
     print(report.read_text().split("## Mean Dice per site")[0])
     print(f"run folder: {run_dir}\nreport: {report}")
     for name in combined["failed"]:
@@ -128,6 +132,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", type=int, default=None, help="synthetic training cases per site")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-config", default="", help='overrides, e.g. "expert-epochs=8 gate-aggregation=dro"')
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume from the run folder's checkpoint even if it was made with another config")
     p.set_defaults(func=sim)
 
     p = sub.add_parser("deploy-local", help="run the federation as local SuperLink/SuperNode processes "

@@ -13,9 +13,12 @@ from flwr.clientapp import ClientApp
 
 from client.site import Site
 from common.config import Config, config_from_mapping
-from common.wire import NUM_EXAMPLES, SITE_ID, Key, from_record, metric_record, to_record
+from common.wire import (NUM_EXAMPLES, SITE_ID, Key, check_site_id, from_record, metric_record, site_id_from_name,
+                         to_record)
 
 log = logging.getLogger("mome.client")
+# the counts a site declares once: the server weighs its updates by n_train (shared, expert) and n_gate (gate)
+DESCRIBED_COUNTS = ("n_train", "n_val", "n_gate", "n_test", "n_unlabelled", "skipped")
 SiteLocator = Callable[[Context], tuple[Path, str, Path | None]]
 
 
@@ -25,7 +28,7 @@ def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
     if "data-dir" not in node:
         raise ValueError("node config needs data-dir (and site-id): --node-config 'site-id=\"a\" data-dir=\"...\"'")
     data_dir = Path(str(node["data-dir"]))
-    site_id = str(node.get("site-id", data_dir.name))
+    site_id = check_site_id(str(node["site-id"])) if "site-id" in node else site_id_from_name(data_dir.name)
     if node.get("out-dir"):
         return data_dir, site_id, Path(str(node["out-dir"]))
     # a site's final model is never dropped for want of a folder: beside the data folder, not in the app's cwd
@@ -65,8 +68,7 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         facts = site.describe()
         content = RecordDict({"site": ConfigRecord({SITE_ID: site.site_id, "labels": json.dumps(facts["labels"]),
                                                     "modalities": ",".join(facts["modalities"])}),
-                              Key.METRICS: metric_record({k: facts[k] for k in ("n_train", "n_val", "n_test",
-                                                                                 "n_unlabelled", "skipped")})})
+                              Key.METRICS: metric_record({k: facts[k] for k in DESCRIBED_COUNTS})})
         return Message(content, reply_to=msg)
 
     @app.train("shared")

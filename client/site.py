@@ -61,7 +61,8 @@ class Site:
     def describe(self) -> dict:
         """Non-private facts the server needs to build models: label spec, modalities, counts."""
         return {"labels": self.data.label_spec.to_dict(), "modalities": self.data.report.modalities,
-                "skipped": len(self.data.report.skipped), **self.counts}
+                "skipped": len(self.data.report.skipped), "n_gate": sum(int(b["image"].shape[0]) for b in self.gate_cases),
+                **self.counts}
 
     def expert(self, state: State | None = None) -> ExpertNet:
         return load_expert(self.cfg, self.data.label_spec.n_out, state)

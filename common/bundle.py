@@ -55,14 +55,19 @@ def _versions() -> dict[str, str]:
 
 
 def save_bundle(bundle: Bundle, folder: Path) -> Path:
-    """Write into a temporary sibling folder, then swap it in, so a reader never sees half a bundle."""
+    """Write into a temporary sibling folder, then swap it in, so a reader never sees half a bundle. Leftovers of
+    a save that crashed (a half-written temporary folder, a `.old` one) are cleared first; a `.old` that is the
+    only complete copy (the crash fell between the two renames) is kept until the new bundle is in place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    old = folder.with_name(f".{folder.name}.old")
+    for stale in folder.parent.glob(f".{folder.name}.*"):
+        if stale != old or folder.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
     buffer = io.BytesIO()
     np.savez(buffer, **flatten_states({"experts": bundle.experts, "gate": bundle.gate or {}}))
     (tmp / "weights.npz").write_bytes(buffer.getvalue())
     (tmp / "metadata.json").write_text(json.dumps(bundle.metadata(), indent=2))
-    old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
@@ -71,7 +76,10 @@ def save_bundle(bundle: Bundle, folder: Path) -> Path:
 
 
 def load_bundle(folder: Path) -> Bundle:
+    """A bundle folder; if a save crashed between its two renames, the complete previous copy beside it."""
     folder = Path(folder)
+    if not folder.exists() and (fallback := folder.with_name(f".{folder.name}.old")).is_dir():
+        folder = fallback
     meta_path = folder / "metadata.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing; is {folder} a model bundle?")

@@ -35,6 +35,19 @@ class Strategy(StrEnum):
             raise ValueError(f"unknown strategy {name!r}; choose from {' | '.join(cls)}") from None
 
 
+class GateAggregation(StrEnum):
+    """How the server combines the sites' gate updates."""
+
+    FEDAVG = "fedavg"  # weighted by the sites' declared validation cases
+    DRO = "dro"  # ... and by exp(loss / T): sites the gate serves worst count more
+    TRIMMED_MEAN = "trimmed-mean"  # Flower's FedTrimmedAvg, unweighted
+    MEDIAN = "median"  # Flower's FedMedian, unweighted
+
+
+# settings that change how a run is operated, not what it computes
+OPERATIONAL = {"min_sites", "start_sites", "step_retries", "force_resume", "connect_timeout", "round_timeout"}
+
+
 @dataclass(frozen=True)
 class Config:
     """Every knob of a run. Flower run-config keys are the kebab-case field names."""
@@ -67,12 +80,30 @@ class Config:
     warmup_epochs: int = 4  # local epochs per warm-up (and matching FedAvg) round
     expert_rounds: int = 1
     gate_rounds: int = 2
-    gate_aggregation: str = "fedavg"  # fedavg | dro
+    gate_aggregation: str = "fedavg"  # a GateAggregation
     dro_temperature: float = 1.0
-    max_update_norm: float = 1e4  # bound on the L2 change a site may make to the weights it was sent
-    min_sites: int = 1  # the run starts once this many sites are connected
-    connect_timeout: float = 300.0  # seconds to wait for them
+    dro_max_loss: float = 10.0  # DRO reads each site's loss clipped to [0, this]
+    gate_trim_fraction: float = 0.2  # trimmed-mean: share cut from each tail (Flower's FedTrimmedAvg beta)
+    # coordinator integrity: no single site can take over what the others get
+    max_site_cases: int = 100_000  # a site's declared case counts are capped here before they weigh anything
+    max_site_weight: float = 0.5  # no site's aggregation weight exceeds this (or 1/n_sites where that is larger)
+    max_update_ratio: float = 3.0  # L2 change a site may make, relative to the norm of the weights it was sent
+    max_update_norm: float = 1e4  # absolute ceiling on that change
+    min_sites: int = 1  # quorum: a step needs this many good replies (else retried, then the run stops)
+    start_sites: int = 0  # the run starts once this many sites are connected (0: min-sites)
+    step_retries: int = 1  # times a step short of quorum is sent again
+    force_resume: bool = False  # resume from a checkpoint made with another training config
+    connect_timeout: float = 300.0  # seconds to wait for the sites to connect
     round_timeout: float = 900.0  # seconds to wait for sites' replies in one step
+
+    def __post_init__(self) -> None:
+        if self.gate_aggregation not in set(GateAggregation):
+            raise ValueError(f"gate-aggregation {self.gate_aggregation!r}; choose from {' | '.join(GateAggregation)}")
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The settings a checkpoint's weights depend on (resume refuses a checkpoint made with others)."""
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
 
     @property
     def modality_names(self) -> tuple[str, ...]:

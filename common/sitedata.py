@@ -16,6 +16,7 @@ from common.clinical import ClinicalSchema, parse_schema, read_clinical_csv
 from common.config import Config
 from common.labels import LabelSpec, label_spec_from_dataset_json
 from common.preprocess import case_transform, intensity_stats
+from common.wire import site_id_from_name
 
 # Spellings seen in public datasets for the federation's sequence names.
 MODALITY_ALIASES = {
@@ -243,7 +244,7 @@ class SiteData:
 
     @property
     def site_id(self) -> str:
-        return self.site_dir.name
+        return site_id_from_name(self.site_dir.name)
 
     @property
     def labelled_test(self) -> list[dict]:

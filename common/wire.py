@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 import numpy as np
@@ -44,6 +45,18 @@ class Action(StrEnum):
 
 NUM_EXAMPLES = "num-examples"  # counts training cases, not batches
 SITE_ID = "site-id"
+SITE_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")  # also a safe path and checkpoint-key component
+
+
+def site_id_from_name(name: str) -> str:
+    """A folder name as a site id: lower case, anything outside [a-z0-9-] becomes '-' ('Hospital_A' -> 'hospital-a')."""
+    return re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")[:64]
+
+
+def check_site_id(site_id: str) -> str:
+    if not SITE_ID_PATTERN.fullmatch(site_id):
+        raise ValueError(f"site id {site_id!r} must match {SITE_ID_PATTERN.pattern} (lower-case letters, digits, '-')")
+    return site_id
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -19,6 +19,7 @@ import tomli_w
 from common.atomic import write_json
 from common.config import OUT_DIR_KEY, parse_run_config
 from common.sitedata import SiteDataError, find_site_dirs
+from common.wire import check_site_id
 from deploy.app import _app_config, app_for_run
 from deploy.certs import write_certificates
 from deploy.health import check_health, port_open
@@ -55,7 +56,7 @@ class LocalDeployment:
         n = len(site_dirs)
         project = Path(kwargs.get("project_dir", PROJECT_ROOT))
         ports = free_ports(3 + 2 * n)
-        topology = Topology(tuple(Path(d).name for d in site_dirs), str(data_dirs.pop()),
+        topology = Topology(tuple(_site_id(Path(d).name) for d in site_dirs), str(data_dirs.pop()),
                             certs_dir=str(run_dir / "certs"), out_dir=str(run_dir),
                             strategy=str(overrides.get("strategy", _app_config(project).get("strategy", "mome"))),
                             secure=secure, containers=False, state_dir=str(run_dir / "state"),
@@ -172,9 +173,9 @@ class LocalDeployment:
             self.start_site(site)
 
     def run_config(self) -> dict[str, Any]:
-        """The deployment's own overrides (out-dir, min-sites = enrolled sites) plus the caller's."""
+        """The deployment's own overrides (out-dir, start-sites = enrolled sites) plus the caller's."""
         expected = len(self.enrolled) if self.topology.secure else len(self.topology.site_ids)
-        return {**self.topology.run_config(), "min-sites": expected,
+        return {**self.topology.run_config(), "start-sites": expected,
                 **{k: v for k, v in self.overrides.items() if k != OUT_DIR_KEY}}
 
     def submit(self) -> Proc:
@@ -316,3 +317,11 @@ def _sigterm_as_interrupt():
         raise KeyboardInterrupt(f"signal {signum}")
 
     return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _site_id(folder_name: str) -> str:
+    """Each SuperNode is told its folder name as its site id: it must already be a valid one."""
+    try:
+        return check_site_id(folder_name)
+    except ValueError as exc:
+        raise DeployError(f"site folder {folder_name!r}: {exc}; rename the folder") from None

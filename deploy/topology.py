@@ -128,7 +128,7 @@ class Topology:
 
     def run_config(self) -> dict[str, Any]:
         """Run-config overrides the deployment itself sets: where the coordinator writes, how many sites."""
-        return {OUT_DIR_KEY: self._see("outputs", self.out_dir), "min-sites": len(self.site_ids)}
+        return {OUT_DIR_KEY: self._see("outputs", self.out_dir), "start-sites": len(self.site_ids)}
 
     def flower_config(self) -> str:
         """The Flower CLI's config.toml: how `flwr run` / `flwr supernode register` reach the SuperLink."""

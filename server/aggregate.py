@@ -1,20 +1,46 @@
-"""Combine site updates: sample-weighted FedAvg, or DRO weights that favour higher-loss sites."""
+"""Combine site updates so that no single site can take over the result: weights from the cases each site
+declared (capped), an upper bound on any site's share, DRO on clipped losses, or Flower's median / trimmed mean."""
 
 from __future__ import annotations
 
 import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
+
+from common.config import GateAggregation
+from common.wire import NUM_EXAMPLES, from_record, to_record
 
 
-def site_weights(n_examples: list[int], losses: list[float], mode: str,
-                 temperature: float) -> np.ndarray:
-    """FedAvg: proportional to cases. DRO: cases x exp(loss / T), so worse-off sites count more."""
+class AggregationError(ValueError):
+    """The aggregate is unusable (non-finite); the server keeps its previous state."""
+
+
+def cap_weights(weights: np.ndarray, max_weight: float) -> np.ndarray:
+    """Normalise, then move any share above max_weight to the other sites in proportion (water-filling).
+    A cap below 1/n cannot be met and is raised to 1/n (equal weights)."""
+    w = np.clip(np.nan_to_num(np.asarray(weights, dtype=np.float64)), 0.0, None)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+    cap = max(max_weight, 1.0 / len(w))
+    while (over := w > cap * (1 + 1e-9)).any():
+        excess = float((w[over] - cap).sum())
+        w[over] = cap
+        free = w < cap * (1 - 1e-9)
+        share = w[free] if w[free].sum() > 0 else np.ones(int(free.sum()))
+        w[free] += excess * share / share.sum()
+    return w
+
+
+def site_weights(n_examples: list[int], losses: list[float], mode: str, temperature: float,
+                 max_weight: float = 1.0, max_loss: float = 10.0) -> np.ndarray:
+    """FedAvg: proportional to cases. DRO: cases x exp(loss / T), losses clipped to [0, max_loss] so a huge or
+    faked loss buys at most a bounded factor. Either way no site's share exceeds max_weight."""
     n = np.asarray(n_examples, dtype=np.float64)
-    if mode == "dro":
-        loss = np.asarray(losses, dtype=np.float64)
+    if mode == GateAggregation.DRO:
+        loss = np.clip(np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=max_loss), 0.0, max_loss)
         n = n * np.exp((loss - loss.max()) / max(temperature, 1e-6))
-    elif mode != "fedavg":
-        raise ValueError(f"unknown aggregation {mode!r} (fedavg | dro)")
-    return n / n.sum()
+    elif mode != GateAggregation.FEDAVG:
+        raise ValueError(f"{mode!r} is not a weighted aggregation (fedavg | dro)")
+    return cap_weights(n, max_weight)
 
 
 def weighted_average(updates: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -29,7 +55,27 @@ def weighted_average(updates: list[dict[str, np.ndarray]], weights: np.ndarray) 
     return out
 
 
+def flower_robust(updates: list[dict[str, np.ndarray]], mode: str, trim_fraction: float) -> dict[str, np.ndarray]:
+    """Flower's own FedMedian / FedTrimmedAvg over the updates (each site counts once, whatever it declared)."""
+    strategy = FedMedian() if mode == GateAggregation.MEDIAN else FedTrimmedAvg(beta=trim_fraction)
+    replies = [Message(RecordDict({"arrays": to_record(u), "metrics": MetricRecord({NUM_EXAMPLES: 1})}),
+                       dst_node_id=i + 1, message_type="train") for i, u in enumerate(updates)]
+    arrays, _ = strategy.aggregate_train(0, replies)
+    combined = from_record(arrays)
+    return {name: (combined[name].astype(first.dtype) if first.dtype.kind == "f" else first.copy())
+            for name, first in updates[0].items()}
+
+
 def aggregate(updates: list[dict[str, np.ndarray]], n_examples: list[int], losses: list[float],
-              mode: str = "fedavg", temperature: float = 1.0) -> dict[str, np.ndarray]:
-    """The server's one way of combining site updates: weights from case counts (and losses, for DRO)."""
-    return weighted_average(updates, site_weights(n_examples, losses, mode, temperature))
+              mode: str = "fedavg", temperature: float = 1.0, max_weight: float = 1.0, max_loss: float = 10.0,
+              trim_fraction: float = 0.2) -> tuple[dict[str, np.ndarray], list[float]]:
+    """The server's one way of combining site updates; returns the aggregate and each site's weight (equal for
+    the robust modes). Raises AggregationError if the result is not finite."""
+    if mode in (GateAggregation.MEDIAN, GateAggregation.TRIMMED_MEAN):
+        result, weights = flower_robust(updates, mode, trim_fraction), np.full(len(updates), 1.0 / len(updates))
+    else:
+        weights = site_weights(n_examples, losses, mode, temperature, max_weight, max_loss)
+        result = weighted_average(updates, weights)
+    if not all(np.isfinite(a).all() for a in result.values() if a.dtype.kind == "f"):
+        raise AggregationError("the aggregate is not finite; the previous weights are kept")
+    return result, [float(w) for w in weights]

@@ -6,35 +6,26 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from collections import Counter
+from typing import Callable
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from common.config import Config, Strategy
+from common.config import Config, GateAggregation, Strategy
 from common.labels import LabelSpec
 from common.model import load_expert, load_gate
 from common.state import state_to_numpy
-from common.wire import NUM_EXAMPLES, SITE_ID, Action, Key, Status, config_record, from_record, record_bytes, to_record
-from server.aggregate import aggregate
-from server.checkpoint import load_latest, save_checkpoint
+from common.wire import Action, Key, config_record, record_bytes, to_record
+from server.aggregate import AggregationError, aggregate
+from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
+from server.identity import Refused, Registry
+from server.replies import BadReply, Reply, claimed_site, layout, parse_reply
 from server.validation import RejectedUpdate, check_update
 
 log = logging.getLogger("mome.server")
-
-
-@dataclass
-class Reply:
-    site_id: str
-    metrics: dict
-    state: dict[str, np.ndarray] | None
-    outcome: dict[str, str] | None = None  # the final step's status and reason
-
-    def record(self) -> dict:
-        """What the run's history keeps of this reply: its metrics and, for the final step, its outcome."""
-        return {**self.metrics, **(self.outcome or {})}
 
 
 def _sender(sent: list[Message], reply: Message) -> int:
@@ -52,13 +43,8 @@ def _error_kind(reason: str) -> str:
     return f"{found.group(1).rsplit('.', 1)[-1]} raised at the site" if found else "the site's app failed"
 
 
-def _outcome(record: ConfigRecord) -> dict[str, str]:
-    """A final-step outcome as the server keeps it: a known status (anything else counts as failed) and a short
-    reason."""
-    values = {k: str(v)[:300] for k, v in record.items() if k in ("status", "reason", "segmentation")}
-    if values.get("status") not in {str(s) for s in Status}:
-        values = {"status": str(Status.FAILED), "reason": "unknown final-step status from the site"}
-    return values
+class QuorumLost(RuntimeError):
+    """Fewer than min-sites good replies after every retry: the run stops rather than report a hollow success."""
 
 
 def shared_rounds(cfg: Config) -> int:
@@ -78,44 +64,58 @@ def plan(cfg: Config) -> list[tuple[str, int]]:
 
 
 class Coordinator:
-    """Holds the server state (base model, experts by site id, gate) and runs the plan with resume."""
+    """Holds the server state (base model, experts by site id, gate), binds nodes to site ids, and runs the plan
+    step by step: each step checked reply by reply, retried below quorum, checkpointed, resumable."""
 
     def __init__(self, grid: Grid, cfg: Config, out_dir: Path):
         self.grid, self.cfg, self.out_dir = grid, cfg, out_dir
         self.ckpt_dir = out_dir / "checkpoints"
-        self.nodes: dict[int, str] = {}
-        self.traffic: dict[str, dict[str, int]] = {}
-        self.state = load_latest(self.ckpt_dir) or {
+        self.steps = plan(cfg)
+        self.fingerprint = fingerprint(cfg.training, self.steps)
+        saved = load_latest(self.ckpt_dir)
+        if saved and saved["step"]:
+            if cfg.force_resume:
+                log.warning("force-resume: resuming from step %d whatever config made it", saved["step"])
+            else:
+                check_resumable(saved.get("fingerprint"), self.fingerprint, saved["step"])
+            log.info("resuming %s from checkpoint after step %d", cfg.strategy, saved["step"])
+        self.state = saved if saved and saved["step"] else {
             "step": 0, "base": None, "experts": {}, "gate": None, "history": [], "dropped": [],
-            "traffic": {}, "labels": None}
-        if self.state["step"]:
-            log.info("resuming %s from checkpoint after step %d", cfg.strategy, self.state["step"])
+            "traffic": {}, "labels": None, "identity": []}
+        self.state["fingerprint"] = self.fingerprint
         self.traffic = self.state["traffic"]
+        self.registry = Registry(cfg.max_site_cases, events=self.state.setdefault("identity", []))
 
     # -- messaging ---------------------------------------------------------------------------
-    def _exchange(self, contents: dict[int, RecordDict], message_type: str, step: int) -> list[Reply]:
-        """Send one message per node, wait for replies, account bytes, log failures and timeouts."""
+    def _exchange(self, contents: dict[int, RecordDict], message_type: str, step: int,
+                  expected: dict[int, dict | None]) -> list[Reply]:
+        """Send one message per node and read each reply on its own: an error reply, a reply from the wrong site
+        id, or a malformed one is dropped with its reason; nothing a site sends raises out of here."""
         messages = [Message(c, dst_node_id=n, message_type=message_type, group_id=str(step))
                     for n, c in contents.items()]
         for n, c in contents.items():
-            self._count(self.nodes.get(n, f"node-{n}"), "down", record_bytes(c))
+            self._count(self._name(n), "down", record_bytes(c))
         replies, answered = [], set()
         for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
             node = _sender(messages, msg)
             answered.add(node)
             if msg.has_error():
-                self._drop(step, self.nodes.get(node, f"node-{node}"), f"site failed: {_error_kind(msg.error.reason)}")
+                self._drop(step, self._name(node), f"site failed: {_error_kind(msg.error.reason)}")
                 continue
-            site = str(msg.content["site"][SITE_ID])
-            self.nodes[node] = site
-            self._count(site, "up", record_bytes(msg.content))
-            metrics = {k: (list(v) if isinstance(v, list) else v) for k, v in msg.content[Key.METRICS].items()}
-            state = from_record(msg.content[Key.MODEL]) if Key.MODEL in msg.content else None
-            outcome = _outcome(msg.content[Key.OUTCOME]) if Key.OUTCOME in msg.content else None
-            replies.append(Reply(site, metrics, state, outcome))
+            try:
+                site = self.registry.check(node, claimed_site(msg))
+                replies.append(parse_reply(msg, layout(expected[node]) if expected[node] else None, site))
+                self._count(site, "up", record_bytes(msg.content))
+            except (BadReply, Refused) as exc:
+                self._drop(step, self._name(node), f"reply rejected: {exc}")
+            except Exception as exc:  # whatever else a crafted reply trips, it is that reply's problem only
+                self._drop(step, self._name(node), f"reply rejected: unreadable ({type(exc).__name__})")
         for node in set(contents) - answered:
-            self._drop(step, self.nodes.get(node, f"node-{node}"), "no reply before the round timeout")
+            self._drop(step, self._name(node), "no reply before the round timeout")
         return replies
+
+    def _name(self, node: int) -> str:
+        return self.registry.site_of.get(node, f"node-{node}")
 
     def _count(self, site: str, direction: str, n: int) -> None:
         entry = self.traffic.setdefault(site, {"up": 0, "down": 0})
@@ -140,124 +140,189 @@ class Coordinator:
     def _finetune_epochs(self) -> int:
         return self.cfg.personalise_epochs if self.cfg.strategy == Strategy.FEDAVG_FT else 0
 
-    # -- steps -------------------------------------------------------------------------------
-    def describe(self) -> LabelSpec:
-        """Ask every site what it holds (no data): label spec must agree across the federation."""
-        nodes = self._wait_for_sites()
+    # -- who takes part -----------------------------------------------------------------------
+    def _identify(self, nodes: list[int], step: int) -> dict[str, dict]:
+        """Ask nodes what they hold (no data) and bind each to the site id it reports. Returns site -> labels."""
         content = RecordDict({Key.CONFIG: config_record(self.cfg.to_run_config())})
-        specs = {}
         messages = [Message(content, dst_node_id=n, message_type="query.describe") for n in nodes]
+        alive = set(self.grid.get_node_ids())
+        specs = {}
         for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            if msg.has_error():
-                log.warning("node %s could not describe itself: %s", _sender(messages, msg), msg.error.reason)
+            node = _sender(messages, msg)
+            try:
+                if msg.has_error():
+                    raise Refused(f"could not describe itself: {_error_kind(msg.error.reason)}")
+                site, spec, counts = _description(msg)
+                if self.state["labels"] is not None and spec != self.state["labels"]:
+                    raise Refused(f"{site[:70]!r} declares other labels than the federation's")
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, (Refused, BadReply)) else type(exc).__name__
+                self.registry.refuse(node, f"unusable description: {reason}", step)
                 continue
-            site = str(msg.content["site"][SITE_ID])
-            self.nodes[_sender(messages, msg)] = site
-            specs[site] = json.loads(str(msg.content["site"]["labels"]))
-        if not specs:
-            raise RuntimeError("no site answered; is every SuperNode's data folder valid?")
-        first = next(iter(specs.values()))
-        for site, spec in specs.items():
-            if spec != first:
-                raise RuntimeError(f"site {site} declares different labels than the others: {spec} vs {first}")
-        log.info("federation: %d sites (%s)", len(specs), ", ".join(sorted(specs)))
-        self.state["labels"] = first
-        return LabelSpec.from_dict(first)
+            try:
+                self.registry.bind(node, site, counts, alive, step)  # records its own refusals
+                specs[site] = spec
+            except Refused:
+                pass
+        return specs
 
+    def describe(self) -> LabelSpec:
+        """Bind every connected site; the federation's labels are those most sites declare (others are refused)."""
+        specs = self._identify(self._wait_for_sites(), 0)
+        if self.state["labels"] is None and specs:
+            votes = Counter(json.dumps(s, sort_keys=True) for s in specs.values())
+            agreed = json.loads(votes.most_common(1)[0][0])
+            for site, spec in sorted(specs.items()):
+                if spec != agreed:
+                    self.registry.refuse(self.registry.node_of[site], f"{site} declares other labels than the "
+                                         f"majority: {spec} vs {agreed}", 0)
+            self.state["labels"] = agreed
+        if len(self.registry.node_of) < max(self.cfg.min_sites, 1):
+            raise QuorumLost(f"{len(self.registry.node_of)} site(s) identified themselves, fewer than min-sites "
+                             f"{self.cfg.min_sites}; is every SuperNode's data folder valid?")
+        log.info("federation: %d sites (%s)", len(self.registry.node_of), ", ".join(self.registry.bindings()))
+        return LabelSpec.from_dict(self.state["labels"])
+
+    def _wait_for_sites(self) -> list[int]:
+        """Sites connect when they are ready; start once start-sites (or min-sites) are there, or fail clearly."""
+        wanted = self.cfg.start_sites or self.cfg.min_sites
+        deadline = time.monotonic() + self.cfg.connect_timeout
+        while len(nodes := list(self.grid.get_node_ids())) < wanted:
+            if time.monotonic() > deadline:
+                raise QuorumLost(f"only {len(nodes)} of {wanted} sites connected within {self.cfg.connect_timeout:.0f} s")
+            time.sleep(0.5)
+        return nodes
+
+    def _live_nodes(self, step: int) -> list[int]:
+        """Connected nodes bound to a site; a node not seen before identifies itself first (a late join, or a site
+        back under a new node id, which then gets its own expert again)."""
+        alive = list(self.grid.get_node_ids())
+        new = [n for n in alive if n not in self.registry.site_of and n not in self.registry.refused]
+        if new:
+            self._identify(new, step)
+        return sorted(n for n in alive if n in self.registry.site_of)
+
+    # -- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
         spec = self.describe()
         if self.state["base"] is None:
             self.state["base"] = state_to_numpy(load_expert(self.cfg, spec.n_out))
-        steps = plan(self.cfg)
-        for index, (phase, rnd) in enumerate(steps):
+        for index, (phase, rnd) in enumerate(self.steps):
             if index < self.state["step"]:
                 continue
             start = time.perf_counter()
-            log.info("step %d/%d: %s round %d", index + 1, len(steps), phase, rnd + 1)
-            replies = getattr(self, f"_step_{phase}")(index)
+            log.info("step %d/%d: %s round %d", index + 1, len(self.steps), phase, rnd + 1)
+            good, extra = self._run_step(index, phase)
             self.state["history"].append({
                 "step": index, "phase": phase, "round": rnd, "seconds": time.perf_counter() - start,
-                "sites": {r.site_id: r.record() for r in replies}})
+                "sites": {r.site_id: r.record() for r in good}, **extra})
             self.state["step"] = index + 1
             self.state["traffic"] = self.traffic
+            self.state["bindings"] = self.registry.bindings()
             save_checkpoint(self.ckpt_dir, index + 1, self.state)
         return self.state
 
-    def _wait_for_sites(self) -> list[int]:
-        """Sites connect when they are ready; start once cfg.min_sites are there (or fail clearly)."""
-        deadline = time.monotonic() + self.cfg.connect_timeout
-        while len(nodes := list(self.grid.get_node_ids())) < self.cfg.min_sites:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(nodes)} of {self.cfg.min_sites} sites connected "
-                                   f"within {self.cfg.connect_timeout:.0f} s")
-            time.sleep(0.5)
-        return nodes
+    def _run_step(self, index: int, phase: str) -> tuple[list[Reply], dict]:
+        """One step, sent again (step-retries times) while fewer than min-sites replies pass; a training step's
+        result is applied only once quorum is met. The final step is never a reason to stop: each site's outcome
+        (saved model, metrics or failure) is its own, and the strategy fails if no site ends well."""
+        for attempt in range(self.cfg.step_retries + 1):
+            if attempt:
+                log.warning("step %d: %d good replies, fewer than min-sites %d: retry %d of %d", index + 1,
+                            len(good), self.cfg.min_sites, attempt, self.cfg.step_retries)
+            good, commit = getattr(self, f"_step_{phase}")(index)
+            if len(good) >= max(self.cfg.min_sites, 1) or (phase == "evaluate" and attempt == self.cfg.step_retries):
+                return good, commit()
+        raise QuorumLost(f"step {index + 1} ({phase}): {len(good)} good replies, fewer than min-sites "
+                         f"{self.cfg.min_sites}, after {self.cfg.step_retries} retr{'y' if self.cfg.step_retries == 1 else 'ies'}; "
+                         "see 'dropped' in metrics.json for each site's reason")
 
-    def _live_nodes(self) -> list[int]:
-        return list(self.grid.get_node_ids())
+    Step = tuple[list[Reply], Callable[[], dict]]  # good replies, and how to apply them once quorum is met
 
-    def _train_shared(self, step: int, phase: str, key: str) -> list[Reply]:
-        sent = self.state[key]
-        replies = self._exchange({n: self._content(phase, **{Key.MODEL: sent}) for n in self._live_nodes()},
-                                 str(Action.TRAIN_SHARED), step)
+    def _train_shared(self, step: int, phase: str) -> Step:
+        sent = self.state["base"]
+        nodes = self._live_nodes(step)
+        replies = self._exchange({n: self._content(phase, **{Key.MODEL: sent}) for n in nodes},
+                                 str(Action.TRAIN_SHARED), step, dict.fromkeys(nodes, sent))
         good = self._checked(step, replies, lambda r: sent)
-        if good:
-            self.state[key] = aggregate([r.state for r in good], [r.metrics[NUM_EXAMPLES] for r in good],
-                                        [r.metrics["train_loss"] for r in good])
-        return replies
+        return good, lambda: self._aggregate(step, "base", good, "n_train", GateAggregation.FEDAVG)
 
-    def _step_warmup(self, step: int) -> list[Reply]:
-        return self._train_shared(step, "warmup", "base")
+    def _step_warmup(self, step: int) -> Step:
+        return self._train_shared(step, "warmup")
 
-    def _step_shared(self, step: int) -> list[Reply]:
-        return self._train_shared(step, "shared", "base")
+    def _step_shared(self, step: int) -> Step:
+        return self._train_shared(step, "shared")
 
-    def _step_expert(self, step: int) -> list[Reply]:
+    def _step_expert(self, step: int) -> Step:
         experts, base = self.state["experts"], self.state["base"]
-        contents = {n: self._content("expert", **{Key.MODEL: experts.get(self.nodes.get(n), base)})
-                    for n in self._live_nodes()}
-        replies = self._exchange(contents, str(Action.TRAIN_EXPERT), step)
-        for r in self._checked(step, replies, lambda r: experts.get(r.site_id, base)):
-            experts[r.site_id] = r.state  # one expert per site id, never averaged
-        return replies
+        sent = {n: experts.get(self.registry.site_of[n], base) for n in self._live_nodes(step)}
+        replies = self._exchange({n: self._content("expert", **{Key.MODEL: s}) for n, s in sent.items()},
+                                 str(Action.TRAIN_EXPERT), step, sent)
+        good = self._checked(step, replies, lambda r: experts.get(r.site_id, base))
+
+        def commit() -> dict:
+            experts.update({r.site_id: r.state for r in good})  # one expert per site id, never averaged
+            return {}
+        return good, commit
 
     def _expert_records(self) -> dict[str, dict]:
         return {f"{Key.EXPERT_PREFIX}{s}": self.state["experts"][s] for s in sorted(self.state["experts"])}
 
-    def _step_gate(self, step: int) -> list[Reply]:
+    def _step_gate(self, step: int) -> Step:
         if not self.state["experts"]:
             raise RuntimeError("no expert survived the expert rounds; cannot train a gate")
         if self.state.get("gate_sites") != sorted(self.state["experts"]):
             self.state["gate"] = state_to_numpy(load_gate(self.cfg, len(self.state["experts"])))
             self.state["gate_sites"] = sorted(self.state["experts"])
         sent = self.state["gate"]
+        nodes = self._live_nodes(step)
         replies = self._exchange({n: self._content("gate", **{Key.GATE: sent}, **self._expert_records())
-                                  for n in self._live_nodes()}, str(Action.TRAIN_GATE), step)
+                                  for n in nodes}, str(Action.TRAIN_GATE), step, dict.fromkeys(nodes, sent))
         good = self._checked(step, replies, lambda r: sent)
-        if good:
-            self.state["gate"] = aggregate([r.state for r in good], [r.metrics[NUM_EXAMPLES] for r in good],
-                                           [r.metrics["train_loss"] for r in good], self.cfg.gate_aggregation,
-                                           self.cfg.dro_temperature)
-        return replies
+        return good, lambda: self._aggregate(step, "gate", good, "n_gate", self.cfg.gate_aggregation)
 
-    def _step_evaluate(self, step: int) -> list[Reply]:
+    def _step_evaluate(self, step: int) -> Step:
         if self.cfg.strategy == Strategy.MOME:
             arrays = {Key.GATE: self.state["gate"], **self._expert_records()}
         else:
             arrays = {Key.MODEL: self.state["base"]}
-        return self._exchange({n: self._content("evaluate", **arrays) for n in self._live_nodes()},
-                              str(Action.EVALUATE), step)
+        nodes = self._live_nodes(step)
+        good = self._exchange({n: self._content("evaluate", **arrays) for n in nodes}, str(Action.EVALUATE), step,
+                              dict.fromkeys(nodes))
+        return good, dict
 
     def _checked(self, step: int, replies: list[Reply], sent_for) -> list[Reply]:
-        """The replies that pass the update checks, in site-id order: replies arrive in any order, and a weighted
-        sum taken in arrival order differs in the last bits from run to run, which training then amplifies."""
+        """The replies whose update is finite and within the bounds, in site-id order: replies arrive in any order,
+        and a weighted sum taken in arrival order differs in the last bits from run to run."""
         good = []
         for r in replies:
             try:
-                if r.state is None:
-                    raise RejectedUpdate("reply carries no weights")
-                check_update(r.state, sent_for(r), self.cfg.max_update_norm)
+                r.metrics["update_ratio"] = check_update(r.state, sent_for(r), self.cfg.max_update_ratio,
+                                                         self.cfg.max_update_norm)
                 good.append(r)
             except RejectedUpdate as exc:
                 self._drop(step, r.site_id, f"update rejected: {exc}")
         return sorted(good, key=lambda r: r.site_id)
+
+    def _aggregate(self, step: int, key: str, good: list[Reply], count: str, mode: str) -> dict:
+        """Replace state[key] with the aggregate of the good replies, weighted by the cases each site declared."""
+        cfg = self.cfg
+        try:
+            self.state[key], weights = aggregate(
+                [r.state for r in good], [self.registry.declared[r.site_id][count] for r in good],
+                [float(r.metrics.get("train_loss", 0.0)) for r in good], mode, cfg.dro_temperature,
+                cfg.max_site_weight, cfg.dro_max_loss, cfg.gate_trim_fraction)
+        except AggregationError as exc:
+            self._drop(step, "aggregate", str(exc))
+            return {"aggregation": str(exc)}
+        return {"weights": {r.site_id: w for r, w in zip(good, weights)}}
+
+
+def _description(msg: Message) -> tuple[str, dict, dict]:
+    """(site id, label spec, declared counts) of a describe reply."""
+    site = claimed_site(msg)
+    spec = json.loads(str(msg.content["site"]["labels"]))
+    metrics = msg.content[Key.METRICS]
+    if not isinstance(spec, dict) or not isinstance(metrics, MetricRecord):
+        raise BadReply("malformed description")
+    return site, spec, dict(metrics)

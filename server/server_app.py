@@ -14,7 +14,8 @@ from common.atomic import write_json
 from common.bundle import Bundle, save_bundle
 from common.config import OUT_DIR_KEY, Config, Strategy, config_from_mapping
 from common.labels import LabelSpec
-from server.protocol import Coordinator
+from server.checkpoint import ResumeRefused
+from server.protocol import Coordinator, QuorumLost
 from server.results import final_sites, headline, strategy_metrics
 
 log = logging.getLogger("mome.server")
@@ -25,14 +26,25 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.json")
-    state = Coordinator(grid, cfg, out_dir).run()
+    coordinator = None
+    try:
+        coordinator = Coordinator(grid, cfg, out_dir)
+        state = coordinator.run()
+    except (QuorumLost, ResumeRefused) as exc:  # stop with the reason on record, never a hollow success
+        state = coordinator.state if coordinator else {}
+        write_json(out_dir / "metrics.json", strategy_metrics(
+            cfg, [], {}, time.perf_counter() - start, error=str(exc), dropped=state.get("dropped", []),
+            identity=state.get("identity", [])))
+        log.error("%s stopped: %s", cfg.strategy, exc)
+        raise
     spec = LabelSpec.from_dict(state["labels"])
     mome = cfg.strategy == Strategy.MOME
     experts = state["experts"] if mome else {"shared": state["base"]}
     save_bundle(Bundle(cfg, spec, experts, state["gate"] if mome else None, cfg.strategy), out_dir / "model")
     metrics = strategy_metrics(cfg, spec.metric_names, final_sites(state, cfg.strategy),
                                time.perf_counter() - start, experts=sorted(experts), rounds=state["history"],
-                               dropped=state["dropped"], traffic=state["traffic"])
+                               dropped=state["dropped"], traffic=state["traffic"],
+                               bindings=state.get("bindings", {}), identity=state["identity"])
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s: %s", cfg.strategy, headline(metrics))
     return metrics

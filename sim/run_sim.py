@@ -14,7 +14,7 @@ from client.client_app import make_client_app
 from client.site import Site
 from common.atomic import write_json
 from common.config import Config, Strategy
-from common.wire import Status
+from common.wire import Status, site_id_from_name
 from server.results import FAILED, headline, headline_variant, site_entry, strategy_metrics
 from server.server_app import make_server_app
 from sim.baselines import train_centralized, train_local
@@ -27,7 +27,8 @@ def partition_locator(site_dirs: list[Path], out_dir: Path):
 
     def locate(context: Context) -> tuple[Path, str, Path]:
         site_dir = site_dirs[int(context.node_config["partition-id"])]
-        return site_dir, site_dir.name, out_dir / "sites" / site_dir.name
+        site = site_id_from_name(site_dir.name)
+        return site_dir, site, out_dir / "sites" / site
 
     return locate
 
@@ -39,14 +40,19 @@ def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, m
     import json
 
     out_dir = run_dir / strategy
-    cfg = cfg.replace(strategy=strategy, min_sites=len(site_dirs))
+    cfg = cfg.replace(strategy=strategy, start_sites=len(site_dirs))
     # One site trains at a time with every core: two cores cannot run two 3D trainings faster.
     backend = {"client_resources": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
-    run_simulation(server_app=make_server_app(cfg, out_dir),
-                   client_app=make_client_app(partition_locator(site_dirs, out_dir), mods),
-                   num_supernodes=len(site_dirs), backend_config=backend)
     path = out_dir / "metrics.json"
+    path.unlink(missing_ok=True)  # a stale one must not pass for this run's result
+    try:
+        run_simulation(server_app=make_server_app(cfg, out_dir),
+                       client_app=make_client_app(partition_locator(site_dirs, out_dir), mods),
+                       num_supernodes=len(site_dirs), backend_config=backend)
+    except Exception:
+        if not path.exists():  # the server app records why it stopped (quorum, refused resume) before raising
+            raise
     if not path.exists():
         raise RuntimeError(f"{strategy}: the simulation ended without writing {path}; see the log above")
     return json.loads(path.read_text())
@@ -59,7 +65,7 @@ def run_baseline(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Pat
     # the same number of local training epochs a site spends in the federated strategies
     budget = cfg.replace(strategy=strategy, expert_epochs=cfg.local_epochs)
     out_dir = run_dir / strategy
-    sites = [Site.open(d, budget, out_dir=out_dir / "sites" / d.name) for d in site_dirs]
+    sites = [Site.open(d, budget, out_dir=out_dir / "sites" / site_id_from_name(d.name)) for d in site_dirs]
     splits = [(s.train_batches, s.val_batches) for s in sites]
     shape = (budget, sites[0].kind, sites[0].data.label_spec.n_out)
     models = (train_local(splits, *shape) if strategy == Strategy.LOCAL
@@ -95,7 +101,7 @@ def run_all(strategies: list[Strategy], site_dirs: list[Path], cfg: Config, run_
                                                  error=f"{type(exc).__name__}: {exc}")
             write_json(run_dir / strategy / "metrics.json", results[strategy])
         log.info("%s: %s", strategy, headline(results[strategy]))
-    combined = {"sites": [d.name for d in site_dirs], "strategies": results,
+    combined = {"sites": [site_id_from_name(d.name) for d in site_dirs], "strategies": results,
                 "failed": [s for s, m in results.items() if m.get("status") == FAILED]}
     write_json(run_dir / "metrics.json", combined)
     return combined

@@ -96,7 +96,7 @@ def test_enrolled_sites_complete_a_federation_over_tls_with_node_auth(secure_run
     for site in ("site-a", "site-b", "site-c"):
         assert {"--root-certificates", "--auth-supernode-private-key"} <= set(procs[site]["argv"])
     assert not any("--insecure" in p["argv"] for p in procs.values())
-    assert record["run_config"]["min-sites"] == 2
+    assert record["run_config"]["start-sites"] == 2
     for name in (SUPERLINK, "site-a", "site-b", "site-c", RUN, "enrol-site-a", "enrol-site-b"):
         assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
     # every process (and the SuperExec/ClientApp children Flower detaches) is gone

@@ -1,0 +1,126 @@
+"""Read one site reply into plain values, or say why it is malformed: nothing a site sends can raise out of a step.
+
+Arrays are checked against what the server sent (names, shapes, dtypes) from the .npy header *before* anything is
+allocated, so a header that declares a huge shape costs nothing."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from common.wire import NUM_EXAMPLES, SITE_ID, Key, Status
+
+Layout = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape, dtype) the server expects back
+
+
+class BadReply(ValueError):
+    """A reply that cannot be used; the message is the logged reason (never the site's own text)."""
+
+
+@dataclass
+class Reply:
+    site_id: str
+    metrics: dict
+    state: dict[str, np.ndarray] | None
+    outcome: dict[str, str] | None = None  # the final step's status and reason
+
+    def record(self) -> dict:
+        """What the run's history keeps of this reply: its metrics and, for the final step, its outcome."""
+        return {**self.metrics, **(self.outcome or {})}
+
+
+def layout(state: dict[str, np.ndarray]) -> Layout:
+    return {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in state.items()}
+
+
+def claimed_site(msg: Message) -> str:
+    """The site id a reply says it comes from (checked against its node's binding by the caller)."""
+    record = _record(msg, "site", ConfigRecord)
+    value = record.get(SITE_ID)
+    if not isinstance(value, str):
+        raise BadReply("the 'site' record has no site-id string")
+    return value
+
+
+def parse_reply(msg: Message, expected: Layout | None, site_id: str) -> Reply:
+    """Metrics (numbers only, a non-negative integer case count, a finite loss), the model when one is expected
+    (exactly the sent layout), and the final step's outcome when present."""
+    metrics = _metrics(_record(msg, Key.METRICS, MetricRecord))
+    state = None
+    extra = sorted(set(msg.content.array_records) - ({Key.MODEL} if expected is not None else set()))
+    if extra:
+        raise BadReply(f"unexpected array records {extra[:3]}")
+    if expected is not None:
+        state = decode(_record(msg, Key.MODEL, ArrayRecord), expected)
+    outcome = _outcome(msg.content[Key.OUTCOME]) if Key.OUTCOME in msg.content.config_records else None
+    return Reply(site_id, metrics, state, outcome)
+
+
+def _record(msg: Message, name: str, kind: type):
+    if name not in msg.content:
+        raise BadReply(f"no '{name}' record")
+    record = msg.content[name]
+    if not isinstance(record, kind):
+        raise BadReply(f"'{name}' is a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _metrics(record: MetricRecord) -> dict:
+    metrics = {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
+    count = metrics.get(NUM_EXAMPLES)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise BadReply(f"{NUM_EXAMPLES} must be a non-negative integer")
+    loss = metrics.get("train_loss")
+    if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+        raise BadReply("train_loss is not a finite number")
+    return metrics
+
+
+def _outcome(record) -> dict[str, str]:
+    """A final-step outcome as the server keeps it: a known status (anything else counts as failed) and a short
+    reason."""
+    if not isinstance(record, ConfigRecord):
+        raise BadReply("'outcome' is not a ConfigRecord")
+    values = {k: str(v)[:300] for k, v in record.items() if k in ("status", "reason", "segmentation")}
+    if values.get("status") not in {str(s) for s in Status}:
+        values = {"status": str(Status.FAILED), "reason": "unknown final-step status from the site"}
+    return values
+
+
+def decode(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:
+    """The arrays of a record, each exactly the expected shape and dtype, read without trusting any header."""
+    names = set(record)
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or extra:
+        raise BadReply(f"unexpected array names (missing {missing[:3]}, extra {extra[:3]})")
+    return {name: _decode_one(name, record[name], *expected[name]) for name in expected}
+
+
+def _decode_one(name: str, array: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if not isinstance(array, Array) or array.stype != "numpy.ndarray":
+        raise BadReply(f"{name}: not a numpy array")
+    stream = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)(stream)
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise BadReply(f"{name}: unreadable array header ({type(exc).__name__})") from None
+    declared_shape, fortran, declared_dtype = header
+    if tuple(declared_shape) != shape:
+        raise BadReply(f"{name}: declared shape {_short(declared_shape)}, expected {shape}")
+    if declared_dtype != dtype or fortran:
+        raise BadReply(f"{name}: declared dtype {declared_dtype}, expected {dtype}")
+    body = memoryview(array.data)[stream.tell():]
+    if len(body) != dtype.itemsize * math.prod(shape):
+        raise BadReply(f"{name}: {len(body)} bytes of data for a {shape} {dtype} array")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
+
+
+def _short(shape) -> str:
+    text = str(tuple(shape))
+    return text if len(text) <= 60 else text[:57] + "..."

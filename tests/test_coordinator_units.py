@@ -1,0 +1,154 @@
+"""The coordinator's integrity pieces on their own: node <-> site binding across a reconnect (a scripted Grid, since
+the simulation engine cannot drop and re-add a node), capped and robust aggregation, reading a reply's arrays
+without trusting its header, resume fingerprints, and bundles after a crashed save."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from common.bundle import Bundle, load_bundle, save_bundle
+from common.labels import label_spec_from_dataset_json
+from common.wire import Key, from_record, metric_record, to_record
+from server.aggregate import aggregate, cap_weights, site_weights
+from server.checkpoint import ResumeRefused, check_resumable, fingerprint
+from server.protocol import Coordinator
+from server.replies import BadReply, decode, layout
+from tests.conftest import TINY_RUN
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """Messages are made inside a Flower run; outside one, give this process the identity a ServerApp has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class ScriptedGrid:
+    """A Grid whose sites answer from a script: describe with their id and counts; training returns the weights
+    sent plus a site-specific step. Records what each node was sent."""
+
+    def __init__(self, nodes: dict[int, str], labels: dict):
+        self.nodes, self.labels, self.sent = dict(nodes), labels, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            self.sent.append(msg)
+            replies.append(Message(self._answer(msg, self.nodes[msg.metadata.dst_node_id]), reply_to=msg))
+        return replies
+
+    def _answer(self, msg: Message, site: str) -> RecordDict:
+        counts = {"n_train": 4, "n_val": 1, "n_gate": 1, "num-examples": 4}
+        content = RecordDict({"site": ConfigRecord({"site-id": site, "labels": json.dumps(self.labels)}),
+                              Key.METRICS: metric_record({**counts, "train_loss": 0.5})})
+        sent = [n for n in (Key.MODEL, Key.GATE) if n in msg.content.array_records]
+        if msg.metadata.message_type.startswith("train") and sent:
+            step = 1e-3 * (1 + ord(site[-1]) - ord("a"))
+            content[Key.MODEL] = to_record({k: (v + step).astype(v.dtype) if v.dtype.kind == "f" else v
+                                            for k, v in from_record(msg.content[sent[0]]).items()})
+        return content
+
+    def sent_to(self, node: int, message_type: str) -> list[Message]:
+        return [m for m in self.sent if m.metadata.dst_node_id == node and m.metadata.message_type == message_type]
+
+
+@pytest.fixture
+def labels(two_sites) -> dict:
+    return label_spec_from_dataset_json(json.loads((two_sites[0] / "dataset.json").read_text())).to_dict()
+
+
+def test_a_site_back_under_a_new_node_gets_its_own_expert_and_an_impostor_does_not(labels, tmp_path):
+    cfg = TINY_RUN.replace(warmup_rounds=1, expert_rounds=2, gate_rounds=1)  # warmup 0, expert 1-2, gate 3, eval 4
+    grid = ScriptedGrid({1: "site-a", 2: "site-b"}, labels)
+    coordinator = Coordinator(grid, cfg, tmp_path)
+    coordinator.describe()
+    coordinator.state["base"] = {"w": np.ones(3, np.float32)}
+    for index, (phase, _) in enumerate(coordinator.steps[:2]):
+        coordinator._run_step(index, phase)
+    expert_b = coordinator.state["experts"]["site-b"]["w"]
+    del grid.nodes[2]  # site-b's SuperNode restarts under a new node id...
+    grid.nodes[3] = "site-b"
+    grid.nodes[4] = "site-a"  # ...and a node claims site-a while site-a's node is still connected
+    coordinator._run_step(2, "expert")
+    (to_new,) = grid.sent_to(3, "train.expert")
+    assert np.array_equal(from_record(to_new.content[Key.MODEL])["w"], expert_b), "not the base: its own expert"
+    assert grid.sent_to(4, "train.expert") == []
+    assert coordinator.registry.bindings() == {"site-a": 1, "site-b": 3}
+    events = {(e["node"], e["event"]) for e in coordinator.state["identity"]}
+    assert {(1, "bound"), (2, "bound"), (3, "rebound"), (4, "refused")} <= events
+    assert np.allclose(coordinator.state["experts"]["site-b"]["w"], expert_b + 2e-3)
+
+
+def test_weights_are_capped_and_losses_clipped():
+    assert np.allclose(cap_weights(np.array([10**12, 3, 4]), 0.4), [0.4, 0.6 * 3 / 7, 0.6 * 4 / 7])
+    assert np.allclose(cap_weights(np.array([5, -5]), 0.3), [0.5, 0.5]), "a cap below 1/n gives equal weights"
+    assert np.allclose(cap_weights(np.array([0, 0, 0]), 0.5), [1 / 3] * 3)
+    dro = site_weights([10, 10, 10], [1e9, 0.5, np.nan], "dro", 1.0, max_weight=1.0, max_loss=10.0)
+    assert np.isclose(dro[0], dro[2]) and dro[0] / dro[1] == pytest.approx(np.exp(9.5)), "clipped at 10, NaN at 10"
+    assert site_weights([10, 10, 10], [1e9, 0.5, 0.5], "dro", 1.0, max_weight=0.5)[0] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("mode", ["median", "trimmed-mean"])
+def test_robust_gate_aggregation_is_flowers_and_ignores_one_outlier(mode):
+    honest = [{"w": np.full(4, v, np.float32), "n": np.array(3)} for v in (1.0, 1.1, 0.9, 1.05, 0.95)]
+    poisoned = honest[:4] + [{"w": np.full(4, 1e6, np.float32), "n": np.array(3)}]
+    result, weights = aggregate(poisoned, [1] * 5, [0.0] * 5, mode, trim_fraction=0.2)
+    assert np.all(np.abs(result["w"] - 1.0) < 0.1) and result["w"].dtype == np.float32 and weights == [0.2] * 5
+    assert result["n"] == 3
+
+
+def _npy(shape, dtype="<f4", body=b"") -> Array:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=buffer.getvalue() + body)
+
+
+@pytest.mark.parametrize("array, reason", [
+    (_npy((10**9, 10**9)), "declared shape"),
+    (_npy((2,), "<f8", bytes(16)), "declared dtype"),
+    (_npy((2,), "<f4", bytes(4)), "bytes of data"),
+    (Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not an npy file"), "unreadable array header"),
+])
+def test_a_reply_array_is_checked_before_anything_is_allocated(array, reason):
+    expected = layout({"w": np.zeros(2, np.float32)})
+    with pytest.raises(BadReply, match=reason):
+        decode(ArrayRecord({"w": array}), expected)
+    assert decode(ArrayRecord({"w": _npy((2,), "<f4", np.ones(2, np.float32).tobytes())}), expected)["w"].sum() == 2
+
+
+def test_resume_fingerprint_names_the_changed_keys():
+    steps = [("warmup", 0), ("evaluate", 0)]
+    saved = fingerprint(TINY_RUN.training, steps)
+    check_resumable(saved, fingerprint(TINY_RUN.replace(round_timeout=5.0, min_sites=2).training, steps), 3)
+    with pytest.raises(ResumeRefused, match=r"seed \(0 -> 1\)"):
+        check_resumable(saved, fingerprint(TINY_RUN.replace(seed=1).training, steps), 3)
+    with pytest.raises(ResumeRefused, match="the plan"):
+        check_resumable(saved, fingerprint(TINY_RUN.training, steps[1:]), 3)
+
+
+def test_a_bundle_saves_and_loads_after_a_crashed_save(tmp_path):
+    spec = label_spec_from_dataset_json({"labels": {"background": 0, "tumour": 1}})
+    bundle = Bundle(TINY_RUN, spec, {"shared": {"w": np.ones(2, np.float32)}})
+    folder = save_bundle(bundle, tmp_path / "model")
+    shutil.copytree(folder, tmp_path / ".model.old")  # a crash after the first rename of an earlier save...
+    (tmp_path / ".model.tmpxyz").mkdir()  # ...and a half-written temporary folder
+    save_bundle(bundle, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (tmp_path / "model").rename(tmp_path / ".model.old")  # a crash between the two renames: only .old is whole
+    assert load_bundle(tmp_path / "model").experts["shared"]["w"].sum() == 2
+    save_bundle(bundle, tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
