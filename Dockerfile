@@ -8,7 +8,9 @@ ENV PYTHONUNBUFFERED=1 \
     # nothing leaves a site but the federation's own messages: no Flower telemetry
     FLWR_TELEMETRY_ENABLED=0 \
     # the app's dependencies are installed below; Flower must not `uv sync` them again per run
-    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    # a site's root filesystem is read-only (docker-compose.yml): home and caches live in the /tmp tmpfs
+    HOME=/tmp
 
 WORKDIR /app
 
@@ -18,6 +20,14 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 # the app (data, certificates and run folders are excluded by .dockerignore: they never enter the image)
 COPY . /app
 RUN pip install /app
+
+# The non-root user every service runs as (uid 10001 = deploy/topology.py IMAGE_UID; compose may pick another
+# uid with MOME_UID, so the folders a service writes are open to any uid: one service per container).
+# /state seeds the SuperLink's named volume with these permissions; /flwr holds the Flower CLI's config.
+RUN groupadd --gid 10001 mome \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mome \
+    && install -d -m 1777 /state /flwr /outputs /site-out
+USER 10001:10001
 
 # SuperLink: Fleet API (hospitals connect here), Control API (coordinator CLI), health
 EXPOSE 9092 9093 9094

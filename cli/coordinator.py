@@ -1,9 +1,13 @@
-"""A coordinator's commands: certificates and site keys, the compose file, health probes."""
+"""A coordinator's commands: certificates (and trial site keys), the compose file, health probes."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deploy.certs import CertPaths
 
 
 def certs(args: argparse.Namespace) -> int:
@@ -12,15 +16,26 @@ def certs(args: argparse.Namespace) -> int:
 
     top = Topology.build(args.sites)
     names = tuple(dict.fromkeys([*DEFAULT_SERVER_NAMES, *args.server_name]))
-    paths = write_certificates(Path(args.out), list(top.site_ids), names, days=args.days, overwrite=args.overwrite)
+    paths = write_certificates(Path(args.out), list(top.site_ids), names, days=args.days, overwrite=args.overwrite,
+                               site_keys=args.site_keys)
     # the Flower CLI connection the compose file's coordinator services (enrol-*, run) mount
     (paths.root / "flwr").mkdir(exist_ok=True)
     (paths.root / "flwr" / "config.toml").write_text(top.flower_config())
-    print(f"CA and SuperLink certificate ({', '.join(names)}) in {paths.root}")
+    print(f"CA and SuperLink certificate ({', '.join(names)}) in {paths.root}; give the sites {paths.ca_cert}")
     for site in top.site_ids:
-        print(f"  {site}: give {paths.site_key(site)} to the site (keep it secret); "
-              f"enrol {paths.site_public_key(site)}")
+        print(_site_key_status(paths, site, args.site_keys))
     return 0
+
+
+def _site_key_status(paths: CertPaths, site: str, made_here: bool) -> str:
+    """What the coordinator still has to do for one site's key."""
+    public = paths.site_public_key(site)
+    if made_here and paths.site_key(site).exists():
+        return f"  {site}: one-machine trial key {paths.site_key(site)} (keep it secret); enrol {public}"
+    if public.exists():
+        return f"  {site}: enrols {public}"
+    return (f"  {site}: waiting for the hospital's public key: it runs `mome site-key --out DIR --site-id {site}` "
+            f"and sends DIR/auth.key.pub; put it at {public}")
 
 
 def compose(args: argparse.Namespace) -> int:
@@ -42,13 +57,17 @@ def health(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("certs", help="create the CA, the SuperLink TLS certificate and one auth key pair per site")
+    p = sub.add_parser("certs", help="create the CA and the SuperLink TLS certificate (site keys: --site-keys)")
     p.add_argument("--out", required=True, help="folder for the certificates and keys (required; keep private)")
-    p.add_argument("--sites", type=int, default=3, help="key pairs for site-a, site-b, ... (default 3)")
+    p.add_argument("--sites", type=int, default=3, help="sites site-a, site-b, ... (default 3)")
+    p.add_argument("--site-keys", action="store_true",
+                   help="also make each site's key pair here (one-machine trials only: a hospital makes its own "
+                        "with `mome site-key` and sends only auth.key.pub)")
     p.add_argument("--server-name", action="append", default=[],
                    help="extra DNS name or IP of the SuperLink for its certificate (repeatable)")
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing CA and every key")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing CA and the SuperLink key (with --site-keys, every site key too)")
     p.set_defaults(func=certs)
 
     p = sub.add_parser("compose", help="write docker-compose.yml from the deployment topology (deploy/topology.py)")

@@ -1,4 +1,4 @@
-"""A hospital's commands: check its data folder, segment cases with a model bundle."""
+"""A hospital's commands: check its data folder, make its SuperNode key, segment cases with a model bundle."""
 
 from __future__ import annotations
 
@@ -44,6 +44,39 @@ def predict(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def site_key(args: argparse.Namespace) -> int:
+    from common.wire import check_site_id
+    from deploy.certs import SITE_KEY, fingerprint, write_key_pair
+
+    try:
+        comment = f"mome-{check_site_id(args.site_id)}" if args.site_id else "mome-site"
+        key, public = write_key_pair(Path(args.out) / SITE_KEY, comment, overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as exc:
+        hint = " (--overwrite replaces it; the coordinator must then enrol the new key)" \
+            if isinstance(exc, FileExistsError) else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
+        return 1
+    site = args.site_id or "<site-id>"
+    print(f"wrote {key} (private, mode 0600: it never leaves this machine) and {public}\n"
+          f"send the coordinator only {public} (fingerprint {fingerprint(public)}; confirm it by phone);\n"
+          f"  it goes to certs/sites/{site}/auth.key.pub and is enrolled with `flwr supernode register`\n"
+          f"start the SuperNode with: --auth-supernode-private-key {key} "
+          f"(in a container: mount it at /certs/auth.key)")
+    return 0
+
+
+def audit(args: argparse.Namespace) -> int:
+    """What this site sent, run by run, from its own audit log(s) under OUT_DIR."""
+    from client.audit import AUDIT_FILE, summary
+
+    logs = [args.out_dir] if args.out_dir.is_file() else sorted(args.out_dir.rglob(AUDIT_FILE))
+    if not logs:
+        print(f"error: no {AUDIT_FILE} under {args.out_dir} (the site's out-dir)", file=sys.stderr)
+        return 1
+    print("\n\n".join(summary(path) for path in logs))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     defaults = Config()
     p = sub.add_parser("check-data", help="validate site folders; exit 1 if a site has no usable case")
@@ -52,6 +85,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clinical-fields", default=defaults.clinical_fields)
     p.add_argument("--size", type=int, default=defaults.size)
     p.set_defaults(func=check_data)
+
+    p = sub.add_parser("site-key", help="make this site's SuperNode key pair; send only auth.key.pub to the "
+                                        "coordinator")
+    p.add_argument("--out", required=True, help="folder for auth.key (private, 0600) and auth.key.pub")
+    p.add_argument("--site-id", help="the site id the coordinator gave you (a comment in the public key)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing key (it must be enrolled again)")
+    p.set_defaults(func=site_key)
+
+    p = sub.add_parser("audit", help="summarise what this site sent (its out-dir's audit.jsonl), run by run")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the site's out-dir, or an audit.jsonl")
+    p.set_defaults(func=audit)
 
     p = sub.add_parser("predict", help="write NIfTI segmentations with a saved model bundle")
     p.add_argument("--model", required=True, help="bundle folder (e.g. <run>/mome/sites/<site>/model)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -11,6 +12,8 @@ from typing import Callable
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.guard import guard
+from client.policy import SitePolicy
 from client.site import Site
 from common.config import Config, config_from_mapping
 from common.wire import (NUM_EXAMPLES, SITE_ID, Key, check_site_id, from_record, metric_record, site_id_from_name,
@@ -19,6 +22,8 @@ from common.wire import (NUM_EXAMPLES, SITE_ID, Key, check_site_id, from_record,
 log = logging.getLogger("mome.client")
 # the counts a site declares once: the server weighs its updates by n_train (shared, expert) and n_gate (gate)
 DESCRIBED_COUNTS = ("n_train", "n_val", "n_gate", "n_test", "n_unlabelled", "skipped")
+# the settings a site's loaded, split and batched data depend on
+DATA_SETTINGS = ("size", "modalities", "clinical_fields", "val_fraction", "seed", "batch_size", "max_voxels")
 SiteLocator = Callable[[Context], tuple[Path, str, Path | None]]
 
 
@@ -37,20 +42,33 @@ def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
     return data_dir, site_id, out_dir
 
 
-def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None = None) -> ClientApp:
-    """A ClientApp whose sites are found by `locate` (node config, or a simulation's partition map)."""
-    app = ClientApp(mods=mods or [])
-    opened: dict[tuple, Site] = {}  # per app instance: load and validate a site once per run
+def node_policy(context: Context) -> SitePolicy:
+    """Deployment: the site's limits come from its own node config (or the policy file it names)."""
+    return SitePolicy.from_node_config(context.node_config)
+
+
+def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None = None,
+                    policy_of: Callable[[Context], SitePolicy] = node_policy) -> ClientApp:
+    """A ClientApp whose sites are found by `locate` (node config, or a simulation's partition map). Every handler
+    runs inside the site's guard (policy, schema, coded errors, audit log); `mods` wrap around it (tests play a
+    misbehaving site with them)."""
+    app = ClientApp(mods=[*(mods or []), guard(locate, policy_of)])
+    opened: dict[tuple, tuple[tuple, Site]] = {}  # per site: the one loaded copy of its data, and what it was for
 
     def site_for(msg: Message, context: Context) -> tuple[Site, Config]:
         cfg = config_from_mapping(dict(msg.content[Key.CONFIG]))
         data_dir, site_id, out_dir = locate(context)
-        key = (str(data_dir), site_id, str(out_dir), tuple(sorted(cfg.to_dict().items())))
-        if key not in opened:
+        site_key, data_key = (str(data_dir), site_id, str(out_dir)), tuple(getattr(cfg, k) for k in DATA_SETTINGS)
+        loaded_for, site = opened.get(site_key, (None, None))
+        if loaded_for != data_key:  # another config's copy is replaced, never kept beside this one
+            opened.pop(site_key, None)
             start = time.perf_counter()
-            opened[key] = Site.open(data_dir, cfg, site_id, out_dir)
+            site = Site.open(data_dir, cfg, site_id, out_dir)
             log.info("site %s: loaded %s in %.1f s", site_id, data_dir, time.perf_counter() - start)
-        return opened[key], cfg
+        elif site.cfg != cfg:
+            site = dataclasses.replace(site, cfg=cfg)
+        opened[site_key] = (data_key, site)
+        return site, cfg
 
     def reply(msg: Message, site: Site, metrics: dict, state: dict | None = None,
               n_examples: int = 0, outcome: dict | None = None) -> Message:
@@ -74,7 +92,8 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
     @app.train("shared")
     def train_shared(msg: Message, context: Context) -> Message:
         site, cfg = site_for(msg, context)
-        state, metrics = site.train_model(from_record(msg.content[Key.MODEL]), int(_phase(msg)["epochs"]))
+        state, metrics = site.train_model(from_record(msg.content[Key.MODEL]), int(_phase(msg)["epochs"]),
+                                          msg.metadata.group_id)
         return reply(msg, site, metrics, state, metrics["n_train"])
 
     @app.train("expert")
@@ -85,7 +104,8 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
     def train_gate(msg: Message, context: Context) -> Message:
         site, cfg = site_for(msg, context)
         experts = _experts(msg)
-        state, metrics = site.train_gate(list(experts.values()), from_record(msg.content[Key.GATE]))
+        state, metrics = site.train_gate(list(experts.values()), from_record(msg.content[Key.GATE]),
+                                         step=msg.metadata.group_id)
         return reply(msg, site, metrics, state, metrics["n_gate"])
 
     @app.evaluate()

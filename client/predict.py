@@ -50,7 +50,7 @@ def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[
     if len(folders) != 1:
         raise ValueError("loose input files must lie in one folder")
     layout = SiteLayout(folders.pop(), bundle.label_spec, {i: i for i in range(len(bundle.cfg.modality_names))},
-                        ending, {})
+                        ending, {}, max_voxels=bundle.cfg.max_voxels)  # oversized headers refused unread, as at a site
     return layout, layout.site_dir, case_ids(files, ending), {}
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from client.predict import segment_cases
+from client.privacy import PrivacyLedger
+from common.atomic import write_json
 from common.bundle import Bundle, save_bundle
 from common.config import Config
 from common.labels import LabelKind
@@ -54,15 +56,30 @@ class Site:
 
     @property
     def counts(self) -> dict[str, int]:
-        n = lambda batches: sum(int(b["image"].shape[0]) for b in batches)  # noqa: E731
-        return {"n_train": n(self.train_batches), "n_val": n(self.val_batches), "n_test": n(self.test_batches),
+        return {"n_train": _n(self.train_batches), "n_val": _n(self.val_batches), "n_test": _n(self.test_batches),
                 "n_unlabelled": len(self.unlabelled)}
+
+    @property
+    def privacy(self) -> PrivacyLedger:
+        return PrivacyLedger(self.out_dir, self.cfg, self.site_id)
+
+    def _enough(self, batches: list[dict]) -> bool:
+        """min-cases: nothing computed from fewer cases leaves the site."""
+        return _n(batches) >= self.cfg.min_cases
+
+    def _released(self, update: State, sent: State, what: str, step: str, metrics: dict) -> State:
+        """The update as it may leave: with differential privacy applied when dp-clip is set."""
+        ledger = self.privacy
+        if not ledger.enabled:
+            return update
+        update, spent = ledger.privatise(update, sent, what, step)
+        metrics.update(spent)
+        return update
 
     def describe(self) -> dict:
         """Non-private facts the server needs to build models: label spec, modalities, counts."""
         return {"labels": self.data.label_spec.to_dict(), "modalities": self.data.report.modalities,
-                "skipped": len(self.data.report.skipped), "n_gate": sum(int(b["image"].shape[0]) for b in self.gate_cases),
-                **self.counts}
+                "skipped": len(self.data.report.skipped), "n_gate": _n(self.gate_cases), **self.counts}
 
     def expert(self, state: State | None = None) -> ExpertNet:
         return load_expert(self.cfg, self.data.label_spec.n_out, state)
@@ -70,24 +87,36 @@ class Site:
     def gate(self, n_experts: int, state: State | None = None) -> GateNet:
         return load_gate(self.cfg, n_experts, state)
 
-    def train_model(self, state: State, epochs: int) -> tuple[State, dict]:
-        """Fine-tune a model (shared model or own expert) from the given weights."""
+    def train_model(self, state: State, epochs: int, step: str = "") -> tuple[State | None, dict]:
+        """Fine-tune a model (shared model or own expert) from the given weights; no update from fewer than
+        min-cases training cases (the reply says so by its `suppressed` flag)."""
+        if not self._enough(self.train_batches):
+            return None, {**self.counts, "suppressed": 1}
         model = self.expert(state)
         history = train_expert(model, self.train_batches, self.val_batches, self.cfg, self.kind, epochs=epochs,
                                progress=False)
         metrics = {"train_loss": history["loss"][-1], **self.counts}
-        if history.get("best_val_dice") is not None:
+        if history.get("best_val_dice") is not None and self._enough(self.val_batches):
             metrics["val_dice"] = history["best_val_dice"]
         factors = history["factors"][-1]
         metrics["modality_factors"] = [float(factors[f"factor/{m}"]) for m in self.cfg.modality_names]
-        return state_to_numpy(model), metrics
+        return self._released(state_to_numpy(model), state, "model", step, metrics), metrics
 
     @property
     def gate_cases(self) -> list[dict]:
-        """The gate learns which expert to trust on cases no expert was fitted to: the held-out split.
+        """The cases the uploaded gate update learns from: the held-out split, cases no expert was fitted to.
 
         On the training split the site's own expert looks far better than it is on new cases, and a gate trained
-        there routes everything to it. Only a site too small to hold any case out falls back to its training split."""
+        there routes everything to it. A site with fewer than min-cases held out learns on training + validation
+        (flag `gate_on_train`); one with fewer than min-cases in all sends no gate update."""
+        if self._enough(self.val_batches):
+            return self.val_batches
+        pooled = self.train_batches + self.val_batches
+        return pooled if self._enough(pooled) else []
+
+    @property
+    def personal_cases(self) -> list[dict]:
+        """Personalisation never leaves the site: the held-out split, else whatever it has."""
         return self.val_batches or self.train_batches
 
     @property
@@ -95,16 +124,19 @@ class Site:
         """As many steps as fedavg-ft's local fine-tuning takes: personalise_epochs passes over the train split."""
         return self.cfg.personalise_epochs * len(self.train_batches)
 
-    def train_gate(self, experts: list[State], gate_state: State,
-                   batches: list[dict] | None = None) -> tuple[State, dict]:
-        """The gate trained for cfg.gate_steps steps with every expert frozen, on the held-out split (batches: on
-        others, for ablations)."""
+    def train_gate(self, experts: list[State], gate_state: State, batches: list[dict] | None = None,
+                   step: str = "") -> tuple[State | None, dict]:
+        """The gate trained for cfg.gate_steps steps with every expert frozen, on gate_cases (batches: on others,
+        for ablations)."""
+        batches = self.gate_cases if batches is None else batches
+        if not batches:
+            return None, {**self.counts, "n_gate": 0, "suppressed": 1}
         models = [self.expert(s) for s in experts]
         gate = self.gate(len(models), gate_state)
-        history = train_gate(gate, models, self.gate_cases if batches is None else batches, self.cfg, self.kind,
-                             progress=False)
-        return state_to_numpy(gate), {"train_loss": history["mean_loss"], "gate_weights": history["weights"],
-                                      "n_gate": history["n"], **self.counts}
+        history = train_gate(gate, models, batches, self.cfg, self.kind, progress=False)
+        metrics = {"train_loss": history["mean_loss"], "gate_weights": history["weights"], "n_gate": history["n"],
+                   **self.counts, **({"gate_on_train": 1} if batches is not self.val_batches else {})}
+        return self._released(state_to_numpy(gate), gate_state, "gate", step, metrics), metrics
 
     def finalise_mixture(self, experts: dict[str, State], gate_state: State) -> tuple[dict, dict]:
         """The last MoME step: personalise the gate, save the site's mixture, then evaluate and segment."""
@@ -112,7 +144,8 @@ class Site:
         models = [self.expert(experts[n]) for n in names]
         gate = self.gate(len(models), gate_state)
         try:
-            personal = personalise_gate(gate, models, self.gate_cases, self.cfg, self.kind, self.personalise_steps)
+            personal = personalise_gate(gate, models, self.personal_cases, self.cfg, self.kind,
+                                        self.personalise_steps)
         except Exception:  # the global gate is still a working mixture: keep it rather than nothing
             log.exception("site %s: personalising the gate failed; saving the global gate", self.site_id)
             personal = gate
@@ -140,12 +173,16 @@ class Site:
     def finalise(self, bundle: Bundle, predict_probs: Predictor, evaluate_fn: Callable[[], dict]) -> tuple[dict, dict]:
         """Save the site's final model first; then evaluate where held-out labels exist and segment the unlabelled
         held-out cases. Nothing after the save can lose the model. Returns (metrics, outcome)."""
-        metrics = {**self.counts, "model_saved": int(self.save_model(bundle) is not None)}
+        metrics = {**self.counts, "model_saved": int(self.save_model(bundle) is not None), **self.privacy.spent()}
         outcome = {"status": Status.NO_LABELS, "reason": self._why_no_metrics()}
         if self.test_batches:
             try:
-                metrics.update(_flatten(evaluate_fn()))
-                outcome = {"status": Status.EVALUATED, "reason": ""}
+                scores = _flatten(evaluate_fn())
+                if self._enough(self.test_batches):
+                    metrics.update(scores)
+                    outcome = {"status": Status.EVALUATED, "reason": ""}
+                else:  # a score of one or two patients stays at the site
+                    outcome = {"status": Status.WITHHELD, "reason": self._withhold(scores)}
             except Exception as exc:  # the full traceback stays in the site's log
                 log.exception("site %s: evaluation failed", self.site_id)
                 outcome = {"status": Status.EVALUATION_FAILED,
@@ -158,6 +195,12 @@ class Site:
                 log.exception("site %s: segmenting the unlabelled held-out cases failed", self.site_id)
                 outcome["segmentation"] = f"failed: {type(exc).__name__} (details in the site's log)"
         return metrics, outcome
+
+    def _withhold(self, scores: dict) -> str:
+        if self.out_dir is not None:
+            write_json(self.out_dir / "local_metrics.json", scores)
+        return (f"{_n(self.test_batches)} labelled held-out case(s), fewer than min-cases {self.cfg.min_cases}: the "
+                "scores stay at the site (local_metrics.json)")
 
     def _why_no_metrics(self) -> str:
         if self.unlabelled:
@@ -194,6 +237,10 @@ class Site:
         if self.out_dir is None:
             return None
         return save_bundle(bundle, self.out_dir / "model")
+
+
+def _n(batches: list[dict]) -> int:
+    return sum(int(b["image"].shape[0]) for b in batches)
 
 
 def _flatten(results: dict) -> dict:

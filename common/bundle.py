@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from importlib import metadata as pkg_metadata
 from pathlib import Path
@@ -19,6 +20,9 @@ from common.labels import LabelSpec
 from common.state import flatten_states, unflatten_states
 
 FORMAT = "mome-bundle/2"  # /2: weights keyed experts/<name>/<param> and gate/<param> (common.state.flatten_states)
+# weights.npz unpacked: far above any model here (a few MB), far below what would exhaust a site's memory
+MAX_WEIGHTS_BYTES = 4 * 2**30
+MAX_COMPRESSION_RATIO = 1000  # np.savez stores members uncompressed; deflate itself tops out near 1030x
 
 
 @dataclass
@@ -75,7 +79,24 @@ def save_bundle(bundle: Bundle, folder: Path) -> Path:
     return folder
 
 
-def load_bundle(folder: Path) -> Bundle:
+def check_weights_size(path: Path, limit: int = MAX_WEIGHTS_BYTES) -> None:
+    """Refuse a weights.npz that would unpack past `limit` bytes, or holds a member packed absurdly tightly (a zip
+    bomb), from the zip's directory alone; zipfile then inflates no member past the size it declared."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path}: not a weights archive ({exc})") from exc
+    total = sum(m.file_size for m in members)
+    if total > limit:
+        raise ValueError(f"{path}: members declare {total} bytes uncompressed, above the limit of {limit} bytes")
+    for m in members:
+        if m.file_size > MAX_COMPRESSION_RATIO * max(m.compress_size, 1):
+            raise ValueError(f"{path}: member {m.filename} declares {m.file_size} bytes from {m.compress_size} "
+                             f"compressed, a ratio above {MAX_COMPRESSION_RATIO}x")
+
+
+def load_bundle(folder: Path, max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> Bundle:
     """A bundle folder; if a save crashed between its two renames, the complete previous copy beside it."""
     folder = Path(folder)
     if not folder.exists() and (fallback := folder.with_name(f".{folder.name}.old")).is_dir():
@@ -86,6 +107,7 @@ def load_bundle(folder: Path) -> Bundle:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") not in (FORMAT, "mome-bundle/1"):
         raise ValueError(f"{meta_path}: bundle format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    check_weights_size(folder / "weights.npz", max_weights_bytes)  # before np.load allocates anything
     with np.load(folder / "weights.npz", allow_pickle=False) as npz:
         # /1 keyed experts as expert/<name>/<param>
         weights = unflatten_states({key.replace("expert/", "experts/", 1) if key.startswith("expert/") else key:

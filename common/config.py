@@ -57,6 +57,7 @@ class Config:
     clinical_fields: str = "age=num:100,sex=cat:F|M,risk=cat:low|high"  # name=num:scale | name=cat:a|b
     size: int = 48  # every case is resampled to size^3 voxels
     val_fraction: float = 0.2  # share of a site's training cases held out for validation
+    max_voxels: int = 64_000_000  # a NIfTI whose header declares more voxels (x channels) is refused unread
     # model
     stem_channels: int = 8
     channels: str = "16,32,64"  # shared body: feature channels per resolution level
@@ -93,6 +94,11 @@ class Config:
     start_sites: int = 0  # the run starts once this many sites are connected (0: min-sites)
     step_retries: int = 1  # times a step short of quorum is sent again
     force_resume: bool = False  # resume from a checkpoint made with another training config
+    # what a site releases
+    min_cases: int = 3  # no metric or trained update leaves a site if computed from fewer cases
+    dp_clip: float = 0.0  # > 0: clip each upload's change to this L2 norm and add Gaussian noise (differential privacy)
+    dp_noise_multiplier: float = 0.0  # noise std = dp-noise-multiplier x dp-clip
+    dp_delta: float = 1e-5  # the delta at which each site's epsilon is reported
     connect_timeout: float = 300.0  # seconds to wait for the sites to connect
     round_timeout: float = 900.0  # seconds to wait for sites' replies in one step
 

@@ -88,6 +88,7 @@ class SiteLayout:
     channel_modality: dict[int, int]  # file channel index -> vocabulary index
     file_ending: str
     missing: dict[str, set[int]]  # case -> declared absent channel indices
+    max_voxels: int = Config.max_voxels  # a NIfTI whose header declares more is refused before its data are read
 
 
 def read_layout(site_dir: Path, cfg: Config, report: SiteReport) -> SiteLayout:
@@ -122,7 +123,7 @@ def read_layout(site_dir: Path, cfg: Config, report: SiteReport) -> SiteLayout:
     if not mapping:
         raise SiteDataError(f"{path}: no channel maps onto the vocabulary {','.join(vocab)}")
     report.modalities = [vocab[m] for m in sorted(mapping.values())]
-    return SiteLayout(site_dir, spec, mapping, str(meta.get("file_ending", ".nii.gz")), missing)
+    return SiteLayout(site_dir, spec, mapping, str(meta.get("file_ending", ".nii.gz")), missing, cfg.max_voxels)
 
 
 def _channel_index(channels: dict[int, str], name: str | int) -> int:
@@ -151,13 +152,16 @@ def discover_cases(layout: SiteLayout, split: str) -> list[str]:
     return case_ids(folder.iterdir(), layout.file_ending) if folder.is_dir() else []
 
 
-def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load a NIfTI fully (so truncation shows now), float32 data and affine."""
+def _read_volume(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Load a NIfTI fully (so truncation shows now), float32 data and affine; an oversized one is never read."""
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        img = nib.load(str(path))  # the header only: what it declares is checked before anything is allocated
+        voxels = int(np.prod(img.header.get_data_shape(), dtype=object))  # Python ints: no int64 wrap-around
+        data = np.asarray(img.dataobj, dtype=np.float32) if voxels <= max_voxels else None
     except Exception as exc:  # nibabel raises many types for broken files
         raise ValueError(f"unreadable or truncated NIfTI ({type(exc).__name__}: {exc})") from exc
+    if data is None:
+        raise ValueError(f"header declares {voxels} voxels, above max-voxels {max_voxels}")
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -189,7 +193,7 @@ def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int, with
                 continue
             raise BadCase(path, "missing channel file (not declared in missing_channels)")
         try:
-            data, aff = _read_volume(path)
+            data, aff = _read_volume(path, layout.max_voxels)
         except ValueError as exc:
             raise BadCase(path, str(exc)) from None
         if shape is None:
@@ -217,7 +221,7 @@ def _read_label(layout: SiteLayout, case: str, split: str, shape, affine) -> np.
     if not path.exists():
         raise BadCase(path, "missing label file")
     try:
-        label, aff = _read_volume(path)
+        label, aff = _read_volume(path, layout.max_voxels)
     except ValueError as exc:
         raise BadCase(path, str(exc)) from None
     if label.shape != shape:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from enum import StrEnum
 
@@ -25,13 +27,14 @@ class Status(StrEnum):
 
     EVALUATED = "evaluated"
     NO_LABELS = "no-held-out-labels"  # model saved; nothing labelled to score it on
+    WITHHELD = "metrics-withheld"  # model saved; too few labelled held-out cases to release a score (min-cases)
     EVALUATION_FAILED = "evaluation-failed"  # model saved; evaluation raised at the site
     FAILED = "failed"  # the final step failed or never answered (set by the server)
 
     @property
     def ok(self) -> bool:
         """The site ended with its model and whatever metrics its data allows."""
-        return self in (Status.EVALUATED, Status.NO_LABELS)
+        return self in (Status.EVALUATED, Status.NO_LABELS, Status.WITHHELD)
 
 
 class Action(StrEnum):
@@ -87,3 +90,14 @@ def metric_record(values: dict) -> MetricRecord:
         else:
             raise TypeError(f"metric {key!r} is not numeric: {type(value).__name__}")
     return MetricRecord(clean)
+
+
+def array_digests(content: RecordDict) -> dict[str, str]:
+    """SHA-256 of each array's bytes as they cross the wire, keyed record/name."""
+    return {f"{rec_name}/{name}": hashlib.sha256(array.data).hexdigest()
+            for rec_name, record in content.array_records.items() for name, array in record.items()}
+
+
+def reply_digest(digests: dict[str, str]) -> str:
+    """One digest over all arrays of a reply: the site's audit log and the coordinator's history both keep it."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest() if digests else ""

@@ -1,10 +1,16 @@
-"""Deployment credentials: a CA, the SuperLink's TLS certificate, and one SuperNode auth key pair per site."""
+"""Deployment credentials: a CA, the SuperLink's TLS certificate, and SuperNode auth key pairs.
+
+A hospital makes its own key pair (`mome site-key`) and sends only the public key; the coordinator makes site key
+pairs itself only for one-machine trials (`mome certs --site-keys`, `mome deploy-local`)."""
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +23,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "superlink.crt", "superlink.key"
+# ssh-keygen's names (`ssh-keygen -f auth.key` writes auth.key.pub): a hospital may make its key either way
+SITE_KEY = "auth.key"
+SITE_PUBLIC_KEY = f"{SITE_KEY}.pub"
 
 
 @dataclass(frozen=True)
@@ -43,18 +52,30 @@ class CertPaths:
 
     def site_key(self, site_id: str) -> Path:
         """OpenSSH private key: stays at the site (`flower-supernode --auth-supernode-private-key`)."""
-        return self.root / "sites" / site_id / "auth.key"
+        return self.root / "sites" / site_id / SITE_KEY
 
     def site_public_key(self, site_id: str) -> Path:
-        """OpenSSH public key: what the coordinator enrols (`flwr supernode register`)."""
-        return self.root / "sites" / site_id / "auth.pub"
+        """OpenSSH public key: what the coordinator enrols (`flwr supernode register`); a hospital's own goes here."""
+        return self.root / "sites" / site_id / SITE_PUBLIC_KEY
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Write atomically: a new file beside the target, then a rename over it.
+
+    The new file is created with its final mode, 0600 for a private key, so no other user can open the key even
+    in the instant a write-then-chmod would leave it world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if private:  # private keys readable by their owner only
-        os.chmod(path, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -109,23 +130,43 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     return key, cert
 
 
-def write_site_key(paths: CertPaths, site_id: str) -> tuple[Path, Path]:
-    """An ECDSA P-384 key pair in OpenSSH format (what `flwr supernode register` and the SuperNode read)."""
+def write_key_pair(key_path: Path, comment: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair in OpenSSH format: the private key at key_path (0600), the public one at
+    key_path + ".pub" (what `flwr supernode register` enrols and `flower-supernode` proves it holds).
+
+    An existing key is kept (FileExistsError) unless overwrite: it may be enrolled already."""
+    key_path = Path(key_path)
+    public_path = key_path.with_name(key_path.name + ".pub")
+    existing = [str(p) for p in (key_path, public_path) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"a key is already there: {', '.join(existing)}")
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write(paths.site_key(site_id), private, private=True)
-    _write(paths.site_public_key(site_id), public + f" mome-{site_id}\n".encode())
-    return paths.site_key(site_id), paths.site_public_key(site_id)
+    _write(key_path, private, private=True)
+    _write(public_path, public + f" {comment}\n".encode())
+    return key_path, public_path
+
+
+def fingerprint(public_path: Path) -> str:
+    """SHA256:<base64> of the key blob, as `ssh-keygen -l` prints it: read aloud to check the right key arrived."""
+    blob = base64.b64decode(Path(public_path).read_text().split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def write_site_key(paths: CertPaths, site_id: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """A site's key pair made by the coordinator: for one-machine trials only (the private key must travel)."""
+    return write_key_pair(paths.site_key(site_id), f"mome-{site_id}", overwrite=overwrite)
 
 
 def write_certificates(out: Path, site_ids: list[str], server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES,
-                       days: int = 365, overwrite: bool = False) -> CertPaths:
-    """Create the CA, the SuperLink certificate and one key pair per site under `out`.
+                       days: int = 365, overwrite: bool = False, site_keys: bool = False) -> CertPaths:
+    """Create the CA and the SuperLink certificate under `out`; with site_keys, also one key pair per site.
 
-    An existing CA is kept (unless overwrite) so adding a site does not invalidate the others; site keys
-    that already exist are kept too (they may be enrolled already)."""
+    Without site_keys each site's public key is expected at sites/<site-id>/auth.key.pub, made at the hospital.
+    An existing CA is kept (unless overwrite) so adding a site does not invalidate the others; a site's key or
+    public key that already exists is kept too (it may be enrolled already, or be the hospital's own)."""
     paths = CertPaths(Path(out))
     paths.root.mkdir(parents=True, exist_ok=True)
     if overwrite or not (paths.ca_cert.exists() and paths.ca_key.exists()):
@@ -140,9 +181,9 @@ def write_certificates(out: Path, site_ids: list[str], server_names: tuple[str, 
         server_key, server_cert = make_server_cert(ca_key, ca_cert, tuple(server_names), days)
         _write(paths.server_key, _pem_key(server_key), private=True)
         _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
-    for site_id in site_ids:
-        if overwrite or not paths.site_key(site_id).exists():
-            write_site_key(paths, site_id)
+    for site_id in site_ids if site_keys else ():
+        if overwrite or not (paths.site_key(site_id).exists() or paths.site_public_key(site_id).exists()):
+            write_site_key(paths, site_id, overwrite=True)
     return paths
 
 

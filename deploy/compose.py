@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from deploy.topology import IMAGE, STATE_VOLUME, SUPERLINK, Service, Topology
+from deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE, STATE_VOLUME, SUPERLINK, Confinement, Service, \
+    Topology
 
 ENV_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -38,6 +39,13 @@ def _volumes(service: Service) -> list[str]:
     return [f"{m.source}:{m.target}{':ro' if m.read_only else ''}" for m in service.mounts]
 
 
+def _confined(limits: Confinement) -> dict[str, Any]:
+    """A site container: read-only root, writable /tmp only (plus its out-dir mount), no privileges, bounded."""
+    return {"read_only": True, "tmpfs": [f"/tmp:size={limits.tmp_size},mode=1777"],
+            "cap_drop": ["ALL"], "security_opt": ["no-new-privileges:true"],
+            "mem_limit": f"${{MOME_SITE_MEMORY:-{limits.memory}}}", "cpus": f"${{MOME_SITE_CPUS:-{limits.cpus}}}"}
+
+
 def compose_dict(top: Topology) -> dict[str, Any]:
     """The compose model of the topology (rendered to YAML by render_compose)."""
     if not top.containers or not top.secure:
@@ -48,8 +56,9 @@ def compose_dict(top: Topology) -> dict[str, Any]:
     services: dict[str, Any] = {}
     for svc in top.services():
         entry: dict[str, Any] = {"image": f"${{MOME_IMAGE:-{IMAGE}}}", "build": dict(build),
+                                 "user": top.confinement.user,  # the image's non-root user, or the host's
                                  "command": list(svc.command), "environment": dict(svc.env),
-                                 "volumes": _volumes(svc)}
+                                 "volumes": _volumes(svc), "networks": list(svc.networks)}
         if svc.health:
             entry["healthcheck"] = {"test": ["CMD", *svc.health], **check}
         if svc.role == "superlink":
@@ -59,11 +68,13 @@ def compose_dict(top: Topology) -> dict[str, Any]:
         elif svc.role == "site":
             entry["depends_on"] = dict(healthy)
             entry["restart"] = "unless-stopped"  # also retries until the coordinator has enrolled the key
+            entry.update(_confined(top.confinement))
         else:  # enrol / run: one-shot coordinator commands
             entry["depends_on"] = dict(healthy)
             entry["restart"] = "no"
         services[svc.name] = entry
-    return {"services": services, "volumes": {STATE_VOLUME: {}}}
+    # sites share only FLEET with the SuperLink; the Control API's clients (run, enrol-*) are on CONTROL
+    return {"services": services, "networks": {FLEET_NETWORK: {}, CONTROL_NETWORK: {}}, "volumes": {STATE_VOLUME: {}}}
 
 
 def render_compose(top: Topology) -> str:
@@ -72,6 +83,8 @@ def render_compose(top: Topology) -> str:
               "deploy/topology.py: edit the topology, not this file.\n"
               "# Host paths: MOME_DATA (one folder per site), MOME_CERTS (`mome certs`), MOME_OUTPUTS; "
               "a hospital on its own machine\n"
-              "# sets MOME_SUPERLINK=<coordinator>:9092. Set them in an .env file next to this one.\n")
+              "# sets MOME_SUPERLINK=<coordinator>:9092. Containers run as MOME_UID:MOME_GID (default the image's "
+              f"{top.confinement.uid}),\n# who must read the 0600 keys and write MOME_OUTPUTS; sites are capped by "
+              "MOME_SITE_MEMORY and MOME_SITE_CPUS.\n# Set them in an .env file next to this one.\n")
     body = yaml.dump(compose_dict(top), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
     return header + body.replace("'no'", '"no"')

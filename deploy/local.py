@@ -65,7 +65,7 @@ class LocalDeployment:
         for site in topology.site_ids:
             format_node_config(topology.node_config(site))  # fail early on paths a node config cannot carry
         if secure:
-            write_certificates(Path(topology.certs_dir), list(topology.site_ids))
+            write_certificates(Path(topology.certs_dir), list(topology.site_ids), site_keys=True)  # one machine
         return cls(topology, run_dir, overrides, **kwargs)
 
     def __enter__(self) -> "LocalDeployment":

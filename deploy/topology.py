@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from common.config import OUT_DIR_KEY
 from common.sitedata import site_id
-from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITE_KEY, SITE_PUBLIC_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
 RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink
@@ -20,6 +20,9 @@ DEFAULT_DATA, DEFAULT_CERTS, DEFAULT_OUTPUTS = "./data", "./certs", "./runs/comp
 IN_CONTAINER = {"data": "/data", "site_out": "/site-out", "certs": "/certs", "outputs": "/outputs",
                 "state": "/state", "app": "/app"}
 STATE_VOLUME = "superlink-state"
+# Compose networks: sites reach the SuperLink only on FLEET; the Control API's clients (run, enrol-*) on CONTROL
+FLEET_NETWORK, CONTROL_NETWORK = "fleet", "control"
+IMAGE_UID = 10001  # the image's non-root user (Dockerfile `useradd --uid`)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,23 @@ class Ports:
 
     def site(self, index: int) -> tuple[int, int]:
         return self.node[index] if self.node else (9095, 9096)
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """How each site's container is held in (compose only: deploy-local runs plain processes).
+
+    Every value is a default that the host's .env can override (MOME_UID, MOME_SITE_MEMORY, ...)."""
+
+    uid: int = IMAGE_UID  # MOME_UID/MOME_GID: set to the owner of the host's key and folders (key files are 0600)
+    gid: int = IMAGE_UID
+    memory: str = "8g"  # mem_limit per site (MOME_SITE_MEMORY); /tmp counts towards it
+    cpus: str = "2"  # per site (MOME_SITE_CPUS); docker refuses a value above the host's core count
+    tmp_size: str = "1g"  # the writable /tmp (tmpfs): Flower's installed app, HOME, caches
+
+    @property
+    def user(self) -> str:
+        return f"${{MOME_UID:-{self.uid}}}:${{MOME_GID:-{self.gid}}}"
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class Service:
     health: tuple[str, ...] | None = None  # a command that exits 0 while the process is alive
     site_id: str | None = None
     node_config: dict[str, str] | None = None
+    networks: tuple[str, ...] = ()  # compose networks it joins (the local view has loopback only)
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,7 @@ class Topology:
     containers: bool = True
     ports: Ports = Ports()
     state_dir: str = ""  # local view: SuperLink database and Flower homes ("" = <out_dir>)
+    confinement: Confinement = Confinement()
 
     @classmethod
     def build(cls, n_sites: int, data_dir: str | Path = DEFAULT_DATA, **kwargs: Any) -> "Topology":
@@ -103,7 +125,7 @@ class Topology:
         return f"{self.certs_dir}/{name}"
 
     def site_key(self, site: str, public: bool = False) -> str:
-        return f"{self.certs_dir}/sites/{site}/auth.{'pub' if public else 'key'}"
+        return f"{self.certs_dir}/sites/{site}/{SITE_PUBLIC_KEY if public else SITE_KEY}"
 
     def flwr_home(self, name: str) -> str:
         """Each process gets its own Flower home (installed app bundles, CLI config)."""
@@ -142,9 +164,12 @@ class Topology:
         return "\n".join(lines) + "\n"
 
     def _env(self, name: str) -> dict[str, str]:
-        return {"FLWR_TELEMETRY_ENABLED": "0",  # nothing leaves a site but the protocol's own messages
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # the image/venv already holds the app
-                "FLWR_HOME": self.flwr_home(name)}
+        env = {"FLWR_TELEMETRY_ENABLED": "0",  # nothing leaves a site but the protocol's own messages
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # the image/venv already holds the app
+               "FLWR_HOME": self.flwr_home(name)}
+        if self.containers:  # any MOME_UID may run the container: a HOME it can write even on a read-only root
+            env["HOME"] = "/tmp"
+        return env
 
     def _cert_mounts(self, *names: str) -> tuple[Mount, ...]:
         return tuple(Mount(self.cert(n), self._see("certs", self.certs_dir) + f"/{n}") for n in names)
@@ -166,7 +191,7 @@ class Topology:
         if self.containers:
             mounts += (Mount(STATE_VOLUME, IN_CONTAINER["state"], read_only=False),)
         return Service(SUPERLINK, "superlink", tuple(cmd), self._env(SUPERLINK), mounts,
-                       _health(f"127.0.0.1:{self.ports.health}"))
+                       _health(f"127.0.0.1:{self.ports.health}"), networks=(FLEET_NETWORK, CONTROL_NETWORK))
 
     def site(self, index: int) -> Service:
         site = self.site_ids[index]
@@ -178,7 +203,7 @@ class Topology:
         cmd = ["flower-supernode", "--superlink", fleet]
         mounts = (Mount(self.site_data(site), self._see("data", self.site_data(site))),)
         if self.secure:
-            key = f"{certs}/auth.key" if self.containers else self.site_key(site)
+            key = f"{certs}/{SITE_KEY}" if self.containers else self.site_key(site)
             cmd += ["--root-certificates", f"{certs}/{CA_CERT}", "--auth-supernode-private-key", key]
             mounts += self._cert_mounts(CA_CERT) + (Mount(self.site_key(site), key),)
         else:
@@ -188,7 +213,7 @@ class Topology:
                 "--node-config", format_node_config(config)]
         mounts += (Mount(self.site_out(site), config["out-dir"], read_only=False),)
         return Service(site, "site", tuple(cmd), self._env(site), mounts, _health(f"127.0.0.1:{health}"),
-                       site_id=site, node_config=config)
+                       site_id=site, node_config=config, networks=(FLEET_NETWORK,))
 
     def enrol(self, index: int) -> Service:
         """Coordinator side: register a site's public key so the SuperLink accepts that SuperNode."""
@@ -197,14 +222,14 @@ class Topology:
         pub = f"{self._see('certs', self.certs_dir)}/{site}.pub" if self.containers else self.site_key(site, True)
         mounts = (Mount(self.site_key(site, public=True), pub),) + self._cert_mounts(CA_CERT)
         return Service(name, "enrol", ("flwr", "supernode", "register", pub, CONNECTION, "--name", site),
-                       self._env(name), mounts + self._cli_config_mount(), site_id=site)
+                       self._env(name), mounts + self._cli_config_mount(), site_id=site, networks=(CONTROL_NETWORK,))
 
     def run(self, app: str | None = None, overrides: str | None = None) -> Service:
         """Submit the federation; `overrides` replaces the inline run config (e.g. a TOML file path)."""
         config = overrides or " ".join(f"{k}={_toml_value(v)}" for k, v in self.run_config().items())
         cmd = ("flwr", "run", app or IN_CONTAINER["app"], CONNECTION, "--stream", "--run-config", config)
         mounts = self._cert_mounts(CA_CERT) if self.secure else ()
-        return Service(RUN, "run", cmd, self._env(RUN), mounts + self._cli_config_mount())
+        return Service(RUN, "run", cmd, self._env(RUN), mounts + self._cli_config_mount(), networks=(CONTROL_NETWORK,))
 
     def _cli_config_mount(self) -> tuple[Mount, ...]:
         if not self.containers:

@@ -17,13 +17,14 @@ from flwr.serverapp import Grid
 from common.config import Config, GateAggregation, Strategy
 from common.labels import LabelSpec
 from common.model import load_expert, load_gate
+from common.schema import ERROR_REASON
 from common.state import state_to_numpy
 from common.wire import Action, Key, config_record, record_bytes, to_record
 from server.aggregate import AggregationError, aggregate
 from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
 from server.identity import Refused, Registry
 from server.replies import BadReply, Reply, claimed_site, layout, parse_reply
-from server.validation import RejectedUpdate, check_update
+from server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")
 
@@ -39,6 +40,8 @@ def _sender(sent: list[Message], reply: Message) -> int:
 def _error_kind(reason: str) -> str:
     """What the coordinator keeps of a site's error reply: the exception type. Flower's reason also carries the
     exception's text, which can hold site paths or case ids."""
+    if ERROR_REASON.fullmatch(reason):  # the site's guard wrote it for the coordinator: a code and a short reason
+        return reason
     found = re.search(r"<class '([\w.]+)'>", reason)
     return f"{found.group(1).rsplit('.', 1)[-1]} raised at the site" if found else "the site's app failed"
 
@@ -261,7 +264,7 @@ class Coordinator:
         good = self._checked(step, replies, lambda r: experts.get(r.site_id, base))
 
         def commit() -> dict:
-            experts.update({r.site_id: r.state for r in good})  # one expert per site id, never averaged
+            experts.update({r.site_id: r.state for r in good if r.state is not None})  # never averaged
             return {}
         return good, commit
 
@@ -296,9 +299,15 @@ class Coordinator:
         and a weighted sum taken in arrival order differs in the last bits from run to run."""
         good = []
         for r in replies:
+            if r.state is None:  # withheld under the site's min-cases: it took part, but there is nothing to add
+                log.info("step %d: %s sent no update (fewer than min-cases cases)", step, r.site_id)
+                good.append(r)
+                continue
             try:
-                r.metrics["update_ratio"] = check_update(r.state, sent_for(r), self.cfg.max_update_ratio,
-                                                         self.cfg.max_update_norm)
+                sent = sent_for(r)
+                r.metrics["update_ratio"] = check_update(
+                    r.state, sent, self.cfg.max_update_ratio, self.cfg.max_update_norm,
+                    dp_allowance(sent, self.cfg.dp_clip, self.cfg.dp_noise_multiplier))
                 good.append(r)
             except RejectedUpdate as exc:
                 self._drop(step, r.site_id, f"update rejected: {exc}")
@@ -306,7 +315,9 @@ class Coordinator:
 
     def _aggregate(self, step: int, key: str, good: list[Reply], count: str, mode: str) -> dict:
         """Replace state[key] with the aggregate of the good replies, weighted by the cases each site declared."""
-        cfg = self.cfg
+        cfg, good = self.cfg, [r for r in good if r.state is not None]
+        if not good:
+            return {"aggregation": "no site sent an update; the previous weights are kept"}
         try:
             self.state[key], weights = aggregate(
                 [r.state for r in good], [self.registry.declared[r.site_id][count] for r in good],

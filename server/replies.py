@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from common.wire import NUM_EXAMPLES, SITE_ID, Key, Status
+from common.wire import NUM_EXAMPLES, SITE_ID, Key, Status, array_digests, reply_digest
 
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape, dtype) the server expects back
 
@@ -27,10 +27,11 @@ class Reply:
     metrics: dict
     state: dict[str, np.ndarray] | None
     outcome: dict[str, str] | None = None  # the final step's status and reason
+    digest: str = ""  # of the arrays as received; the site's audit log keeps the same
 
     def record(self) -> dict:
-        """What the run's history keeps of this reply: its metrics and, for the final step, its outcome."""
-        return {**self.metrics, **(self.outcome or {})}
+        """What the run's history keeps of this reply: its metrics, the final step's outcome, the arrays' digest."""
+        return {**self.metrics, **(self.outcome or {}), **({"digest": self.digest} if self.digest else {})}
 
 
 def layout(state: dict[str, np.ndarray]) -> Layout:
@@ -48,16 +49,17 @@ def claimed_site(msg: Message) -> str:
 
 def parse_reply(msg: Message, expected: Layout | None, site_id: str) -> Reply:
     """Metrics (numbers only, a non-negative integer case count, a finite loss), the model when one is expected
-    (exactly the sent layout), and the final step's outcome when present."""
+    (exactly the sent layout; a site may withhold it with the `suppressed` flag, min-cases), and the final step's
+    outcome when present."""
     metrics = _metrics(_record(msg, Key.METRICS, MetricRecord))
     state = None
     extra = sorted(set(msg.content.array_records) - ({Key.MODEL} if expected is not None else set()))
     if extra:
         raise BadReply(f"unexpected array records {extra[:3]}")
-    if expected is not None:
+    if expected is not None and not (metrics.get("suppressed") == 1 and Key.MODEL not in msg.content):
         state = decode(_record(msg, Key.MODEL, ArrayRecord), expected)
     outcome = _outcome(msg.content[Key.OUTCOME]) if Key.OUTCOME in msg.content.config_records else None
-    return Reply(site_id, metrics, state, outcome)
+    return Reply(site_id, metrics, state, outcome, reply_digest(array_digests(msg.content)))
 
 
 def _record(msg: Message, name: str, kind: type):

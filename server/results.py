@@ -50,7 +50,7 @@ def summarise(sites: dict[str, dict]) -> dict:
 
 def site_ok(entry: dict) -> bool:
     """The site ended with its model saved and the metrics its data allows."""
-    return bool(entry.get("model_saved")) and entry.get("status") in (Status.EVALUATED, Status.NO_LABELS)
+    return bool(entry.get("model_saved")) and entry.get("status") in {s for s in Status if s.ok}
 
 
 def strategy_status(sites: dict[str, dict], error: str = "") -> dict:

@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 
 from client.client_app import make_client_app
+from client.policy import SitePolicy
 from client.site import Site
 from common.atomic import write_json
 from common.config import Config, Strategy
@@ -33,10 +34,12 @@ def partition_locator(site_dirs: list[Path], out_dir: Path):
     return locate
 
 
-def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, mods: list | None = None) -> dict:
+def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, mods: list | None = None,
+             policies: dict[str, SitePolicy] | None = None) -> dict:
     """One federated strategy on Flower's simulation engine; returns its metrics.json content.
 
-    mods: Flower client mods wrapped around every site's handlers (tests inspect replies with them)."""
+    mods: Flower client mods wrapped around every site's handlers (tests inspect replies with them).
+    policies: a site's own limits by site id (default: SitePolicy's)."""
     import json
 
     out_dir = run_dir / strategy
@@ -44,11 +47,16 @@ def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, m
     # One site trains at a time with every core: two cores cannot run two 3D trainings faster.
     backend = {"client_resources": {"num_cpus": os.cpu_count() or 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+    locate = partition_locator(site_dirs, out_dir)
+
+    def policy_of(context: Context) -> SitePolicy:
+        return (policies or {}).get(locate(context)[1], SitePolicy())
+
     path = out_dir / "metrics.json"
     path.unlink(missing_ok=True)  # a stale one must not pass for this run's result
     try:
         run_simulation(server_app=make_server_app(cfg, out_dir),
-                       client_app=make_client_app(partition_locator(site_dirs, out_dir), mods),
+                       client_app=make_client_app(locate, mods, policy_of),
                        num_supernodes=len(site_dirs), backend_config=backend)
     except Exception:
         if not path.exists():  # the server app records why it stopped (quorum, refused resume) before raising

@@ -229,7 +229,7 @@ def test_certificates_and_site_keys_are_what_flower_reads(tmp_path):
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
     from flwr.cli.supernode.register import try_load_public_key
 
-    paths = write_certificates(tmp_path, ["site-a", "site-b"])
+    paths = write_certificates(tmp_path, ["site-a", "site-b"], site_keys=True)  # a one-machine trial's keys
     cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", "superlink"} <= set(san.get_values_for_type(x509.DNSName))
@@ -240,7 +240,7 @@ def test_certificates_and_site_keys_are_what_flower_reads(tmp_path):
         assert oct(paths.site_key(site).stat().st_mode & 0o777) == "0o600"
         assert try_load_public_key(paths.site_public_key(site))  # what `flwr supernode register` accepts
     first = paths.ca_cert.read_bytes()
-    write_certificates(tmp_path, ["site-a", "site-b", "site-c"])  # adding a site keeps the CA and old keys
+    write_certificates(tmp_path, ["site-a", "site-b", "site-c"], site_keys=True)  # adding a site keeps the CA, old keys
     assert paths.ca_cert.read_bytes() == first and paths.site_key("site-c").exists()
 
 

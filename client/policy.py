@@ -1,0 +1,68 @@
+"""What a site lets the coordinator ask of it: limits set in the SuperNode's node config (or a policy file it
+points to) that no run config can exceed. A request beyond them is refused, naming the limit; the site stays up."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from flwr.app import Message
+
+from common.config import Strategy, config_from_mapping
+from common.schema import expert_count
+from common.wire import Key, record_bytes
+
+PREFIX = "policy-"  # node-config keys: policy-max-size=96 ..., or policy-file="/etc/mome/policy.toml"
+
+
+class PolicyRefusal(ValueError):
+    """A request beyond the site's policy; the message names the limit and is sent to the coordinator."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    max_size: int = 160  # voxels per side of a training volume
+    max_channels: int = 256  # widest feature level of the network
+    max_batch_size: int = 16
+    max_epochs: int = 50  # local epochs in one message (training, fine-tuning, personalisation)
+    max_gate_steps: int = 2000
+    max_experts: int = 32
+    max_message_mb: float = 2048.0  # weights in one request
+    allowed_strategies: str = "mome,fedavg,fedavg-ft"
+
+    @classmethod
+    def from_node_config(cls, node: Mapping) -> "SitePolicy":
+        values = {}
+        if node.get(f"{PREFIX}file"):
+            values.update(tomllib.loads(Path(str(node[f"{PREFIX}file"])).read_text()))
+        values.update({k[len(PREFIX):]: v for k, v in node.items() if k.startswith(PREFIX) and k != f"{PREFIX}file"})
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+        if unknown:
+            raise ValueError(f"unknown site policy keys {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**{k.replace("-", "_"): type(getattr(cls, k.replace("-", "_")))(v) for k, v in values.items()})
+
+    def check(self, msg: Message) -> None:
+        """Raise PolicyRefusal if the request asks for more than this site allows."""
+        content = msg.content
+        if Key.CONFIG not in content.config_records:
+            return
+        cfg = config_from_mapping(dict(content[Key.CONFIG]))
+        phase = content.config_records.get("phase", {})
+        epochs = max([int(phase.get("epochs", 0)), int(phase.get("finetune-epochs", 0)), cfg.personalise_epochs])
+        asked = {"size": (cfg.size, self.max_size), "channels": (max(cfg.channel_list), self.max_channels),
+                 "batch-size": (cfg.batch_size, self.max_batch_size), "epochs": (epochs, self.max_epochs),
+                 "gate-steps": (cfg.gate_steps, self.max_gate_steps),
+                 "experts": (expert_count(content), self.max_experts),
+                 "message MB": (record_bytes(content) / 2**20, self.max_message_mb)}
+        for name, (value, limit) in asked.items():
+            if value > limit:
+                raise PolicyRefusal(f"{name} {value:g} above this site's limit {limit:g}")
+        allowed = {s.strip() for s in self.allowed_strategies.split(",")}
+        if Strategy.parse(cfg.strategy) not in allowed:
+            raise PolicyRefusal(f"strategy {cfg.strategy} not among this site's allowed strategies "
+                                f"({', '.join(sorted(allowed))})")
+

@@ -1,0 +1,249 @@
+"""What a hospital controls (#16): its own key, keys never readable by others, inputs refused by their declared
+size before they are read, and a site container confined to its own network, user and folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from cli.main import main as mome
+from common.bundle import Bundle, check_weights_size, load_bundle, save_bundle
+from common.config import Config
+from common.labels import label_spec_from_dataset_json
+from common.sitedata import BadCase, SiteLayout, load_site, read_case
+from deploy.certs import CertPaths, write_certificates
+from deploy.compose import compose_dict, expand
+from deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE_UID, RUN, SUPERLINK, Confinement, Topology
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVATE_NAMES = ("ca.key", "superlink.key", "auth.key")
+
+
+# -- keys ---------------------------------------------------------------------------------------
+@pytest.fixture
+def no_umask():
+    """Umask 0: a key's mode must come from how it was created, not from a lucky umask."""
+    before = os.umask(0)
+    yield
+    os.umask(before)
+
+
+def test_private_keys_are_0600_from_the_moment_they_exist(tmp_path, monkeypatch, no_umask):
+    created: dict[str, int] = {}  # file name -> its mode right after creation, before any byte is written
+    real_open = os.open
+
+    def recording_open(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if flags & os.O_CREAT:
+            created[Path(path).name] = os.fstat(fd).st_mode & 0o777
+        return fd
+
+    def no_chmod(*args, **kwargs):
+        raise AssertionError("a key made readable by others, then chmod-ed, was readable in between")
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    paths = write_certificates(tmp_path, ["site-a"], site_keys=True)
+    for final in (paths.ca_key, paths.server_key, paths.site_key("site-a")):
+        modes = [mode for name, mode in created.items() if re.fullmatch(rf"\.{re.escape(final.name)}\.\w+\.tmp", name)]
+        assert modes == [0o600], (final.name, created)
+        assert final.stat().st_mode & 0o777 == 0o600
+    assert paths.site_public_key("site-a").stat().st_mode & 0o777 == 0o644  # readable by a container's user
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically: no temporary file left behind
+
+
+def test_site_key_makes_a_pair_flower_reads_and_keeps_an_existing_one(tmp_path, capsys):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_private_key, \
+        load_ssh_public_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    out = tmp_path / "keys"
+    assert mome(["site-key", "--out", str(out), "--site-id", "site-a"]) == 0
+    key_path, pub_path = out / "auth.key", out / "auth.key.pub"
+    private = load_ssh_private_key(key_path.read_bytes(), password=None)
+    public = load_ssh_public_key(pub_path.read_bytes())
+    assert isinstance(private.curve, ec.SECP384R1)
+    assert public.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH) == \
+        private.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+    assert try_load_public_key(pub_path)  # what `flwr supernode register` accepts
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    said = capsys.readouterr().out
+    assert str(pub_path) in said and f"--auth-supernode-private-key {key_path}" in said
+    assert "PRIVATE KEY" not in said
+
+    before = key_path.read_bytes()
+    assert mome(["site-key", "--out", str(out)]) == 1  # an existing (maybe enrolled) key is kept
+    assert "--overwrite" in capsys.readouterr().err and key_path.read_bytes() == before
+    assert mome(["site-key", "--out", str(out), "--overwrite"]) == 0
+    assert key_path.read_bytes() != before
+
+
+def test_certs_makes_no_site_private_key_unless_asked(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    assert mome(["certs", "--out", str(certs), "--sites", "2"]) == 0
+    assert not list(certs.rglob("auth.key")) and not list(certs.rglob("*.pub"))
+    assert (certs / "ca.crt").exists() and (certs / "superlink.key").exists()
+    assert "mome site-key" in capsys.readouterr().out
+    # the hospital's own public key goes where the enrolment service reads it, and is kept by a trial run
+    assert mome(["site-key", "--out", str(tmp_path / "hospital"), "--site-id", "site-a"]) == 0
+    paths = CertPaths(certs)
+    paths.site_public_key("site-a").parent.mkdir(parents=True)
+    hospital_pub = (tmp_path / "hospital" / "auth.key.pub").read_bytes()
+    paths.site_public_key("site-a").write_bytes(hospital_pub)
+    assert mome(["certs", "--out", str(certs), "--sites", "2", "--site-keys"]) == 0
+    assert paths.site_public_key("site-a").read_bytes() == hospital_pub and not paths.site_key("site-a").exists()
+    assert paths.site_key("site-b").exists()  # a trial key pair only where asked and nothing was enrolled
+    enrol = compose_dict(Topology.for_compose(2))["services"]["enrol-site-a"]
+    source = enrol["volumes"][0].rsplit(":", 2)[0]
+    assert Path(expand(source, {"MOME_CERTS": str(certs)})) == paths.site_public_key("site-a")
+
+
+# -- inputs refused by their declared size --------------------------------------------------------
+@pytest.fixture
+def no_oversized_reads(monkeypatch):
+    """Reading the data of a NIfTI declaring more than max-voxels fails the test: the check needs the header only."""
+    proxy = nib.arrayproxy.ArrayProxy
+
+    def guarded(method):
+        def read(self, *args, **kwargs):
+            assert np.prod(self.shape, dtype=object) <= TINY.max_voxels, "an oversized NIfTI's data were read"
+            return method(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(proxy, "__array__", guarded(proxy.__array__))
+    monkeypatch.setattr(proxy, "__getitem__", guarded(proxy.__getitem__))
+
+
+def _header_only(like: Path, shape: tuple[int, ...], out: Path) -> Path:
+    """A .nii.gz whose header (copied from a real file) declares `shape` and which holds no voxel at all."""
+    header = nib.load(str(like)).header.copy()
+    header.set_data_shape(shape)
+    out.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))  # header + empty extension block
+    return out
+
+
+def test_an_oversized_nifti_header_is_refused_unread(site_copy, no_oversized_reads):
+    first = sorted((site_copy / "imagesTr").glob("*_0000.nii.gz"))[0]
+    case = first.name[: -len("_0000.nii.gz")]
+    _header_only(first, (4000, 4000, 4000), first)  # 64e9 voxels, 256 GB of float32: only declared
+    data = load_site(site_copy, TINY)
+    reasons = {c: reason for c, _, reason in data.report.skipped}
+    assert reasons[case] == f"header declares {4000 ** 3} voxels, above max-voxels {TINY.max_voxels}"
+    assert data.train  # the other cases still load
+
+
+def test_the_voxel_cap_is_the_configured_one_for_loose_prediction_inputs(tmp_path):
+    image = tmp_path / "case1_0000.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), np.eye(4)), str(image))
+    spec = label_spec_from_dataset_json({"labels": {"background": 0, "tumour": 1}})
+    layout = SiteLayout(tmp_path, spec, {0: 0}, ".nii.gz", {}, max_voxels=999)  # as predict builds it
+    with pytest.raises(BadCase, match="header declares 1000 voxels, above max-voxels 999"):
+        read_case(layout, "case1", "Ts", 4, with_label=False, image_dir=tmp_path, allow_missing=True)
+    layout = dataclasses.replace(layout, max_voxels=1000)
+    assert read_case(layout, "case1", "Ts", 4, False, image_dir=tmp_path, allow_missing=True)["shape"] == (10,) * 3
+
+
+@pytest.fixture
+def bundle_folder(tmp_path) -> Path:
+    spec = label_spec_from_dataset_json({"labels": {"background": 0, "tumour": 1}})
+    return save_bundle(Bundle(Config(), spec, {"shared": {"w": np.ones(1000, np.float32)}}), tmp_path / "model")
+
+
+@pytest.fixture
+def no_unpacking(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("np.load ran before the size check")
+
+    monkeypatch.setattr("common.bundle.np.load", refuse)
+
+
+def test_a_bundle_over_the_size_cap_is_refused_before_it_is_unpacked(bundle_folder, monkeypatch):
+    assert load_bundle(bundle_folder).experts["shared"]["w"].sum() == 1000
+    monkeypatch.setattr("common.bundle.np.load", lambda *a, **k: pytest.fail("np.load ran before the size check"))
+    with pytest.raises(ValueError, match=r"members declare \d+ bytes uncompressed, above the limit of 1000 bytes"):
+        load_bundle(bundle_folder, max_weights_bytes=1000)
+
+
+def test_a_zip_declaring_huge_members_is_refused_by_the_default_cap(bundle_folder, no_unpacking):
+    weights = bundle_folder / "weights.npz"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in ("experts/shared/a.npy", "experts/shared/b.npy"):
+            archive.writestr(name, b"tiny")
+    raw = bytearray(buffer.getvalue())
+    for entry in re.finditer(rb"PK\x01\x02", raw):  # central directory: each member's declared size, 4 GiB - 16
+        raw[entry.start() + 24: entry.start() + 28] = (2**32 - 16).to_bytes(4, "little")
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"members declare {2 * (2**32 - 16)} bytes uncompressed"):
+        load_bundle(bundle_folder)
+
+
+def test_a_zip_bomb_member_is_refused_by_its_compression_ratio(tmp_path, no_unpacking):
+    weights = tmp_path / "weights.npz"
+    with zipfile.ZipFile(weights, "w", compression=zipfile.ZIP_BZIP2) as archive:
+        archive.writestr("gate/w.npy", bytes(8 * 2**20))  # 8 MiB of zeros packs into a few dozen bytes
+    with pytest.raises(ValueError, match=r"member gate/w.npy declares 8388608 bytes from \d+ compressed, a ratio "
+                                         r"above 1000x"):
+        check_weights_size(weights)
+    weights.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a weights archive"):
+        check_weights_size(weights)
+
+
+# -- the site's container -----------------------------------------------------------------------
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_site_containers_run_confined_as_the_images_non_root_user():
+    services = _compose()["services"]
+    sites = {name: svc for name, svc in services.items() if name.startswith("site-")}
+    assert sorted(sites) == ["site-a", "site-b", "site-c"]
+    for name, svc in sites.items():
+        uid, gid = expand(svc["user"]).split(":")
+        assert int(uid) == int(gid) == IMAGE_UID != 0, name
+        assert svc["read_only"] is True, name
+        assert any(t.split(":")[0] == "/tmp" for t in svc["tmpfs"]), name
+        assert svc["environment"]["HOME"] == "/tmp" and svc["environment"]["FLWR_HOME"].startswith("/tmp/")
+        writable = [v for v in svc["volumes"] if not v.endswith(":ro")]
+        assert [v.split(":")[-1] for v in writable] == ["/site-out"], name  # and nothing else is writable
+        assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
+        assert expand(svc["mem_limit"]) == Confinement().memory and float(expand(svc["cpus"])) > 0
+    assert all(expand(svc["user"]).split(":")[0] != "0" for svc in services.values())  # no service as root
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"--uid {IMAGE_UID}" in dockerfile
+    assert re.findall(r"^USER (\S+)", dockerfile, re.M)[-1] == f"{IMAGE_UID}:{IMAGE_UID}"  # the image's default
+
+
+def test_sites_share_only_the_fleet_network_never_the_control_apis():
+    compose = _compose()
+    services = compose["services"]
+    assert set(compose["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK}
+    control_clients = {name for name in services if name == RUN or name.startswith("enrol-")}
+    on_control = {name for name, svc in services.items() if CONTROL_NETWORK in svc["networks"]}
+    assert on_control == control_clients | {SUPERLINK}
+    for name, svc in services.items():
+        if name.startswith("site-"):
+            assert svc["networks"] == [FLEET_NETWORK], name
+            assert not set(svc["networks"]) & {n for c in control_clients for n in services[c]["networks"]}
+    assert set(services[SUPERLINK]["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK}
+
+
+def test_container_limits_are_topology_settings():
+    top = dataclasses.replace(Topology.for_compose(1), confinement=Confinement(memory="3g", cpus="1.5", uid=20000))
+    site = compose_dict(top)["services"]["site-a"]
+    assert expand(site["mem_limit"]) == "3g" and expand(site["cpus"]) == "1.5"
+    assert expand(site["user"]) == f"20000:{IMAGE_UID}"
+    assert expand(site["mem_limit"], {"MOME_SITE_MEMORY": "16g"}) == "16g"  # a host's .env overrides it
