@@ -9,8 +9,6 @@ import base64
 import datetime
 import hashlib
 import ipaddress
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.atomic import atomic_write_bytes
 
 # Names the SuperLink answers to: loopback for local deployment, the compose service for containers.
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")
@@ -60,22 +60,9 @@ class CertPaths:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    """Write atomically: a new file beside the target, then a rename over it.
-
-    The new file is created with its final mode, 0600 for a private key, so no other user can open the key even
-    in the instant a write-then-chmod would leave it world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write atomically (a new file beside the target, then a rename over it), created 0600: no other user can
+    open a private key even in the instant a write-then-chmod would leave it world-readable."""
+    atomic_write_bytes(path, data, None if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # a tiny model and one epoch per phase: the point is the deployment, not the Dice
 TINY = ('size=24 channels="8,16,32" stem-channels=4 warmup-rounds=1 warmup-epochs=1 expert-epochs=1 gate-steps=2 '
-        'personalise-epochs=1 gate-rounds=1')
+        'personalise-epochs=1 gate-rounds=1 min-cases=1')  # the tiny sites hold 2 held-out cases
 slow = pytest.mark.slow  # starts real SuperLink/SuperNode processes (about 1.5 min each); still in the default run
 
 

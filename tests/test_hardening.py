@@ -56,11 +56,11 @@ def test_private_keys_are_0600_from_the_moment_they_exist(tmp_path, monkeypatch,
     monkeypatch.setattr(os, "chmod", no_chmod)
     paths = write_certificates(tmp_path, ["site-a"], site_keys=True)
     for final in (paths.ca_key, paths.server_key, paths.site_key("site-a")):
-        modes = [mode for name, mode in created.items() if re.fullmatch(rf"\.{re.escape(final.name)}\.\w+\.tmp", name)]
+        modes = [mode for name, mode in created.items() if re.fullmatch(rf"\.{re.escape(final.name)}\.\w+", name)]
         assert modes == [0o600], (final.name, created)
         assert final.stat().st_mode & 0o777 == 0o600
     assert paths.site_public_key("site-a").stat().st_mode & 0o777 == 0o644  # readable by a container's user
-    assert not list(tmp_path.rglob("*.tmp"))  # written atomically: no temporary file left behind
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # written atomically: no temporary file left
 
 
 def test_site_key_makes_a_pair_flower_reads_and_keeps_an_existing_one(tmp_path, capsys):
