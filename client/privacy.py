@@ -32,10 +32,15 @@ def clip_and_noise(update: dict[str, np.ndarray], sent: dict[str, np.ndarray], c
     return out, norm * scale
 
 
+# RDP orders: Opacus's default grid starts at 1.1; small noise needs orders nearer 1 for a tight bound
+ORDERS = [1.0 + x / 100 for x in range(1, 10)] + [1.0 + x / 10 for x in range(1, 100)] + list(range(12, 256))
+
+
 def epsilon(noise_multipliers: list[float], delta: float) -> float:
+    """Epsilon at delta of the Gaussian mechanisms applied so far (one per upload, the whole update each time)."""
     accountant = RDPAccountant()
     accountant.history = [(sigma, 1.0, 1) for sigma in noise_multipliers]
-    return float(accountant.get_epsilon(delta)) if noise_multipliers else 0.0
+    return float(accountant.get_epsilon(delta, alphas=ORDERS)) if noise_multipliers else 0.0
 
 
 class PrivacyLedger:

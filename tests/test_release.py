@@ -104,6 +104,10 @@ def test_every_reply_of_every_action_is_inside_the_schema(mome_release, fedavg_r
                 assert r["violations"] == [], r
     seen = {r["type"] for _, _, replies in (mome_release, fedavg_release) for r in replies if "error" not in r}
     assert seen == {"query.describe", "train.shared", "train.expert", "train.gate", "evaluate"}
+    # the only errors are the two these runs provoke: an undeclared metric anywhere else fails here
+    errors = [r["error"].split(":")[0] for _, _, replies in (mome_release, fedavg_release) for r in replies
+              if "error" in r]
+    assert sorted(errors) == ["payload", "policy"], errors
 
 
 def test_a_metric_added_to_the_client_app_is_withheld(fedavg_release):
