@@ -192,7 +192,8 @@ class Coordinator:
         deadline = time.monotonic() + self.cfg.connect_timeout
         while len(nodes := list(self.grid.get_node_ids())) < wanted:
             if time.monotonic() > deadline:
-                raise QuorumLost(f"only {len(nodes)} of {wanted} sites connected within {self.cfg.connect_timeout:.0f} s")
+                raise QuorumLost(f"only {len(nodes)} of {wanted} sites connected within "
+                                 f"{self.cfg.connect_timeout:.0f} s")
             time.sleep(0.5)
         return nodes
 
@@ -234,10 +235,11 @@ class Coordinator:
                 log.warning("step %d: %d good replies, fewer than min-sites %d: retry %d of %d", index + 1,
                             len(good), self.cfg.min_sites, attempt, self.cfg.step_retries)
             good, commit = getattr(self, f"_step_{phase}")(index)
-            if len(good) >= max(self.cfg.min_sites, 1) or (phase == "evaluate" and attempt == self.cfg.step_retries):
+            last = attempt == self.cfg.step_retries
+            if len(good) >= max(self.cfg.min_sites, 1) or (phase == "evaluate" and last):
                 return good, commit()
         raise QuorumLost(f"step {index + 1} ({phase}): {len(good)} good replies, fewer than min-sites "
-                         f"{self.cfg.min_sites}, after {self.cfg.step_retries} retr{'y' if self.cfg.step_retries == 1 else 'ies'}; "
+                         f"{self.cfg.min_sites}, after {self.cfg.step_retries} retries; "
                          "see 'dropped' in metrics.json for each site's reason")
 
     Step = tuple[list[Reply], Callable[[], dict]]  # good replies, and how to apply them once quorum is met

@@ -45,9 +45,13 @@ def _scaled_model(reply: Message, factor: float) -> RecordDict:
     return type(record)({k: Array(record[k].numpy() * factor) for k in record})
 
 
+def _huge_first_array(reply: Message) -> RecordDict:
+    record = reply.content[Key.MODEL]
+    return type(record)({**dict(record.items()), next(iter(record)): huge_header_array()})
+
+
 ATTACKS = {
-    "huge-array": lambda msg, reply: _with(reply, msg, **{Key.MODEL: type(reply.content[Key.MODEL])(
-        {**{k: v for k, v in reply.content[Key.MODEL].items()}, next(iter(reply.content[Key.MODEL])): huge_header_array()})}),
+    "huge-array": lambda msg, reply: _with(reply, msg, **{Key.MODEL: _huge_first_array(reply)}),
     "no-site-record": lambda msg, reply: _with(reply, msg, site=None),
     "steal-site-a": lambda msg, reply: _with(reply, msg, site=ConfigRecord({"site-id": "site-a"})),
     "poison-x10": lambda msg, reply: _with(reply, msg, **{Key.MODEL: _scaled_model(reply, 10.0)}),
@@ -67,8 +71,11 @@ def adversary(site: str, script: dict[str, list[str]]):
         reply = call_next(msg, context)
         if reply.has_error() or str(reply.content["site"]["site-id"]) != site:
             return reply
-        when = "describe" if msg.metadata.message_type == "query.describe" else msg.metadata.group_id
-        for attack in script.get(when, []) + script.get("every-train", []) * msg.metadata.message_type.startswith("train"):
+        kind = msg.metadata.message_type
+        attacks = script.get("describe" if kind == "query.describe" else msg.metadata.group_id, [])
+        if kind.startswith("train"):
+            attacks = attacks + script.get("every-train", [])
+        for attack in attacks:
             reply = ATTACKS[attack](msg, reply)
         return reply
 
