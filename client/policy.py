@@ -32,6 +32,9 @@ class SitePolicy:
     max_experts: int = 32
     max_message_mb: float = 2048.0  # weights in one request
     allowed_strategies: str = "mome,fedavg,fedavg-ft"
+    # floors the coordinator cannot lower (0: the run config's value is accepted)
+    min_cases: int = 0  # e.g. 3: refuse a run config with min-cases below it
+    min_dp_noise_multiplier: float = 0.0  # > 0: refuse uploads without DP at least this noise
 
     @classmethod
     def from_node_config(cls, node: Mapping) -> "SitePolicy":
@@ -61,6 +64,12 @@ class SitePolicy:
         for name, (value, limit) in asked.items():
             if value > limit:
                 raise PolicyRefusal(f"{name} {value:g} above this site's limit {limit:g}")
+        if cfg.min_cases < self.min_cases:
+            raise PolicyRefusal(f"min-cases {cfg.min_cases} below this site's floor {self.min_cases}")
+        if self.min_dp_noise_multiplier > 0 and (cfg.dp_clip <= 0 or
+                                                 cfg.dp_noise_multiplier < self.min_dp_noise_multiplier):
+            raise PolicyRefusal(f"dp-noise-multiplier {cfg.dp_noise_multiplier:g} (dp-clip {cfg.dp_clip:g}) below "
+                                f"this site's floor {self.min_dp_noise_multiplier:g}")
         allowed = {s.strip() for s in self.allowed_strategies.split(",")}
         if Strategy.parse(cfg.strategy) not in allowed:
             raise PolicyRefusal(f"strategy {cfg.strategy} not among this site's allowed strategies "

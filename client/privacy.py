@@ -6,7 +6,6 @@ update is one Gaussian mechanism, no subsampling), kept in <out-dir>/privacy.jso
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +36,12 @@ ORDERS = [1.0 + x / 100 for x in range(1, 10)] + [1.0 + x / 10 for x in range(1,
 
 
 def epsilon(noise_multipliers: list[float], delta: float) -> float:
-    """Epsilon at delta of the Gaussian mechanisms applied so far (one per upload, the whole update each time)."""
+    """Epsilon at delta of the Gaussian mechanisms applied so far (one per upload, the whole update each time).
+
+    The whole update is clipped to C, so one patient more or less can move it anywhere in a ball of radius C: the
+    sensitivity is 2C, and noise of std s x C is a Gaussian mechanism of noise multiplier s / 2."""
     accountant = RDPAccountant()
-    accountant.history = [(sigma, 1.0, 1) for sigma in noise_multipliers]
+    accountant.history = [(sigma / 2, 1.0, 1) for sigma in noise_multipliers]
     return float(accountant.get_epsilon(delta, alphas=ORDERS)) if noise_multipliers else 0.0
 
 
@@ -59,9 +61,9 @@ class PrivacyLedger:
     def privatise(self, update: dict[str, np.ndarray], sent: dict[str, np.ndarray], what: str,
                   step: str) -> tuple[dict[str, np.ndarray], dict]:
         """The upload with DP applied, recorded; metrics: epsilon so far at dp-delta."""
-        seed = zlib.crc32(f"{self.cfg.seed}/{self.site_id}/{what}/{step}".encode())
+        # the one random choice not seeded from config: noise the coordinator could regenerate protects nothing
         noisy, clipped = clip_and_noise(update, sent, self.cfg.dp_clip, self.cfg.dp_noise_multiplier,
-                                        np.random.default_rng(seed))
+                                        np.random.default_rng())
         self.uploads.append({"step": step, "what": what, "noise_multiplier": self.cfg.dp_noise_multiplier,
                              "clip": self.cfg.dp_clip, "clipped_norm": clipped})
         if self.path is not None:

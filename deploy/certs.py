@@ -156,15 +156,16 @@ def write_certificates(out: Path, site_ids: list[str], server_names: tuple[str, 
     public key that already exists is kept too (it may be enrolled already, or be the hospital's own)."""
     paths = CertPaths(Path(out))
     paths.root.mkdir(parents=True, exist_ok=True)
-    if overwrite or not (paths.ca_cert.exists() and paths.ca_key.exists()):
+    new_ca = overwrite or not (paths.ca_cert.exists() and paths.ca_key.exists())
+    if new_ca:
         ca_key, ca_cert = make_ca(days)
         _write(paths.ca_key, _pem_key(ca_key), private=True)
         _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-        overwrite = True  # a new CA needs a new server certificate
     else:
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-    if overwrite or not paths.server_cert.exists() or _names(paths.server_cert) != set(server_names):
+    # a new CA needs a new server certificate, never new site keys (a hospital's own public key stays)
+    if new_ca or not paths.server_cert.exists() or _names(paths.server_cert) != set(server_names):
         server_key, server_cert = make_server_cert(ca_key, ca_cert, tuple(server_names), days)
         _write(paths.server_key, _pem_key(server_key), private=True)
         _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))

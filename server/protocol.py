@@ -4,46 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from pathlib import Path
-
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import Config, GateAggregation, Strategy
 from common.labels import LabelSpec
 from common.model import load_expert, load_gate
-from common.schema import ERROR_REASON
 from common.state import state_to_numpy
 from common.wire import Action, Key, config_record, record_bytes, to_record
 from server.aggregate import AggregationError, aggregate
 from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
 from server.identity import Refused, Registry
-from server.replies import BadReply, Reply, claimed_site, layout, parse_reply
+from server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, layout, parse_reply,
+                            sender)
 from server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")
-
-
-def _sender(sent: list[Message], reply: Message) -> int:
-    """The node a reply answers for: error replies made by the SuperLink carry its own id as source."""
-    for msg in sent:
-        if msg.metadata.message_id == reply.metadata.reply_to_message_id:
-            return msg.metadata.dst_node_id
-    return reply.metadata.src_node_id
-
-
-def _error_kind(reason: str) -> str:
-    """What the coordinator keeps of a site's error reply: the exception type. Flower's reason also carries the
-    exception's text, which can hold site paths or case ids."""
-    if ERROR_REASON.fullmatch(reason):  # the site's guard wrote it for the coordinator: a code and a short reason
-        return reason
-    found = re.search(r"<class '([\w.]+)'>", reason)
-    return f"{found.group(1).rsplit('.', 1)[-1]} raised at the site" if found else "the site's app failed"
 
 
 class QuorumLost(RuntimeError):
@@ -100,10 +81,10 @@ class Coordinator:
             self._count(self._name(n), "down", record_bytes(c))
         replies, answered = [], set()
         for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            node = _sender(messages, msg)
+            node = sender(messages, msg)
             answered.add(node)
             if msg.has_error():
-                self._drop(step, self._name(node), f"site failed: {_error_kind(msg.error.reason)}")
+                self._drop(step, self._name(node), f"site failed: {error_kind(msg.error.reason)}")
                 continue
             try:
                 site = self.registry.check(node, claimed_site(msg))
@@ -150,12 +131,18 @@ class Coordinator:
         messages = [Message(content, dst_node_id=n, message_type="query.describe") for n in nodes]
         alive = set(self.grid.get_node_ids())
         specs = {}
-        for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
-            node = _sender(messages, msg)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        claims = Counter(claim(msg) for msg in replies)
+        for msg in replies:
+            node = sender(messages, msg)
+            if claims[claim(msg)] > 1 and claim(msg):  # first come must not win: neither is bound this round
+                self.registry.refuse(node, f"{claim(msg)[:70]!r} claimed by {claims[claim(msg)]} nodes at once",
+                                     step, lasting=False)
+                continue
             try:
                 if msg.has_error():
-                    raise Refused(f"could not describe itself: {_error_kind(msg.error.reason)}")
-                site, spec, counts = _description(msg)
+                    raise Refused(f"could not describe itself: {error_kind(msg.error.reason)}")
+                site, spec, counts = description(msg)
                 if self.state["labels"] is not None and spec != self.state["labels"]:
                     raise Refused(f"{site[:70]!r} declares other labels than the federation's")
             except Exception as exc:
@@ -227,18 +214,21 @@ class Coordinator:
         return self.state
 
     def _run_step(self, index: int, phase: str) -> tuple[list[Reply], dict]:
-        """One step, sent again (step-retries times) while fewer than min-sites replies pass; a training step's
-        result is applied only once quorum is met. The final step is never a reason to stop: each site's outcome
-        (saved model, metrics or failure) is its own, and the strategy fails if no site ends well."""
+        """One step, sent again (step-retries times) while fewer than min-sites sites send a usable update; a
+        training step's result is applied only once quorum is met. The final step is never a reason to stop: each
+        site's outcome (saved model, metrics or failure) is its own, and the strategy fails if no site ends well."""
+        if phase == "evaluate":  # sent once: a site's final outcome is its own, and finalising twice gains nothing
+            good, commit = self._step_evaluate(index)
+            return good, commit()
         for attempt in range(self.cfg.step_retries + 1):
             if attempt:
-                log.warning("step %d: %d good replies, fewer than min-sites %d: retry %d of %d", index + 1,
-                            len(good), self.cfg.min_sites, attempt, self.cfg.step_retries)
+                log.warning("step %d: %d sites sent an update, fewer than min-sites %d: retry %d of %d", index + 1,
+                            updates, self.cfg.min_sites, attempt, self.cfg.step_retries)
             good, commit = getattr(self, f"_step_{phase}")(index)
-            last = attempt == self.cfg.step_retries
-            if len(good) >= max(self.cfg.min_sites, 1) or (phase == "evaluate" and last):
+            updates = sum(r.state is not None for r in good)  # a site withholding its update (min-cases) adds none
+            if updates >= max(self.cfg.min_sites, 1):
                 return good, commit()
-        raise QuorumLost(f"step {index + 1} ({phase}): {len(good)} good replies, fewer than min-sites "
+        raise QuorumLost(f"step {index + 1} ({phase}): {updates} sites sent a usable update, fewer than min-sites "
                          f"{self.cfg.min_sites}, after {self.cfg.step_retries} retries; "
                          "see 'dropped' in metrics.json for each site's reason")
 
@@ -329,13 +319,3 @@ class Coordinator:
             self._drop(step, "aggregate", str(exc))
             return {"aggregation": str(exc)}
         return {"weights": {r.site_id: w for r, w in zip(good, weights)}}
-
-
-def _description(msg: Message) -> tuple[str, dict, dict]:
-    """(site id, label spec, declared counts) of a describe reply."""
-    site = claimed_site(msg)
-    spec = json.loads(str(msg.content["site"]["labels"]))
-    metrics = msg.content[Key.METRICS]
-    if not isinstance(spec, dict) or not isinstance(metrics, MetricRecord):
-        raise BadReply("malformed description")
-    return site, spec, dict(metrics)

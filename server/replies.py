@@ -6,12 +6,15 @@ allocated, so a header that declares a huge shape costs nothing."""
 from __future__ import annotations
 
 import io
+import json
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from common.schema import ERROR_REASON
 from common.wire import NUM_EXAMPLES, SITE_ID, Key, Status, array_digests, reply_digest
 
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape, dtype) the server expects back
@@ -126,3 +129,38 @@ def _decode_one(name: str, array: Array, shape: tuple[int, ...], dtype: np.dtype
 def _short(shape) -> str:
     text = str(tuple(shape))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def sender(sent: list[Message], reply: Message) -> int:
+    """The node a reply answers for: error replies made by the SuperLink carry its own id as source."""
+    for msg in sent:
+        if msg.metadata.message_id == reply.metadata.reply_to_message_id:
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
+def error_kind(reason: str) -> str:
+    """What the coordinator keeps of a site's error reply: the exception type. Flower's reason also carries the
+    exception's text, which can hold site paths or case ids."""
+    if ERROR_REASON.fullmatch(reason):  # the site's guard wrote it for the coordinator: a code and a short reason
+        return reason
+    found = re.search(r"<class '([\w.]+)'>", reason)
+    return f"{found.group(1).rsplit('.', 1)[-1]} raised at the site" if found else "the site's app failed"
+
+
+def claim(msg: Message) -> str:
+    """The site id a describe reply claims ('' if it has none)."""
+    try:
+        return "" if msg.has_error() else claimed_site(msg)
+    except Exception:
+        return ""
+
+
+def description(msg: Message) -> tuple[str, dict, dict]:
+    """(site id, label spec, declared counts) of a describe reply."""
+    site = claimed_site(msg)
+    spec = json.loads(str(msg.content["site"]["labels"]))
+    metrics = msg.content[Key.METRICS]
+    if not isinstance(spec, dict) or not isinstance(metrics, MetricRecord):
+        raise BadReply("malformed description")
+    return site, spec, dict(metrics)

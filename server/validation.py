@@ -39,7 +39,7 @@ def check_update(update: dict[str, np.ndarray], sent: dict[str, np.ndarray], max
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise RejectedUpdate(f"{name}: non-finite values")
     change, ratio = update_ratio(update, sent)
-    if change > max_norm:
+    if change > max(max_norm, allowance):
         raise RejectedUpdate(f"update norm {change:.3g} exceeds the ceiling max-update-norm {max_norm:.3g}")
     if ratio > max_ratio and change > allowance:
         raise RejectedUpdate(f"update changes the weights by {ratio:.3g} x their norm, above max-update-ratio "

@@ -152,3 +152,19 @@ def test_a_bundle_saves_and_loads_after_a_crashed_save(tmp_path):
     assert load_bundle(tmp_path / "model").experts["shared"]["w"].sum() == 2
     save_bundle(bundle, tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_site_policy_floors_cannot_be_lowered_by_the_run_config():
+    from client.policy import PolicyRefusal, SitePolicy
+    from common.wire import config_record
+
+    def request(cfg) -> Message:
+        return Message(RecordDict({Key.CONFIG: config_record(cfg.to_run_config())}), dst_node_id=1,
+                       message_type="train.shared")
+
+    policy = SitePolicy.from_node_config({"policy-min-cases": 3, "policy-min-dp-noise-multiplier": 0.5})
+    with pytest.raises(PolicyRefusal, match="min-cases 1 below this site's floor 3"):
+        policy.check(request(TINY_RUN))
+    with pytest.raises(PolicyRefusal, match="dp-noise-multiplier 0 .* below this site's floor 0.5"):
+        policy.check(request(TINY_RUN.replace(min_cases=3)))
+    policy.check(request(TINY_RUN.replace(min_cases=3, dp_clip=1.0, dp_noise_multiplier=0.5)))

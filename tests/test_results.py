@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord
 from client.site import Site
 from common.bundle import load_bundle
 from common.state import state_to_numpy
-from server.protocol import _error_kind
+from server.replies import error_kind as _error_kind
 from server.replies import _outcome
 from server.results import final_sites, strategy_status, summarise
 from tests.conftest import TINY_RUN
