@@ -16,12 +16,11 @@ from client.guard import guard
 from client.policy import SitePolicy
 from client.site import Site
 from common.config import Config, config_from_mapping
+from common.schema import DESCRIBE  # the counts a site declares once; the server weighs updates by them
 from common.wire import (NUM_EXAMPLES, SITE_ID, Key, check_site_id, from_record, metric_record, site_id_from_name,
                          to_record)
 
 log = logging.getLogger("mome.client")
-# the counts a site declares once: the server weighs its updates by n_train (shared, expert) and n_gate (gate)
-DESCRIBED_COUNTS = ("n_train", "n_val", "n_gate", "n_test", "n_unlabelled", "skipped")
 # the settings a site's loaded, split and batched data depend on
 DATA_SETTINGS = ("size", "modalities", "clinical_fields", "val_fraction", "seed", "batch_size", "max_voxels")
 SiteLocator = Callable[[Context], tuple[Path, str, Path | None]]
@@ -86,7 +85,7 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         facts = site.describe()
         content = RecordDict({"site": ConfigRecord({SITE_ID: site.site_id, "labels": json.dumps(facts["labels"]),
                                                     "modalities": ",".join(facts["modalities"])}),
-                              Key.METRICS: metric_record({k: facts[k] for k in DESCRIBED_COUNTS})})
+                              Key.METRICS: metric_record({k: facts[k] for k in DESCRIBE})})
         return Message(content, reply_to=msg)
 
     @app.train("shared")

@@ -13,6 +13,7 @@ from opacus.accountants import RDPAccountant
 
 from common.atomic import write_json
 from common.config import Config
+from common.state import float_changes, l2_norm
 
 LEDGER = "privacy.json"
 
@@ -20,12 +21,11 @@ LEDGER = "privacy.json"
 def clip_and_noise(update: dict[str, np.ndarray], sent: dict[str, np.ndarray], clip: float, noise_multiplier: float,
                    rng: np.random.Generator) -> tuple[dict[str, np.ndarray], float]:
     """sent + clip(update - sent) + N(0, (noise_multiplier * clip)^2); returns it and the clipped change's norm."""
-    names = [n for n, a in sent.items() if a.dtype.kind == "f"]
-    deltas = {n: update[n].astype(np.float64) - sent[n] for n in names}
-    norm = float(np.sqrt(sum(float(np.sum(d ** 2)) for d in deltas.values())))
+    deltas = float_changes(update, sent)
+    norm = l2_norm(deltas.values())
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     out = dict(update)
-    for n in names:
+    for n in deltas:
         noisy = deltas[n] * scale + rng.normal(0.0, noise_multiplier * clip, size=deltas[n].shape)
         out[n] = (sent[n] + noisy).astype(sent[n].dtype)
     return out, norm * scale

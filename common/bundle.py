@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_write_bytes
 from common.config import Config, config_from_mapping
 from common.labels import LabelSpec
 from common.state import flatten_states, unflatten_states
@@ -70,8 +71,9 @@ def save_bundle(bundle: Bundle, folder: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
     buffer = io.BytesIO()
     np.savez(buffer, **flatten_states({"experts": bundle.experts, "gate": bundle.gate or {}}))
-    _durable(tmp / "weights.npz", buffer.getvalue())
-    _durable(tmp / "metadata.json", json.dumps(bundle.metadata(), indent=2).encode())
+    # flushed to disk before the folder is swapped in: a power cut must not leave empty files
+    atomic_write_bytes(tmp / "weights.npz", buffer.getvalue(), 0o644)
+    atomic_write_bytes(tmp / "metadata.json", json.dumps(bundle.metadata(), indent=2).encode(), 0o644)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
@@ -94,14 +96,6 @@ def check_weights_size(path: Path, limit: int = MAX_WEIGHTS_BYTES) -> None:
         if m.file_size > MAX_COMPRESSION_RATIO * max(m.compress_size, 1):
             raise ValueError(f"{path}: member {m.filename} declares {m.file_size} bytes from {m.compress_size} "
                              f"compressed, a ratio above {MAX_COMPRESSION_RATIO}x")
-
-
-def _durable(path: Path, payload: bytes) -> None:
-    """Written and flushed to disk before the folder is swapped in (a power cut must not leave empty files)."""
-    with open(path, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def load_bundle(folder: Path, max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> Bundle:

@@ -37,6 +37,16 @@ def load_numpy_state(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> Non
     )
 
 
+def float_changes(update: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """update - sent over the float arrays (in float64): the change a site made to the weights it was sent."""
+    return {n: update[n].astype(np.float64) - sent[n] for n, a in sent.items() if a.dtype.kind == "f"}
+
+
+def l2_norm(arrays) -> float:
+    """The L2 norm of several arrays taken together."""
+    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)))
+
+
 def flatten_states(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     """Nested dicts of arrays -> one flat mapping with '/'-joined keys, as an .npz holds them:
     {'experts': {'site-a': {'w': x}}, 'gate': {'w': y}} -> {'experts/site-a/w': x, 'gate/w': y}."""

@@ -132,12 +132,13 @@ class Coordinator:
         alive = set(self.grid.get_node_ids())
         specs = {}
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        claims = Counter(claim(msg) for msg in replies)
-        for msg in replies:
+        claimed = [claim(msg) for msg in replies]
+        claims = Counter(claimed)
+        for msg, site_id in zip(replies, claimed):
             node = sender(messages, msg)
-            if claims[claim(msg)] > 1 and claim(msg):  # first come must not win: neither is bound this round
-                self.registry.refuse(node, f"{claim(msg)[:70]!r} claimed by {claims[claim(msg)]} nodes at once",
-                                     step, lasting=False)
+            if site_id and claims[site_id] > 1:  # first come must not win: neither is bound this round
+                self.registry.refuse(node, f"{site_id[:70]!r} claimed by {claims[site_id]} nodes at once", step,
+                                     lasting=False)
                 continue
             try:
                 if msg.has_error():

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.state import float_changes, l2_norm
+
 
 class RejectedUpdate(ValueError):
     """An update that failed a check; the message is the logged reason."""
 
 
-def _norm(arrays) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)))
-
-
 def update_ratio(update: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> tuple[float, float]:
     """(L2 norm of the change, that norm relative to the norm of what was sent) over the float arrays."""
-    names = [n for n, a in sent.items() if a.dtype.kind == "f"]
-    change = _norm(update[n].astype(np.float64) - sent[n] for n in names)
-    reference = _norm(sent[n] for n in names)
+    change = l2_norm(float_changes(update, sent).values())
+    reference = l2_norm(a for a in sent.values() if a.dtype.kind == "f")
     return change, (change / reference if reference > 0 else 0.0)  # all-zero weights: only the ceiling applies
 
 
