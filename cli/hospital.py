@@ -10,7 +10,8 @@ from common.config import Config
 
 
 def check_data(args: argparse.Namespace) -> int:
-    from common.sitedata import SiteDataError, load_site
+    from common.cases import load_site
+    from common.sitedata import SiteDataError
 
     cfg = Config(modalities=args.modalities, clinical_fields=args.clinical_fields, size=args.size)
     worst = 0

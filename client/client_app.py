@@ -16,13 +16,13 @@ from client.guard import guard
 from client.policy import SitePolicy
 from client.site import Site
 from common.config import Config, config_from_mapping
-from common.schema import DESCRIBE  # the counts a site declares once; the server weighs updates by them
+from common.schema import DESCRIBE, GEOMETRY  # declared once: the counts weigh updates, the geometry plans
 from common.wire import (NUM_EXAMPLES, SITE_ID, Key, check_site_id, from_record, metric_record, site_id_from_name,
                          to_record)
 
 log = logging.getLogger("mome.client")
 # the settings a site's loaded, split and batched data depend on
-DATA_SETTINGS = ("size", "modalities", "clinical_fields", "val_fraction", "seed", "batch_size", "max_voxels")
+DATA_SETTINGS = ("target_spacing", "modalities", "clinical_fields", "val_fraction", "seed", "max_voxels", "gate_pool")
 SiteLocator = Callable[[Context], tuple[Path, str, Path | None]]
 
 
@@ -85,7 +85,8 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         facts = site.describe()
         content = RecordDict({"site": ConfigRecord({SITE_ID: site.site_id, "labels": json.dumps(facts["labels"]),
                                                     "modalities": ",".join(facts["modalities"])}),
-                              Key.METRICS: metric_record({k: facts[k] for k in DESCRIBE})})
+                              Key.METRICS: metric_record({k: facts[k] for k in (*DESCRIBE, *GEOMETRY)
+                                                                         if k in facts})})
         return Message(content, reply_to=msg)
 
     @app.train("shared")

@@ -24,7 +24,7 @@ class PolicyRefusal(ValueError):
 
 @dataclass(frozen=True)
 class SitePolicy:
-    max_size: int = 160  # voxels per side of a training volume
+    max_size: int = 160  # voxels per side of a training patch
     max_channels: int = 256  # widest feature level of the network
     max_batch_size: int = 16
     max_epochs: int = 50  # local epochs in one message (training, fine-tuning, personalisation)
@@ -56,7 +56,7 @@ class SitePolicy:
         cfg = config_from_mapping(dict(content[Key.CONFIG]))
         phase = content.config_records.get("phase", {})
         epochs = max([int(phase.get("epochs", 0)), int(phase.get("finetune-epochs", 0)), cfg.personalise_epochs])
-        asked = {"size": (cfg.size, self.max_size), "channels": (max(cfg.channel_list), self.max_channels),
+        asked = {"patch side": (max(cfg.patch) if cfg.patch_size else 0, self.max_size), "channels": (max(cfg.channel_list), self.max_channels),
                  "batch-size": (cfg.batch_size, self.max_batch_size), "epochs": (epochs, self.max_epochs),
                  "gate-steps": (cfg.gate_steps, self.max_gate_steps),
                  "experts": (expert_count(content), self.max_experts),

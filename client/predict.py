@@ -16,20 +16,21 @@ from common.clinical import parse_schema, read_clinical_csv
 from common.labels import LabelSpec
 from common.metrics import Predictor, expert_predictor, mixture_predictor
 from common.model import load_expert, load_gate
-from common.preprocess import resize_probs
-from common.sitedata import (BadCase, SiteLayout, SiteReport, case_ids, channel_file, preprocess_case, read_case,
-                             read_layout)
+from common.cases import geometry_of, preprocess_case
+from common.patches import Window
+from common.preprocess import to_input_grid
+from common.sitedata import BadCase, SiteLayout, SiteReport, case_ids, channel_file, read_case, read_layout
 
-INPUT_KEYS = ("image", "presence", "clinical", "stats")  # what a model reads of a case (never the label)
+INPUT_KEYS = ("image", "summary", "presence", "clinical", "stats")  # what a model reads of a case (never the label)
 
 
 def predictor(bundle: Bundle) -> Predictor:
-    """batch -> probabilities, from the bundle's experts (and gate, for a mixture)."""
-    n_out, kind = bundle.label_spec.n_out, bundle.label_spec.kind
+    """batch -> probabilities, from the bundle's experts (and gate, for a mixture), in sliding windows."""
+    n_out, kind, window = bundle.label_spec.n_out, bundle.label_spec.kind, Window.from_config(bundle.cfg)
     experts = [load_expert(bundle.cfg, n_out, state) for state in bundle.experts.values()]
     if bundle.gate is None:
-        return expert_predictor(experts[0], kind)
-    return mixture_predictor(experts, load_gate(bundle.cfg, len(experts), bundle.gate), kind)
+        return expert_predictor(experts[0], kind, window)
+    return mixture_predictor(experts, load_gate(bundle.cfg, len(experts), bundle.gate), kind, window)
 
 
 def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[str], dict]:
@@ -55,8 +56,12 @@ def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[
 
 
 def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[Path], list[str]]:
-    """Write <out>/<case>.nii.gz per case; returns (written files, problems of skipped cases)."""
+    """Write <out>/<case>.nii.gz per case, on the input's grid; returns (written files, problems of skipped cases).
+    Cases are brought to the bundle's plan (its target spacing) as in training."""
     bundle = load_bundle(bundle_dir)
+    if not bundle.cfg.planned:
+        raise ValueError(f"{bundle_dir}: the bundle carries no plan (target-spacing, patch-size); it was made by an "
+                         "older version, retrain or set them in its config.json")
     predict_probs = predictor(bundle)
     layout, image_dir, found, rows = _inputs([Path(s) for s in source], bundle)
     schema = parse_schema(bundle.cfg.clinical_fields)
@@ -67,25 +72,37 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[P
             try:
                 raw = read_case(layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
                                 image_dir=image_dir, allow_missing=True)
+                yield preprocess_case(raw, geometry_of(raw), bundle.cfg, schema, rows.get(case))
             except BadCase as bad:
-                problems.append(f"{bad.path}: {bad.reason}")
-                continue
-            yield preprocess_case(raw, bundle.cfg, schema, rows.get(case), bundle.label_spec)
+                path = bad.path if bad.path.name != case else image_dir / case
+                problems.append(f"{path}: {bad.reason}")
 
     written = segment_cases(predict_probs, cases(), bundle.label_spec, out_dir)
     return written, problems
 
 
 def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSpec, out_dir: Path) -> list[Path]:
-    """Write <out_dir>/<case>.nii.gz for preprocessed cases, on each case's own grid (shape and affine)."""
+    """Write <out_dir>/<case>.nii.gz for preprocessed cases, on each case's own grid (shape, orientation, affine)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for case in cases:
         batch = {k: case[k][None] for k in INPUT_KEYS}
         with torch.no_grad():
             probs = predict_probs(batch)[0]
-        label = spec.to_label_map(resize_probs(probs, case["shape"]))
-        image = nib.Nifti1Image(label.astype(np.uint8), case["affine"])
+        label = spec.to_label_map(to_input_grid(probs, case["canonical_affine"], case["affine"], case["shape"]))
+        image = _on_input_header(label, case)
         # the project's atomic writer: a reader never sees half a segmentation
         written.append(atomic_write_bytes(out_dir / f"{case['case_id']}.nii.gz", gzip.compress(image.to_bytes())))
     return written
+
+
+def _on_input_header(label: np.ndarray, case: dict) -> nib.Nifti1Image:
+    """The label map as a NIfTI with the input's header: its qform and sform (and codes), unscaled uint8."""
+    try:
+        header = nib.load(case["reference"]).header.copy()
+    except Exception:  # the input moved since it was read: its affine is still known
+        return nib.Nifti1Image(label.astype(np.uint8), np.asarray(case["affine"], dtype=np.float64))
+    image = nib.Nifti1Image(label.astype(np.uint8), None, header=header)
+    image.set_data_dtype(np.uint8)
+    image.header.set_slope_inter(1.0, 0.0)
+    return image

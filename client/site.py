@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,8 @@ from common.labels import LabelKind
 from common.metrics import Predictor, evaluate, expert_predictor, mixture_predictor
 from common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
 from common.shapley import site_shapley
-from common.sitedata import SiteData, load_site, split_train_val, to_batches
+from common.patches import PatchLoader, Window
+from common.cases import SiteData, load_site, split_train_val, to_batches
 from common.state import state_to_numpy
 from common.train import personalise_gate, train_expert, train_gate
 from common.wire import Status
@@ -37,18 +39,36 @@ class Site:
     data: SiteData
     cfg: Config
     out_dir: Path | None
-    train_batches: list[dict] = field(default_factory=list)
-    val_batches: list[dict] = field(default_factory=list)
-    test_batches: list[dict] = field(default_factory=list)  # batches of the labelled held-out cases
+    train_cases: list[dict] = field(default_factory=list)
+    val_cases: list[dict] = field(default_factory=list)
+    test_cases: list[dict] = field(default_factory=list)  # the labelled held-out cases
     unlabelled: list[dict] = field(default_factory=list)  # held-out cases without labels (segmented at the end)
 
     @classmethod
     def open(cls, site_dir: Path, cfg: Config, site_id: str = "", out_dir: Path | None = None) -> "Site":
-        data = load_site(site_dir, cfg)
+        """Before the federation's plan exists (cfg not planned) the cases are only surveyed, not preprocessed."""
+        data = load_site(site_dir, cfg, cache_dir=out_dir / "cache" if out_dir is not None else None)
         train, val = split_train_val(data.train, cfg.val_fraction, cfg.seed)
-        return cls(site_id or data.site_id, data, cfg, out_dir, to_batches(train, cfg.batch_size),
-                   to_batches(val, cfg.batch_size), to_batches(data.labelled_test, cfg.batch_size),
-                   data.unlabelled_test)
+        return cls(site_id or data.site_id, data, cfg, out_dir, train, val, data.labelled_test, data.unlabelled_test)
+
+    def _batches(self, cases: list[dict]) -> list[dict]:
+        return to_batches(cases, self.cfg.batch_size, self.data.label_spec, self.cfg.divisor)
+
+    def patches(self, step: str) -> PatchLoader:
+        """Augmented training patches, reshuffled on every pass; augmentation seeded per step."""
+        return PatchLoader(self.train_cases, self.cfg, self.data.label_spec, self.cfg.seed + zlib.crc32(step.encode()))
+
+    @property
+    def val_batches(self) -> list[dict]:
+        return self._batches(self.val_cases)
+
+    @property
+    def test_batches(self) -> list[dict]:
+        return self._batches(self.test_cases)
+
+    @property
+    def window(self) -> Window:
+        return Window.from_config(self.cfg)
 
     @property
     def kind(self) -> LabelKind:
@@ -56,16 +76,16 @@ class Site:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {"n_train": _n(self.train_batches), "n_val": _n(self.val_batches), "n_test": _n(self.test_batches),
+        return {"n_train": len(self.train_cases), "n_val": len(self.val_cases), "n_test": len(self.test_cases),
                 "n_unlabelled": len(self.unlabelled)}
 
     @property
     def privacy(self) -> PrivacyLedger:
         return PrivacyLedger(self.out_dir, self.cfg, self.site_id)
 
-    def _enough(self, batches: list[dict]) -> bool:
+    def _enough(self, cases: list[dict]) -> bool:
         """min-cases: nothing computed from fewer cases leaves the site."""
-        return _n(batches) >= self.cfg.min_cases
+        return len(cases) >= self.cfg.min_cases
 
     def _released(self, update: State, sent: State, what: str, step: str, metrics: dict) -> State:
         """The update as it may leave: with differential privacy applied when dp-clip is set."""
@@ -77,9 +97,11 @@ class Site:
         return update
 
     def describe(self) -> dict:
-        """Non-private facts the server needs to build models: label spec, modalities, counts."""
+        """Non-private facts the server needs to build models and plan: label spec, modalities, counts, and
+        aggregate geometry (medians over the site's cases; none from fewer than min-cases cases)."""
+        geometry = self.data.aggregate_geometry() if len(self.data.geometry) >= self.cfg.min_cases else {}
         return {"labels": self.data.label_spec.to_dict(), "modalities": self.data.report.modalities,
-                "skipped": len(self.data.report.skipped), "n_gate": _n(self.gate_cases), **self.counts}
+                "skipped": len(self.data.report.skipped), "n_gate": len(self.gate_cases), **self.counts, **geometry}
 
     def expert(self, state: State | None = None) -> ExpertNet:
         return load_expert(self.cfg, self.data.label_spec.n_out, state)
@@ -90,17 +112,21 @@ class Site:
     def train_model(self, state: State, epochs: int, step: str = "") -> tuple[State | None, dict]:
         """Fine-tune a model (shared model or own expert) from the given weights; no update from fewer than
         min-cases training cases (the reply says so by its `suppressed` flag)."""
-        if not self._enough(self.train_batches):
+        if not self._enough(self.train_cases):
             return None, {**self.counts, "suppressed": 1}
         model = self.expert(state)
-        history = train_expert(model, self.train_batches, self.val_batches, self.cfg, self.kind, epochs=epochs,
+        history = train_expert(model, self.patches(step), self.val_batches, self.cfg, self.kind, epochs=epochs,
                                progress=False)
         metrics = {"train_loss": history["loss"][-1], **self.counts}
-        if history.get("best_val_dice") is not None and self._enough(self.val_batches):
+        if history.get("best_val_dice") is not None and self._enough(self.val_cases):
             metrics["val_dice"] = history["best_val_dice"]
         factors = history["factors"][-1]
         metrics["modality_factors"] = [float(factors[f"factor/{m}"]) for m in self.cfg.modality_names]
         return self._released(state_to_numpy(model), state, "model", step, metrics), metrics
+
+    @property
+    def gate_batches(self) -> list[dict]:
+        return self._batches(self.gate_cases)
 
     @property
     def gate_cases(self) -> list[dict]:
@@ -109,33 +135,34 @@ class Site:
         On the training split the site's own expert looks far better than it is on new cases, and a gate trained
         there routes everything to it. A site with fewer than min-cases held out learns on training + validation
         (flag `gate_on_train`); one with fewer than min-cases in all sends no gate update."""
-        if self._enough(self.val_batches):
-            return self.val_batches
-        pooled = self.train_batches + self.val_batches
+        if self._enough(self.val_cases):
+            return self.val_cases
+        pooled = self.train_cases + self.val_cases
         return pooled if self._enough(pooled) else []
 
     @property
-    def personal_cases(self) -> list[dict]:
+    def personal_batches(self) -> list[dict]:
         """Personalisation never leaves the site: the held-out split, else whatever it has."""
-        return self.val_batches or self.train_batches
+        return self._batches(self.val_cases or self.train_cases)
 
     @property
     def personalise_steps(self) -> int:
         """As many steps as fedavg-ft's local fine-tuning takes: personalise_epochs passes over the train split."""
-        return self.cfg.personalise_epochs * len(self.train_batches)
+        return self.cfg.personalise_epochs * -(-len(self.train_cases) // self.cfg.batch_size)
 
     def train_gate(self, experts: list[State], gate_state: State, batches: list[dict] | None = None,
                    step: str = "") -> tuple[State | None, dict]:
         """The gate trained for cfg.gate_steps steps with every expert frozen, on gate_cases (batches: on others,
         for ablations)."""
-        batches = self.gate_cases if batches is None else batches
+        on_val = batches is None and self._enough(self.val_cases)
+        batches = self.gate_batches if batches is None else batches
         if not batches:
             return None, {**self.counts, "n_gate": 0, "suppressed": 1}
         models = [self.expert(s) for s in experts]
         gate = self.gate(len(models), gate_state)
         history = train_gate(gate, models, batches, self.cfg, self.kind, progress=False)
         metrics = {"train_loss": history["mean_loss"], "gate_weights": history["weights"], "n_gate": history["n"],
-                   **self.counts, **({"gate_on_train": 1} if batches is not self.val_batches else {})}
+                   **self.counts, **({} if on_val else {"gate_on_train": 1})}
         return self._released(state_to_numpy(gate), gate_state, "gate", step, metrics), metrics
 
     def finalise_mixture(self, experts: dict[str, State], gate_state: State) -> tuple[dict, dict]:
@@ -144,13 +171,13 @@ class Site:
         models = [self.expert(experts[n]) for n in names]
         gate = self.gate(len(models), gate_state)
         try:
-            personal = personalise_gate(gate, models, self.personal_cases, self.cfg, self.kind,
+            personal = personalise_gate(gate, models, self.personal_batches, self.cfg, self.kind,
                                         self.personalise_steps)
         except Exception:  # the global gate is still a working mixture: keep it rather than nothing
             log.exception("site %s: personalising the gate failed; saving the global gate", self.site_id)
             personal = gate
         bundle = Bundle(self.cfg, self.data.label_spec, experts, state_to_numpy(personal), "mome", self.site_id)
-        return self.finalise(bundle, mixture_predictor(models, personal, self.kind),
+        return self.finalise(bundle, mixture_predictor(models, personal, self.kind, self.window),
                              lambda: self.evaluate_mixture(names, models, gate, personal))
 
     def finalise_shared(self, state: State, finetune_epochs: int, strategy: str) -> tuple[dict, dict]:
@@ -158,7 +185,7 @@ class Site:
         model = self.expert(state)
         if finetune_epochs > 0:
             try:
-                train_expert(model, self.train_batches, self.val_batches, self.cfg, self.kind,
+                train_expert(model, self.patches("finetune"), self.val_batches, self.cfg, self.kind,
                              epochs=finetune_epochs, progress=False)
             except Exception:  # the shared model it was sent still works: keep it rather than nothing
                 log.exception("site %s: fine-tuning failed; saving the shared model", self.site_id)
@@ -168,17 +195,18 @@ class Site:
     def finalise_model(self, model: ExpertNet, strategy: str) -> tuple[dict, dict]:
         bundle = Bundle(self.cfg, self.data.label_spec, {"shared": state_to_numpy(model)}, None, strategy,
                         self.site_id)
-        return self.finalise(bundle, expert_predictor(model, self.kind), lambda: self.evaluate_model(model))
+        return self.finalise(bundle, expert_predictor(model, self.kind, self.window),
+                             lambda: self.evaluate_model(model))
 
     def finalise(self, bundle: Bundle, predict_probs: Predictor, evaluate_fn: Callable[[], dict]) -> tuple[dict, dict]:
         """Save the site's final model first; then evaluate where held-out labels exist and segment the unlabelled
         held-out cases. Nothing after the save can lose the model. Returns (metrics, outcome)."""
         metrics = {**self.counts, "model_saved": int(self.save_model(bundle) is not None), **self.privacy.spent()}
         outcome = {"status": Status.NO_LABELS, "reason": self._why_no_metrics()}
-        if self.test_batches:
+        if self.test_cases:
             try:
                 scores = _flatten(evaluate_fn())
-                if self._enough(self.test_batches):
+                if self._enough(self.test_cases):
                     metrics.update(scores)
                     outcome = {"status": Status.EVALUATED, "reason": ""}
                 else:  # a score of one or two patients stays at the site
@@ -199,7 +227,7 @@ class Site:
     def _withhold(self, scores: dict) -> str:
         if self.out_dir is not None:
             write_json(self.out_dir / "local_metrics.json", scores)
-        return (f"{_n(self.test_batches)} labelled held-out case(s), fewer than min-cases {self.cfg.min_cases}: the "
+        return (f"{len(self.test_cases)} labelled held-out case(s), fewer than min-cases {self.cfg.min_cases}: the "
                 "scores stay at the site (local_metrics.json)")
 
     def _why_no_metrics(self) -> str:
@@ -209,27 +237,29 @@ class Site:
 
     def evaluate_mixture(self, names: list[str], models: list[ExpertNet], gate: GateNet, personal: GateNet) -> dict:
         """Personalised mixture, global-gate mixture and own expert on the labelled held-out cases."""
-        results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind), self.test_batches, self.kind),
-                   "mixture_global": evaluate(mixture_predictor(models, gate, self.kind), self.test_batches, self.kind)}
+        test, window = self.test_batches, self.window
+        results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind, window), test, self.kind),
+                   "mixture_global": evaluate(mixture_predictor(models, gate, self.kind, window), test, self.kind)}
         if self.site_id in names:
             own = models[names.index(self.site_id)]
-            results["expert"] = evaluate(expert_predictor(own, self.kind), self.test_batches, self.kind)
-            results["shapley"] = self._shapley(own)
-        results["gate_weights"] = self._mean_gate_weights(personal)
+            results["expert"] = evaluate(expert_predictor(own, self.kind, window), test, self.kind)
+            results["shapley"] = self._shapley(own, test)
+        results["gate_weights"] = self._mean_gate_weights(personal, test)
         return results
 
     def evaluate_model(self, model: ExpertNet) -> dict:
-        return {"model": evaluate(expert_predictor(model, self.kind), self.test_batches, self.kind),
-                "shapley": self._shapley(model)}
+        test = self.test_batches
+        return {"model": evaluate(expert_predictor(model, self.kind, self.window), test, self.kind),
+                "shapley": self._shapley(model, test)}
 
-    def _shapley(self, model: ExpertNet) -> list[float]:
+    def _shapley(self, model: ExpertNet, test: list[dict]) -> list[float]:
         """Mean Shapley value per modality (imaging ones, then clinical) over held-out cases."""
-        values = site_shapley(model, self.test_batches, self.kind, self.cfg.modality_names)["shapley"]
+        values = site_shapley(model, test, self.kind, self.cfg.modality_names)["shapley"]
         return [values[m] for m in (*self.cfg.modality_names, "clinical")]
 
     @torch.no_grad()
-    def _mean_gate_weights(self, gate: GateNet) -> list[float]:
-        weights = [gate_weights(gate, b) for b in self.test_batches]
+    def _mean_gate_weights(self, gate: GateNet, test: list[dict]) -> list[float]:
+        weights = [gate_weights(gate, b) for b in test]
         return torch.cat(weights).mean(0).tolist() if weights else []
 
     def save_model(self, bundle: Bundle) -> Path | None:
@@ -237,10 +267,6 @@ class Site:
         if self.out_dir is None:
             return None
         return save_bundle(bundle, self.out_dir / "model")
-
-
-def _n(batches: list[dict]) -> int:
-    return sum(int(b["image"].shape[0]) for b in batches)
 
 
 def _flatten(results: dict) -> dict:

@@ -43,8 +43,10 @@ class Bundle:
             "experts": list(self.experts), "has_gate": self.gate is not None,
             "modalities": list(self.cfg.modality_names), "clinical_fields": self.cfg.clinical_fields,
             "labels": self.label_spec.to_dict(),
-            "preprocessing": {"normalise": "z-score per channel over non-zero voxels",
-                              "resample_to": [self.cfg.size] * 3},
+            "plan": {"orientation": "RAS", "target_spacing_mm": self.cfg.target_spacing,
+                     "patch_size": self.cfg.patch_size, "sw_overlap": self.cfg.sw_overlap,
+                     "crop": "head mask (threshold, largest component, holes filled)",
+                     "normalise": "z-score per channel over the head, 0 outside"},
             "config": self.cfg.to_dict(), "versions": _versions(),
         }
 

@@ -55,7 +55,13 @@ class Config:
     # data
     modalities: str = "T1,T1ce,T2,FLAIR"  # federation-wide imaging vocabulary, in channel order
     clinical_fields: str = "age=num:100,sex=cat:F|M,risk=cat:low|high"  # name=num:scale | name=cat:a|b
-    size: int = 48  # every case is resampled to size^3 voxels
+    size: int = 48  # voxels per side of the synthetic heads `mome sim` generates (training follows the plan)
+    # plan: the federation's geometry, planned by the coordinator from the sites' aggregate geometry unless set
+    target_spacing: str = ""  # "x,y,z" mm in RAS; every case is resampled to it
+    patch_size: str = ""  # "x,y,z" voxels of a training patch
+    max_patch_voxels: int = 96**3  # memory budget of one training patch (the planned patch fits under it)
+    infer_voxels: int = 4_000_000  # largest sliding window at inference (a smaller case is one window)
+    sw_overlap: float = 0.25  # sliding-window overlap
     val_fraction: float = 0.2  # share of a site's training cases held out for validation
     max_voxels: int = 64_000_000  # a NIfTI whose header declares more voxels (x channels) is refused unread
     # model
@@ -105,11 +111,31 @@ class Config:
     def __post_init__(self) -> None:
         if self.gate_aggregation not in set(GateAggregation):
             raise ValueError(f"gate-aggregation {self.gate_aggregation!r}; choose from {' | '.join(GateAggregation)}")
+        for value, prop in ((self.target_spacing, "spacing"), (self.patch_size, "patch")):
+            if value:
+                getattr(self, prop)  # a malformed plan fails here, naming the key
 
     @property
     def training(self) -> dict[str, Any]:
         """The settings a checkpoint's weights depend on (resume refuses a checkpoint made with others)."""
         return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL}
+
+    @property
+    def planned(self) -> bool:
+        return bool(self.target_spacing and self.patch_size)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return _triple(self.target_spacing, float, "target-spacing")
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        return _triple(self.patch_size, int, "patch-size")
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes the expert takes are multiples of this: its body halves the resolution once per level."""
+        return 2 ** len(self.channel_list)
 
     @property
     def modality_names(self) -> tuple[str, ...]:
@@ -136,6 +162,16 @@ class Config:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _triple(text: str, kind: type, name: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f"{name} {text!r}: expected three positive numbers x,y,z (the plan sets it when empty)")
+    return values
 
 
 def config_from_mapping(values: Mapping[str, Any]) -> Config:

@@ -11,7 +11,8 @@ from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from common.labels import LabelKind
-from common.model import ExpertNet, GateNet, mixture_logits, probabilities
+from common.model import ExpertNet, GateNet, gate_weights, mixture_logits, model_logits, probabilities
+from common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]
 Predictor = Callable[[Batch], torch.Tensor]
@@ -78,23 +79,40 @@ def evaluate(predict_probs: Predictor, batches: Iterable[Batch], kind: LabelKind
     }
 
 
-def expert_predictor(model: ExpertNet, kind: LabelKind) -> Predictor:
-    """batch -> probabilities of one expert (eval mode, no grad)."""
+def expert_predictor(model: ExpertNet, kind: LabelKind, window: Window | None = None) -> Predictor:
+    """batch -> probabilities of one expert (eval mode, no grad; sliding windows when a Window is given)."""
 
     @torch.no_grad()
     def predict(batch: Batch) -> torch.Tensor:
         model.eval()
-        return probabilities(model(batch["image"], batch["presence"], batch["clinical"]), kind)
+        return probabilities(model_logits(model, batch, window), kind)
 
     return predict
 
 
-def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: LabelKind) -> Predictor:
-    """batch -> gate-weighted mixture probabilities of the frozen experts."""
+def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: LabelKind,
+                      window: Window | None = None) -> Predictor:
+    """batch -> gate-weighted mixture probabilities of the frozen experts: each window mixes the experts'
+    log-odds with its case's gate weights."""
 
     @torch.no_grad()
     def predict(batch: Batch) -> torch.Tensor:
         gate.eval()
-        return probabilities(mixture_logits(experts, gate, batch, kind)[0], kind)
+        for expert in experts:
+            expert.eval()
+        if window is None:
+            return probabilities(mixture_logits(experts, gate, batch, kind)[0], kind)
+        weights = gate_weights(gate, batch)
+        presence, clinical = batch["presence"], batch["clinical"]
+
+        def mixed(x: torch.Tensor, i: int) -> torch.Tensor:
+            out = 0.0
+            for k, expert in enumerate(experts):
+                logits = expert(x, presence[i:i + 1], clinical[i:i + 1])
+                out = out + weights[i, k] * (logits if LabelKind(kind) is LabelKind.REGIONS
+                                             else torch.log_softmax(logits, dim=1))
+            return out
+
+        return probabilities(window.infer(mixed, batch["image"]), kind)
 
     return predict

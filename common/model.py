@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from common.clinical import parse_schema
 from common.config import Config
 from common.labels import LabelKind
 from common.state import load_numpy_state
+
+if TYPE_CHECKING:
+    from common.patches import Window
 
 # oneDNN's 3D convolutions (backward above all) run 1.5-3x faster on CPU in channels-last layout
 CHANNELS_LAST = torch.channels_last_3d
@@ -255,17 +258,29 @@ class GateNet(nn.Module):
 
 
 def gate_weights(gate: GateNet, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return gate(batch["image"], batch["presence"], batch["clinical"], batch["stats"])
+    """The case's weights over the experts, from its whole-case summary (the image pooled to gate_pool^3, which the
+    gate pools again to the same; a batch of whole images without one works too): the same for every patch."""
+    summary = batch["summary"] if "summary" in batch else batch["image"]
+    return gate(summary, batch["presence"], batch["clinical"], batch["stats"])
+
+
+def model_logits(model: ExpertNet, batch: Mapping[str, torch.Tensor], window: "Window | None" = None) -> torch.Tensor:
+    """One model's logits on whole cases: sliding windows when a Window is given, else one pass."""
+    if window is None:
+        return model(batch["image"], batch["presence"], batch["clinical"])
+    presence, clinical = batch["presence"], batch["clinical"]
+    return window.infer(lambda x, i: model(x, presence[i:i + 1], clinical[i:i + 1]), batch["image"])
 
 
 @torch.no_grad()
-def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: LabelKind) -> torch.Tensor:
+def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: LabelKind,
+                  window: "Window | None" = None) -> torch.Tensor:
     """Frozen experts' outputs in the space the mixture averages [B, K, R, D, H, W] (eval mode, no graph):
     log-odds for nested regions, log-probabilities for exclusive classes."""
     out = []
     for expert in experts:
         expert.eval()
-        logits = expert(batch["image"], batch["presence"], batch["clinical"])
+        logits = model_logits(expert, batch, window)
         out.append(logits if LabelKind(kind) is LabelKind.REGIONS else torch.log_softmax(logits, dim=1))
     return torch.stack(out, dim=1)
 
@@ -276,6 +291,7 @@ def mixture_logits(
     batch: Mapping[str, torch.Tensor],
     kind: LabelKind,
     cached: torch.Tensor | None = None,
+    window: "Window | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate-weighted mean of the experts' log-odds (log-probabilities for classes): the mixture's logits
     [B, R, ...], and the weights [B, K]; grads reach the gate only.
@@ -283,7 +299,7 @@ def mixture_logits(
     Not a mean of probabilities: that mixture is less confident than its experts wherever they disagree, so a
     soft loss scores it worse than the single expert it would beat on thresholded Dice, and a gate trained on that
     loss collapses onto one expert per case. In log-odds the mixture keeps its experts' confidence."""
-    scores = cached if cached is not None else expert_logits(experts, batch, kind)
+    scores = cached if cached is not None else expert_logits(experts, batch, kind, window)
     weights = gate_weights(gate, batch)
     return (weights[:, :, None, None, None, None] * scores).sum(1), weights
 

@@ -1,34 +1,132 @@
-"""Deterministic MONAI preprocessing of one case and its inverse for writing predictions."""
+"""Canonical geometry of a case and its inverse, on MONAI: RAS orientation from the NIfTI affine, the plan's voxel
+spacing, cropped to the head (a real foreground mask, zero outside it), z-scored per channel over the head.
+Predictions go back to the input's own grid through the affines the transforms recorded."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.transforms import Compose, NormalizeIntensityd, Resized
+from monai.data import MetaTensor
+from monai.transforms import (Compose, CropForegroundd, MapTransform, NormalizeIntensityd, Orientationd,
+                              SpatialResample, Spacingd)
+from scipy import ndimage
+
+# a voxel is tissue where some present channel exceeds this share of its 99th percentile: interpolation halos,
+# background noise and the dark skull stay below it; the skull and other dark tissue inside the head come back
+# when the mask's holes are filled
+HEAD_THRESHOLD = 0.1
+PERCENTILES = (0.5, 50.0, 99.5)  # per-channel head intensity percentiles a site reports (over its cases' medians)
 
 
-def case_transform(size: int) -> Compose:
-    """Per-channel z-score over the head (non-zero voxels), then resample to size^3."""
-    shape = (size, size, size)
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each stored array axis."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why an affine cannot place a scan in space (None when it can)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        return "affine has NaN/inf entries"
+    spacing = voxel_spacing(affine)
+    if (spacing <= 1e-6).any():
+        return f"voxel spacing {np.round(spacing, 6).tolist()} has a zero axis"
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-9 * np.prod(spacing):
+        return "affine is singular (its axes are not independent)"
+    return None
+
+
+def head_mask(image: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The head: voxels above HEAD_THRESHOLD of a present channel's 99th percentile, largest component, holes
+    filled. Robust to how a scan was resampled (halo), to background noise and to non-zero backgrounds."""
+    tissue = np.zeros(image.shape[1:], dtype=bool)
+    for c in np.flatnonzero(present):
+        positive = image[c][image[c] > 0]
+        if positive.size:
+            tissue |= image[c] > HEAD_THRESHOLD * np.percentile(positive, 99)
+    labels, n = ndimage.label(tissue)
+    if n == 0:
+        return tissue
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return ndimage.binary_fill_holes(labels == largest)
+
+
+class HeadMaskd(MapTransform):
+    """Adds data["head"] (the head mask, same grid and meta as the image) and sets the image to 0 outside it."""
+
+    def __init__(self, keys: str = "image", present_key: str = "present", mask_key: str = "head"):
+        super().__init__(keys)
+        self.present_key, self.mask_key = present_key, mask_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        image = d[self.keys[0]]
+        mask = head_mask(np.asarray(image), np.asarray(d[self.present_key]))
+        if not mask.any():
+            raise ValueError("the head is empty (no voxel above the foreground threshold)")
+        keep = torch.as_tensor(mask)[None]
+        d[self.keys[0]] = image * keep
+        d[self.mask_key] = image[:1] * 0 + keep.to(image.dtype)  # keeps the image's MetaTensor affine
+        return d
+
+
+def canonical_transform(spacing: tuple[float, float, float]) -> Compose:
+    """Image (and label, nearest) to RAS at `spacing` mm, cropped to the head, z-scored over the head."""
+    keys = ("image", "label")
     return Compose([
+        Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True),
+        Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
+        HeadMaskd(),
+        CropForegroundd(keys=(*keys, "head"), source_key="head", allow_missing_keys=True),
         NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        Resized(keys="image", spatial_size=shape, mode="trilinear", align_corners=False),
-        Resized(keys="label", spatial_size=shape, mode="nearest", allow_missing_keys=True),
     ])
 
 
-def intensity_stats(image: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """log1p of the raw foreground mean and std per channel: scanner-level cues for the gate."""
+def canonical(image: np.ndarray, affine: np.ndarray, present: np.ndarray, spacing: tuple[float, float, float],
+              label: np.ndarray | None = None) -> dict:
+    """{"image": [M, ...] float32, "label"?: [...] (nearest), "affine": the canonical crop's 4x4 affine}."""
+    meta_affine = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+    data = {"image": MetaTensor(torch.from_numpy(image), affine=meta_affine), "present": present}
+    if label is not None:
+        data["label"] = MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=meta_affine)
+    data = canonical_transform(spacing)(data)
+    out = {"image": data["image"].as_tensor().float().contiguous(),
+           "affine": np.asarray(data["image"].affine, dtype=np.float64)}
+    if label is not None:
+        out["label"] = data["label"].as_tensor()[0].round().to(torch.int16).numpy()
+    return out
+
+
+def to_input_grid(probs: torch.Tensor, canonical_affine: np.ndarray, affine: np.ndarray,
+                  shape: tuple[int, ...]) -> np.ndarray:
+    """Probabilities [C, ...] on the canonical crop back onto the input's voxel grid (its shape, orientation,
+    affine); 0 outside the head."""
+    source = MetaTensor(probs.float(), affine=torch.as_tensor(canonical_affine))
+    out = SpatialResample(mode="bilinear", padding_mode="zeros")(
+        source, dst_affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)), spatial_size=tuple(shape))
+    return np.asarray(out.as_tensor(), dtype=np.float32)
+
+
+def case_geometry(image: np.ndarray, affine: np.ndarray, present: np.ndarray) -> dict:
+    """One case's geometry in RAS axis order (spacing and head extent in mm), head intensity percentiles per
+    channel (NaN where absent; only aggregates over a site's cases leave it) and the gate's intensity cues
+    (log1p of the head's mean and std per channel: scanner-level differences the z-scoring removes)."""
+    axes = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+    mask = head_mask(image, present)
+    if not mask.any():
+        raise ValueError("the head is empty (no voxel above the foreground threshold)")
+    spacing = voxel_spacing(affine)
+    extent = np.array([np.ptp(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k)))) + 1
+                       for k in range(3)]) * spacing
+    ras_spacing, ras_extent = np.empty(3), np.empty(3)
+    ras_spacing[axes], ras_extent[axes] = spacing, extent
+    intensity = np.full((image.shape[0], len(PERCENTILES)), np.nan)
     stats = np.zeros((image.shape[0], 2), dtype=np.float32)
     for c in np.flatnonzero(present):
-        voxels = np.abs(image[c][image[c] != 0])
-        if voxels.size:
-            stats[c] = np.log1p([voxels.mean(), voxels.std()])
-    return stats.reshape(-1)
+        head = image[c][mask]
+        intensity[c] = np.percentile(head, PERCENTILES)
+        stats[c] = np.log1p([np.abs(head).mean(), head.std()])
+    return {"spacing": ras_spacing, "extent": ras_extent, "intensity": intensity, "stats": stats.reshape(-1)}
 
 
-def resize_probs(probs: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """Probabilities [C, s, s, s] back to the case's original voxel grid."""
-    out = F.interpolate(probs[None].float(), size=tuple(shape), mode="trilinear", align_corners=False)
-    return out[0].numpy()

@@ -23,6 +23,7 @@ class Sizes:
 
 INT, FLOAT = "int", "float"
 PER_MODALITY, PER_MODALITY_AND_CLINICAL, PER_REGION, PER_EXPERT = "modalities", "modalities+1", "regions", "experts"
+XYZ = "xyz"  # three values, RAS axis order
 
 COUNTS = {"n_train": INT, "n_val": INT, "n_test": INT, "n_unlabelled": INT, NUM_EXAMPLES: INT}
 PRIVACY = {"dp_epsilon": FLOAT, "dp_delta": FLOAT}  # privacy spent so far (the pre-noise norm stays local)
@@ -30,6 +31,9 @@ SUPPRESSION = {"suppressed": INT, "gate_on_train": INT}  # flags: what min-cases
 EVALUATED = ("mixture", "mixture_global", "expert", "model")  # variants a site scores on its held-out cases
 
 DESCRIBE = {"n_train": INT, "n_val": INT, "n_gate": INT, "n_test": INT, "n_unlabelled": INT, "skipped": INT}
+# aggregate geometry for the plan: medians over the site's cases, never a case's own value (common.cases)
+GEOMETRY = {"spacing": XYZ, "extent_mm": XYZ, "intensity_p005": PER_MODALITY, "intensity_p50": PER_MODALITY,
+            "intensity_p995": PER_MODALITY}
 TRAIN = {**COUNTS, **PRIVACY, **SUPPRESSION, "train_loss": FLOAT, "val_dice": FLOAT,
          "modality_factors": PER_MODALITY}
 GATE = {**COUNTS, **PRIVACY, **SUPPRESSION, "train_loss": FLOAT, "n_gate": INT, "gate_weights": PER_EXPERT}
@@ -45,11 +49,11 @@ CONFIGS = {  # per action: record -> the keys it may carry (all strings)
     str(Action.TRAIN_GATE): {"site": {"site-id"}},
     str(Action.EVALUATE): {"site": {"site-id"}, Key.OUTCOME: {"status", "reason", "segmentation"}},
 }
-METRICS = {"query.describe": DESCRIBE, str(Action.TRAIN_SHARED): TRAIN, str(Action.TRAIN_EXPERT): TRAIN,
+METRICS = {"query.describe": {**DESCRIBE, **GEOMETRY}, str(Action.TRAIN_SHARED): TRAIN, str(Action.TRAIN_EXPERT): TRAIN,
            str(Action.TRAIN_GATE): GATE, str(Action.EVALUATE): EVALUATE}
 MAX_TEXT = 2000  # the label spec as JSON is the longest string a site sends
 _LIST_LENGTH = {PER_MODALITY: lambda s: s.modalities, PER_MODALITY_AND_CLINICAL: lambda s: s.modalities + 1,
-                PER_REGION: lambda s: s.regions, PER_EXPERT: lambda s: s.experts}
+                PER_REGION: lambda s: s.regions, PER_EXPERT: lambda s: s.experts, XYZ: lambda s: 3}
 
 
 def sent_model(action: str, request: RecordDict) -> ArrayRecord | None:

@@ -10,13 +10,10 @@ from typing import Iterable
 
 import nibabel as nib
 import numpy as np
-import torch
 
-from common.clinical import ClinicalSchema, parse_schema, read_clinical_csv
 from common.config import Config
 from common.labels import LabelSpec, label_spec_from_dataset_json
-from common.preprocess import case_transform, intensity_stats
-from common.wire import site_id_from_name
+from common.preprocess import affine_problem
 
 # Spellings seen in public datasets for the federation's sequence names.
 MODALITY_ALIASES = {
@@ -168,6 +165,8 @@ def _read_volume(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"expected a 3D volume, got shape {data.shape}")
     if not np.isfinite(data).all():
         raise ValueError(f"{int((~np.isfinite(data)).sum())} NaN/inf voxels")
+    if problem := affine_problem(img.affine):
+        raise ValueError(problem)
     return data, img.affine
 
 
@@ -197,7 +196,7 @@ def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int, with
         except ValueError as exc:
             raise BadCase(path, str(exc)) from None
         if shape is None:
-            shape, affine = data.shape, aff
+            shape, affine, reference = data.shape, aff, path
             image = np.zeros((n_modalities, *shape), dtype=np.float32)
         elif data.shape != shape:
             raise BadCase(path, f"shape {data.shape} differs from the case's other channels {shape}")
@@ -206,7 +205,8 @@ def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int, with
         image[modality], present[modality] = data, 1.0
     if image is None:
         raise BadCase(image_dir, f"case {case} has no usable channel")
-    out = {"case_id": case, "raw_image": image, "present": present, "affine": affine, "shape": shape}
+    out = {"case_id": case, "raw_image": image, "present": present, "affine": affine, "shape": shape,
+           "reference": str(reference)}  # a channel file: predictions are written with its header
     if with_label:
         out["label"] = _read_label(layout, case, split, shape, affine)
     return out
@@ -234,117 +234,3 @@ def _read_label(layout: SiteLayout, case: str, split: str, shape, affine) -> np.
         raise BadCase(path, f"label values {undeclared} not declared in dataset.json "
                             f"(allowed {list(layout.label_spec.values)})")
     return label.astype(np.int16)
-
-
-@dataclass
-class SiteData:
-    """A site's usable cases, preprocessed to tensors, plus what was skipped and why."""
-
-    site_dir: Path
-    label_spec: LabelSpec
-    report: SiteReport
-    train: list[dict]
-    test: list[dict]  # held-out cases; those with a label file carry "label"
-
-    @property
-    def site_id(self) -> str:
-        return site_id_from_name(self.site_dir.name)
-
-    @property
-    def labelled_test(self) -> list[dict]:
-        return [c for c in self.test if "label" in c]
-
-    @property
-    def unlabelled_test(self) -> list[dict]:
-        return [c for c in self.test if "label" not in c]
-
-
-def _read_clinical(site_dir: Path, report: SiteReport) -> dict[str, dict[str, str]]:
-    path = site_dir / "clinical.csv"
-    if not path.exists():
-        return {}
-    try:
-        rows = read_clinical_csv(path)
-    except (OSError, ValueError, UnicodeDecodeError, KeyError) as exc:
-        report.warnings.append(f"{path}: unreadable ({exc}); clinical modality treated as absent")
-        return {}
-    report.clinical = bool(rows)
-    return rows
-
-
-def preprocess_case(raw: dict, cfg: Config, schema: ClinicalSchema, row: dict | None,
-                spec: LabelSpec) -> dict:
-    data = {"image": raw["raw_image"]}
-    if "label" in raw:
-        data["label"] = raw["label"][None].astype(np.float32)
-    data = case_transform(cfg.size)(data)
-    clinical, _ = schema.encode(row) if row is not None else ([0.0] * schema.width, [])
-    case = {
-        "case_id": raw["case_id"], "affine": raw["affine"], "shape": raw["shape"],
-        "image": torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32),
-        "presence": torch.tensor([*raw["present"], 1.0 if row is not None else 0.0]),
-        "clinical": torch.tensor(clinical, dtype=torch.float32),
-        "stats": torch.from_numpy(intensity_stats(raw["raw_image"], raw["present"])),
-    }
-    if "label" in data:
-        case["label"] = torch.from_numpy(spec.to_target(np.asarray(data["label"])[0]))
-    return case
-
-
-def load_site(site_dir: Path | str, cfg: Config) -> SiteData:
-    """Validate and load every case; bad cases are skipped and reported, nothing is written.
-
-    A held-out case is labelled when labelsTs/ holds its label file; a hospital's held-out cases usually have none,
-    and a site may have some of each."""
-    site_dir = Path(site_dir)
-    report = SiteReport(site_dir)
-    layout = read_layout(site_dir, cfg, report)
-    schema = parse_schema(cfg.clinical_fields)
-    rows = _read_clinical(site_dir, report)
-    splits: dict[str, list[dict]] = {"Tr": [], "Ts": []}
-    for split in splits:
-        for case in discover_cases(layout, split):
-            with_label = split == "Tr" or label_path(layout, case, split).exists()
-            try:
-                raw = read_case(layout, case, split, len(cfg.modality_names), with_label)
-            except BadCase as bad:
-                report.skip(case, bad.path, bad.reason)
-                continue
-            row = rows.get(case)
-            if rows and row is None:
-                report.warnings.append(f"{site_dir / 'clinical.csv'}: no row for case {case}; "
-                                       "its clinical modality is treated as absent")
-            elif row is not None:
-                for problem in schema.encode(row)[1]:
-                    report.warnings.append(f"{site_dir / 'clinical.csv'}: case {case}: {problem}")
-            splits[split].append(preprocess_case(raw, cfg, schema, row, layout.label_spec))
-            report.usable[split].append(case)
-            if not with_label:
-                report.unlabelled.append(case)
-    known = set(report.usable["Tr"]) | set(report.usable["Ts"]) | {c for c, _, _ in report.skipped}
-    for case in sorted(set(rows) - known):
-        report.warnings.append(f"{site_dir / 'clinical.csv'}: row for case {case}, "
-                               "which has no image files; ignored")
-    if not report.usable["Tr"] and not report.skipped:
-        raise SiteDataError(f"{site_dir / 'imagesTr'}: no cases found "
-                            f"(expected files named <case>_<cccc>{layout.file_ending})")
-    return SiteData(site_dir, layout.label_spec, report, splits["Tr"], splits["Ts"])
-
-
-def split_train_val(cases: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic hold-out of a share of the training cases (at least one when there are two)."""
-    order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(len(cases) - 1, max(1, round(fraction * len(cases)))) if len(cases) > 1 else 0
-    return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
-
-
-TENSOR_KEYS = ("image", "presence", "clinical", "stats", "label")
-
-
-def to_batches(cases: list[dict], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Stack cases into batch dicts (the format models and training loops take)."""
-    batches = []
-    for start in range(0, len(cases), batch_size):
-        chunk = cases[start:start + batch_size]
-        batches.append({k: torch.stack([c[k] for c in chunk]) for k in TENSOR_KEYS if k in chunk[0]})
-    return batches

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from common.config import Config
 from common.labels import LabelKind
 from common.metrics import evaluate, expert_predictor
 from common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_logits
+from common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]
 # frozen experts' outputs cached across gate steps only below this size; above it they are recomputed per step
@@ -71,22 +72,25 @@ def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn
     return loss, aux_scores(aux, aux_label, present, kind)
 
 
-def _validate(model: ExpertNet, val_batches: Sequence[Batch], kind: LabelKind) -> float | None:
+def _validate(model: ExpertNet, val_batches: Sequence[Batch], kind: LabelKind, cfg: Config) -> float | None:
     if not val_batches:
         return None
-    return evaluate(expert_predictor(model, kind), val_batches, kind, with_hd95=False)["dice_mean"]
+    predict = expert_predictor(model, kind, Window.from_config(cfg))
+    return evaluate(predict, val_batches, kind, with_hd95=False)["dice_mean"]
 
 
 def train_expert(
     model: ExpertNet,
-    train_batches: Sequence[Batch],
+    train_batches: Iterable[Batch],
     val_batches: Sequence[Batch],
     cfg: Config,
     kind: LabelKind,
     epochs: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train in place; the model ends with the state of best validation Dice (the last one without val data)."""
+    """Train in place; the model ends with the state of best validation Dice (the last one without val data).
+
+    train_batches: re-iterable, one pass per epoch (a PatchLoader: shuffled augmented patches; or a list)."""
     names = cfg.modality_names
     if len(names) != model.n_modalities:
         raise ValueError(f"config has {len(names)} modalities {names}, model has {model.n_modalities}")
@@ -95,15 +99,13 @@ def train_expert(
     balancer = ModalityBalancer(names, alpha=cfg.balance_alpha)
     loss_fn = segmentation_loss(kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    history: dict = {"loss": [], "val_dice": [], "factors": [], "seconds": [], "n_train": _cases(train_batches)}
+    history: dict = {"loss": [], "val_dice": [], "factors": [], "seconds": [], "n_train": getattr(train_batches, "n_cases", None) or _cases(train_batches)}
     best_dice, best_state, best_epoch = -1.0, None, epochs - 1
     for epoch in range(epochs):
         start, model_losses = time.perf_counter(), []
         model.train()
-        bar = tqdm(_order(len(train_batches), generator), desc=f"expert {epoch + 1}/{epochs}", disable=not progress,
-                   leave=False)
-        for i in bar:
-            batch = train_batches[i]
+        bar = tqdm(train_batches, desc=f"expert {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for batch in bar:
             presence = drop_modalities(batch["presence"], model.n_modalities, cfg.modality_dropout, generator)
             loss, scores = _expert_loss(model, batch, presence, loss_fn, balancer.factors.tolist(), cfg, kind)
             optimizer.zero_grad(set_to_none=True)
@@ -113,7 +115,7 @@ def train_expert(
             balancer.update(scores)
             model_losses.append(loss.item())
             bar.set_postfix(loss=f"{model_losses[-1]:.3f}")
-        val = _validate(model, val_batches, kind)
+        val = _validate(model, val_batches, kind, cfg)
         history["loss"].append(sum(model_losses) / len(model_losses) if model_losses else None)
         history["val_dice"].append(val)
         history["factors"].append(balancer.log_epoch())
@@ -128,12 +130,12 @@ def train_expert(
     return history
 
 
-def _expert_cache(experts, batches, kind) -> list[torch.Tensor] | None:
+def _expert_cache(experts, batches, kind, window: Window) -> list[torch.Tensor] | None:
     """Frozen experts give the same outputs every step: compute them once when they fit in memory."""
     size = sum(b["label"][:, :1].numel() for b in batches) * len(experts) * batches[0]["label"].shape[1] * 4
     if size > CACHE_LIMIT_BYTES:
         return None
-    return [expert_logits(experts, b, kind) for b in batches]
+    return [expert_logits(experts, b, kind, window) for b in batches]
 
 
 def _gate_optimizer(gate: GateNet, cfg: Config) -> torch.optim.Optimizer:
@@ -165,14 +167,15 @@ def train_gate(
         return history
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = _gate_optimizer(gate, cfg)
-    cache = _expert_cache(experts, batches, kind)
+    window = Window.from_config(cfg)
+    cache = _expert_cache(experts, batches, kind, window)
     loss_fn = segmentation_loss(kind)  # the experts' own loss, on the mixture's logits
     order = [i for _ in range(-(-steps // len(batches))) for i in _order(len(batches), generator)][:steps]
     gate.train()
     seen = []  # gate weights per step
     for i in tqdm(order, desc="gate", disable=not progress, leave=False):
         cached = cache[i] if cache is not None else None
-        logits, weights = mixture_logits(experts, gate, batches[i], kind, cached=cached)
+        logits, weights = mixture_logits(experts, gate, batches[i], kind, cached=cached, window=window)
         loss = loss_fn(logits, batches[i]["label"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,6 +12,7 @@ from typing import Callable
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from common.atomic import write_json
 from common.config import Config, GateAggregation, Strategy
 from common.labels import LabelSpec
 from common.model import load_expert, load_gate
@@ -20,6 +21,7 @@ from common.wire import Action, Key, config_record, record_bytes, to_record
 from server.aggregate import AggregationError, aggregate
 from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
 from server.identity import Refused, Registry
+from server.plan import make_plan, planned_config, site_geometry
 from server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, layout, parse_reply,
                             sender)
 from server.validation import RejectedUpdate, check_update, dp_allowance
@@ -69,6 +71,7 @@ class Coordinator:
         self.state["fingerprint"] = self.fingerprint
         self.traffic = self.state["traffic"]
         self.registry = Registry(cfg.max_site_cases, events=self.state.setdefault("identity", []))
+        self.geometry: dict[str, dict | None] = {}  # site -> what it reported for the plan
 
     # -- messaging ---------------------------------------------------------------------------
     def _exchange(self, contents: dict[int, RecordDict], message_type: str, step: int,
@@ -153,6 +156,7 @@ class Coordinator:
             try:
                 self.registry.bind(node, site, counts, alive, step)  # records its own refusals
                 specs[site] = spec
+                self.geometry[site] = site_geometry(counts)
             except Refused:
                 pass
         return specs
@@ -172,7 +176,18 @@ class Coordinator:
             raise QuorumLost(f"{len(self.registry.node_of)} site(s) identified themselves, fewer than min-sites "
                              f"{self.cfg.min_sites}; is every SuperNode's data folder valid?")
         log.info("federation: %d sites (%s)", len(self.registry.node_of), ", ".join(self.registry.bindings()))
+        self._plan()
         return LabelSpec.from_dict(self.state["labels"])
+
+    def _plan(self) -> None:
+        """The federation's geometry from the bound sites' aggregate geometry, made once (a resumed run keeps
+        it); every later message carries it in the run config, and every bundle in its config."""
+        if self.state.get("plan") is None:
+            usable = {s: g for s, g in sorted(self.geometry.items()) if g is not None and s in self.registry.node_of}
+            self.state["plan"] = {**make_plan(list(usable.values()), self.cfg), "from_sites": sorted(usable)}
+            write_json(self.out_dir / "plan.json", self.state["plan"])
+        self.cfg = planned_config(self.cfg, self.state["plan"])
+        log.info("plan: target spacing %s mm, patch %s voxels", self.cfg.target_spacing, self.cfg.patch_size)
 
     def _wait_for_sites(self) -> list[int]:
         """Sites connect when they are ready; start once start-sites (or min-sites) are there, or fail clearly."""

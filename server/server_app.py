@@ -37,6 +37,8 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
             identity=state.get("identity", [])))
         log.error("%s stopped: %s", cfg.strategy, exc)
         raise
+    cfg = coordinator.cfg  # with the plan the sites' geometry gave
+    cfg.save(out_dir / "config.json")
     spec = LabelSpec.from_dict(state["labels"])
     mome = cfg.strategy == Strategy.MOME
     experts = state["experts"] if mome else {"shared": state["base"]}
@@ -44,7 +46,8 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     metrics = strategy_metrics(cfg, spec.metric_names, final_sites(state, cfg.strategy),
                                time.perf_counter() - start, experts=sorted(experts), rounds=state["history"],
                                dropped=state["dropped"], traffic=state["traffic"],
-                               bindings=state.get("bindings", {}), identity=state["identity"])
+                               bindings=state.get("bindings", {}), identity=state["identity"],
+                               plan=state.get("plan"))
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s: %s", cfg.strategy, headline(metrics))
     return metrics

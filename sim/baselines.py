@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from common.model import ExpertNet, load_expert
 from common.train import train_expert
 
 Batch = Mapping[str, torch.Tensor]
-Splits = tuple[Sequence[Batch], Sequence[Batch]]  # a site's (train, val) batches
+Splits = tuple[Iterable[Batch], Sequence[Batch]]  # a site's (train patches, val batches)
 
 
 def train_local(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_out: int) -> list[ExpertNet]:
@@ -20,14 +20,14 @@ def train_local(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_out: in
     models = []
     for train, val in sites:
         model = load_expert(cfg, n_out)
-        train_expert(model, list(train), list(val), cfg, kind, progress=False)
+        train_expert(model, train, list(val), cfg, kind, progress=False)
         models.append(model)
     return models
 
 
-def train_centralized(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_out: int) -> ExpertNet:
+def train_centralized(train: Iterable[Batch], val: Sequence[Batch], cfg: Config, kind: LabelKind,
+                      n_out: int) -> ExpertNet:
     """One expert on the pooled training data of all sites (pooled validation picks its best epoch)."""
     model = load_expert(cfg, n_out)
-    train_expert(model, [b for train, _ in sites for b in train], [b for _, val in sites for b in val], cfg, kind,
-                 progress=False)
+    train_expert(model, train, val, cfg, kind, progress=False)
     return model

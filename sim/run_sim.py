@@ -18,6 +18,8 @@ from common.config import Config, Strategy
 from common.wire import Status, site_id_from_name
 from server.results import FAILED, headline, headline_variant, site_entry, strategy_metrics
 from server.server_app import make_server_app
+from common.patches import PatchLoader
+from server.plan import make_plan, planned_config
 from sim.baselines import train_centralized, train_local
 
 log = logging.getLogger("mome.sim")
@@ -66,18 +68,27 @@ def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, m
     return json.loads(path.read_text())
 
 
+def local_plan(cfg: Config, site_dirs: list[Path]) -> Config:
+    """The plan the coordinator would make from these sites' aggregate geometry (for runs without one)."""
+    if cfg.planned:
+        return cfg
+    return planned_config(cfg, make_plan([Site.open(d, cfg).data.aggregate_geometry() for d in site_dirs], cfg))
+
+
 def run_baseline(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:
     """`local` or `centralized`, trained without Flower on the same splits and budget; each site's model is saved
     (at <run>/<strategy>/sites/<site>/model) before it is evaluated, as in the federated strategies."""
     start = time.perf_counter()
     # the same number of local training epochs a site spends in the federated strategies
-    budget = cfg.replace(strategy=strategy, expert_epochs=cfg.local_epochs)
+    budget = local_plan(cfg.replace(strategy=strategy, expert_epochs=cfg.local_epochs), site_dirs)
     out_dir = run_dir / strategy
     sites = [Site.open(d, budget, out_dir=out_dir / "sites" / site_id_from_name(d.name)) for d in site_dirs]
-    splits = [(s.train_batches, s.val_batches) for s in sites]
     shape = (budget, sites[0].kind, sites[0].data.label_spec.n_out)
-    models = (train_local(splits, *shape) if strategy == Strategy.LOCAL
-              else [train_centralized(splits, *shape)] * len(sites))
+    if strategy == Strategy.LOCAL:
+        models = train_local([(s.patches("local"), s.val_batches) for s in sites], *shape)
+    else:
+        pooled = PatchLoader([c for s in sites for c in s.train_cases], budget, sites[0].data.label_spec)
+        models = [train_centralized(pooled, [b for s in sites for b in s.val_batches], *shape)] * len(sites)
     entries = {}
     for site, model in zip(sites, models):
         try:

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from common.sitedata import site_id
+from sim.scanner import ORIENTATIONS, scanner_grid, scanner_profile
 
 PRESETS: tuple[str, ...] = ("iid", "scanner-shift", "convention-shift", "few-shot", "missing-modality", "mixed")
 SEQUENCES: tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
@@ -27,13 +28,6 @@ _CONTRAST = (
     (0.0, 0.90, 0.08, 0.15, 0.50, 0.75, 0.47, 0.22, 1.20),  # T1ce: enhancing rim very bright
     (0.0, 0.55, 0.05, 1.00, 0.62, 0.40, 0.85, 0.90, 0.65),  # T2: CSF and oedema bright
     (0.0, 0.60, 0.05, 0.08, 0.58, 0.42, 0.95, 0.55, 0.72),  # FLAIR: CSF suppressed, oedema bright
-)
-# Scanner profiles: spacing, origin shift, gain, offset (per sequence), bias, noise, rician, gamma.
-_SCANNERS = (
-    (1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0), 0.10, 0.02, True, 1.0),
-    (1.2, (3.0, -5.0, 8.0), (1.6, 1.3, 0.8, 1.4), (0.10, 0.05, 0.0, 0.15), 0.35, 0.05, False, 0.75),
-    (1.1, (-4.0, 2.0, -6.0), (0.7, 0.9, 1.3, 0.8), (0.0, 0.10, 0.05, 0.0), 0.20, 0.08, True, 1.35),
-    (0.95, (1.5, 4.0, 0.0), (1.2, 1.5, 1.1, 0.9), (0.05, 0.0, 0.10, 0.05), 0.45, 0.035, True, 1.15),
 )
 _SUBDIRS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 # RNG streams of one case; each is independent so e.g. dropping FLAIR does not change T1.
@@ -62,6 +56,8 @@ class SiteSpec:
     noise: float = 0.02  # noise standard deviation relative to the channel gain
     rician: bool = True  # Rician (magnitude) noise if True, else (rectified) Gaussian noise
     gamma: float = 1.0  # contrast gamma applied to the noise-free tissue intensities
+    orientation: str = "RAS"  # array axis codes the files are stored in (sim.scanner_geometry.ORIENTATIONS)
+    slice_factor: int = 1  # slices this many times thicker along the superior axis (anisotropic spacing)
 
     def __post_init__(self) -> None:
         for name in ("channels", "origin", "gain", "offset"):  # lists from JSON/CLI -> hashable tuples
@@ -74,6 +70,8 @@ class SiteSpec:
             raise ValueError(f"convention {self.convention!r} needs margin >= 1")
         if self.n_train < 1 or self.n_test < 0:
             raise ValueError("n_train must be >= 1 and n_test >= 0")
+        if self.orientation not in ORIENTATIONS or self.slice_factor < 1:
+            raise ValueError(f"orientation: one of {', '.join(ORIENTATIONS)}; slice_factor >= 1")
 
 
 @dataclass(frozen=True)
@@ -86,23 +84,6 @@ class Anatomy:
     brain: np.ndarray  # bool, intracranial space (margins are clipped to it)
     texture: np.ndarray  # float32 zero-mean tissue texture
     radius: float  # normalised tumour radius (clinical age correlates with it)
-
-
-def scanner_profile(k: int) -> dict:
-    """SiteSpec knobs of scanner k: four hand-made profiles, then reproducible random ones."""
-    if k < len(_SCANNERS):
-        values = _SCANNERS[k]
-    else:
-        r = np.random.default_rng([k, 7919])  # fixed per k: presets take no seed
-
-        def draw(lo: float, hi: float, n: int = 0, digits: int = 2):
-            return round(float(r.uniform(lo, hi)), digits) if not n else tuple(
-                np.round(r.uniform(lo, hi, n), digits).tolist())
-
-        values = (float(r.choice([0.95, 1.0, 1.1, 1.2])), draw(-8, 8, 3, 1), draw(0.6, 1.7, 4), draw(0, 0.15, 4),
-                  draw(0.05, 0.45), draw(0.02, 0.08, 0, 3), bool(r.random() < 0.5), draw(0.75, 1.35))
-    names = ("spacing", "origin", "gain", "offset", "bias", "noise", "rician", "gamma")
-    return {"scanner": k, **dict(zip(names, values))}
 
 
 def preset_sites(preset: str, n_sites: int, cases: int | None = None,
@@ -146,7 +127,8 @@ def _preset_knobs(preset: str, i: int, n: int, few: int) -> dict:
             knobs |= {"convention": conv, "margin": {"risk-margin": 3, "margin": 2}.get(conv, 0)}
         if i == n_std:
             knobs["missing_rate"] = 0.15
-        return knobs
+        knobs |= {"orientation": "LPS"} if i == 1 else {}  # scanner geometry: one site stores LPS, one thick slices
+        return knobs | ({"slice_factor": 3} if n >= 2 and i == min(2, n - 1) else {})
     return {}  # iid, scanner-shift: the scanner profile is all
 
 
@@ -252,7 +234,8 @@ def _affine(spec: SiteSpec, size: int) -> np.ndarray:
     return affine
 
 
-def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def _save(array: np.ndarray, affine: np.ndarray, path: Path, spec: SiteSpec, label: bool = False) -> None:
+    array, affine = scanner_grid(array, affine, spec.orientation, spec.slice_factor, label)
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
@@ -284,17 +267,17 @@ def _write_case(spec: SiteSpec, site: Path, split: str, case_id: str, case: int,
     for k, seq in enumerate(spec.channels):
         if seq not in missing:
             img = render(anat, seq, spec, bias, _rng(seed, spec.index, case, _CHANNEL + SEQUENCES.index(seq)))
-            _save(img, affine, site / f"images{split}" / f"{case_id}_{k:04d}.nii.gz")
+            _save(img, affine, site / f"images{split}" / f"{case_id}_{k:04d}.nii.gz", spec)
     label = apply_convention(anat.label, anat.brain, spec.convention, spec.margin, clinical["risk"])
-    _save(label, affine, site / f"labels{split}" / f"{case_id}.nii.gz")
+    _save(label, affine, site / f"labels{split}" / f"{case_id}.nii.gz", spec, label=True)
     return {"case_id": case_id, **clinical}, missing
 
 
 def generate_site(spec: SiteSpec, out_dir: Path, size: int, seed: int) -> Path:
     """Write the site folder `out_dir/<spec.site_id>` (replacing its image/label folders); return its path."""
+    site = Path(out_dir) / spec.site_id
     if size < 16:
         raise ValueError("size must be >= 16")
-    site = Path(out_dir) / spec.site_id
     for sub in _SUBDIRS:
         shutil.rmtree(site / sub, ignore_errors=True)  # stale cases from a bigger earlier run would be read
         (site / sub).mkdir(parents=True)
@@ -305,8 +288,7 @@ def generate_site(spec: SiteSpec, out_dir: Path, size: int, seed: int) -> Path:
         split = "Tr" if case < spec.n_train else "Ts"
         row, lacks = _write_case(spec, site, split, case_id, case, size, seed, affine)
         rows.append(row)
-        if lacks:
-            missing[case_id] = lacks
+        missing |= {case_id: lacks} if lacks else {}
     with (site / "clinical.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["case_id", "age", "sex", "risk"], lineterminator="\n")
         writer.writeheader()
@@ -316,11 +298,8 @@ def generate_site(spec: SiteSpec, out_dir: Path, size: int, seed: int) -> Path:
         "description": f"Synthetic brain-tumour MRI site: scanner {spec.scanner}, {spec.convention} contouring",
         "channel_names": {str(k): seq for k, seq in enumerate(spec.channels)},
         "labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3},
-        "regions_class_order": [1, 2, 3],
-        "numTraining": spec.n_train,
-        "numTest": spec.n_test,
-        "file_ending": ".nii.gz",
-        "missing_channels": missing,
+        "regions_class_order": [1, 2, 3], "numTraining": spec.n_train, "numTest": spec.n_test,
+        "file_ending": ".nii.gz", "missing_channels": missing,
         "synthetic": {**asdict(spec), "seed": seed, "size": size},
     }
     (site / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -342,7 +321,8 @@ def site_traits(site: Path) -> str | None:
     if not meta:
         return None
     traits = [meta["convention"] + (f" {meta['margin']} vox" if meta["margin"] else ""),
-              f"{meta['n_train']} training cases"]
+              f"{meta['n_train']} training cases", *([o] if (o := meta.get("orientation", "RAS")) != "RAS" else []),
+              *([f"{meta['slice_factor']}x thicker slices"] if meta.get("slice_factor", 1) > 1 else [])]
     if missing := [s for s in SEQUENCES if s not in meta["channels"]]:
         traits.append("no " + "/".join(missing))
     if meta["missing_rate"]:

@@ -11,7 +11,7 @@ import torch
 
 from common.config import Config
 
-TINY = Config(size=24)
+TINY = Config(size=24, target_spacing="1,1,1", patch_size="24,24,24")  # planned: cases preprocessed
 # a federation run in seconds: tiny networks, one round of each phase
 TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_rounds=1, warmup_epochs=1, expert_epochs=1,
                   gate_steps=2, personalise_epochs=1, gate_rounds=2, batch_size=2,

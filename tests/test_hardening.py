@@ -20,7 +20,8 @@ from cli.main import main as mome
 from common.bundle import Bundle, check_weights_size, load_bundle, save_bundle
 from common.config import Config
 from common.labels import label_spec_from_dataset_json
-from common.sitedata import BadCase, SiteLayout, load_site, read_case
+from common.cases import load_site
+from common.sitedata import BadCase, SiteLayout, read_case
 from deploy.certs import CertPaths, write_certificates
 from deploy.compose import compose_dict, expand
 from deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE_UID, RUN, SUPERLINK, Confinement, Topology

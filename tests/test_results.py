@@ -66,7 +66,8 @@ def test_the_server_keeps_only_known_statuses_and_no_exception_text():
 def test_failed_fine_tuning_still_saves_the_shared_model(tiny_federation, tmp_path, monkeypatch):
     import client.site
 
-    site = Site.open(tiny_federation[0], TINY_RUN, out_dir=tmp_path)
+    site = Site.open(tiny_federation[0], TINY_RUN.replace(target_spacing="1,1,1", patch_size="24,24,24"),
+                     out_dir=tmp_path)
     sent = state_to_numpy(site.expert())
 
     def broken(*args, **kwargs):

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 
 from cli.main import main as mome
 from common.labels import label_spec_from_dataset_json
-from common.sitedata import SiteDataError, load_site, split_train_val, to_batches
+from common.cases import load_site, split_train_val, to_batches
+from common.sitedata import SiteDataError
 from tests.conftest import TINY, tree_checksums
 
 
@@ -24,10 +26,10 @@ def test_generated_sites_are_fully_usable(tiny_federation):
         assert len(data.train) == meta["numTraining"]
         assert len(data.test) > 0
         assert set(data.report.modalities) == set(meta["channel_names"].values())
-        case = data.train[0]
-        assert case["image"].shape == (4, 24, 24, 24)
-        assert case["label"].shape == (data.label_spec.n_out, 24, 24, 24)
-        assert case["presence"].shape == (5,)
+        case = data.train[0]  # on the canonical grid: cropped to the head, which fills most of the 24 mm box
+        assert case["image"].shape[0] == 4 and all(12 <= s <= 24 for s in case["image"].shape[1:])
+        assert case["label"].shape == case["image"].shape[1:] and case["label"].dtype == torch.int16
+        assert case["presence"].shape == (5,) and case["summary"].shape == (4, *(TINY.gate_pool,) * 3)
         for c in data.train:  # an absent sequence is a zero channel and a zero presence bit
             for m in np.flatnonzero(c["presence"][:4].numpy() == 0):
                 assert float(c["image"][m].abs().sum()) == 0.0
@@ -170,5 +172,7 @@ def test_split_and_batches_are_deterministic(tiny_federation):
     a = split_train_val(data.train, 0.25, seed=3)
     b = split_train_val(data.train, 0.25, seed=3)
     assert [c["case_id"] for c in a[0]] == [c["case_id"] for c in b[0]] and len(a[1]) >= 1
-    batches = to_batches(a[0], 2)
+    batches = to_batches(a[0], 2, data.label_spec, 8)
     assert batches[0]["image"].shape[0] == min(2, len(a[0]))
+    assert all(s % 8 == 0 for s in batches[0]["image"].shape[2:])  # padded to what the expert takes
+    assert batches[0]["label"].shape[1:] == (data.label_spec.n_out, *batches[0]["image"].shape[2:])

@@ -76,7 +76,9 @@ def test_dataset_json_matches_files(mixed):
                 if path.exists():
                     img = nib.load(path)
                     assert img.get_data_dtype() == np.float32
-                    assert img.shape == label.shape == (SIZE,) * 3
+                    factor = meta["synthetic"]["slice_factor"]
+                    assert img.shape == label.shape and sorted(img.shape) == sorted((SIZE, SIZE, SIZE // factor))
+                    assert "".join(nib.aff2axcodes(img.affine)) == meta["synthetic"]["orientation"]
                     assert np.allclose(img.affine, label_img.affine)
                     nonzero = np.asarray(img.dataobj) != 0
                     head = nonzero if head is None else head
@@ -187,3 +189,24 @@ def test_preview_png(mixed, tmp_path):
     png = write_preview(mixed, tmp_path / "preview.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_scanner_geometry_keeps_every_voxel_in_place():
+    """LPS / permuted storage and thick slices change the array and its affine, never where tissue lies."""
+    from sim.scanner import reorient, thick_slices
+
+    rng = np.random.default_rng(0)
+    array, affine = rng.random((6, 8, 9)).astype(np.float32), np.diag([1.2, 1.0, 0.8, 1.0])
+    affine[:3, 3] = (-3.0, 4.0, 1.0)
+    for code in ("LPS", "ASL", "PIR"):
+        out, out_affine = reorient(array, affine, code)
+        assert "".join(nib.aff2axcodes(out_affine)) == code
+        # the world position of voxel (1, 2, 3) of the RAS array is found again in the reoriented one
+        world = affine @ np.array([1, 2, 3, 1.0])
+        index = np.round(np.linalg.inv(out_affine) @ world).astype(int)[:3]
+        assert out[tuple(index)] == array[1, 2, 3]
+    thick, thick_affine = thick_slices(array, affine, 3, label=False)
+    assert thick.shape == (6, 8, 3) and np.isclose(thick_affine[2, 2], 2.4)
+    assert np.isclose(thick[1, 2, 0], array[1, 2, 0:3].mean())
+    centre = thick_affine @ np.array([0, 0, 0, 1.0])
+    assert np.allclose(centre, affine @ np.array([0, 0, 1, 1.0]))  # middle of the first three slices

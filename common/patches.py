@@ -1,0 +1,96 @@
+"""Patches on the plan's canonical grid: foreground-balanced, augmented training patches (MONAI) and
+sliding-window inference with Gaussian blending, one case at a time."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import (Compose, Lambdad, RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld, RandFlipd,
+                              RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
+
+from common.config import Config
+from common.labels import LabelSpec
+
+CASE_KEYS = ("summary", "presence", "clinical", "stats")  # per-case inputs every patch of the case carries
+
+
+def fit_patch(shape: Sequence[float], max_voxels: int, divisor: int) -> tuple[int, int, int]:
+    """`shape` rounded up to the divisor, then shrunk along its longest side relative to `shape` until it holds
+    at most max_voxels (never below the divisor)."""
+    patch = [max(divisor, divisor * math.ceil(s / divisor)) for s in shape]
+    while math.prod(patch) > max_voxels and max(patch) > divisor:
+        axis = max((a for a in range(3) if patch[a] > divisor), key=lambda a: (patch[a] / max(shape[a], 1), patch[a]))
+        patch[axis] -= divisor
+    return tuple(int(p) for p in patch)
+
+
+@dataclass(frozen=True)
+class Window:
+    """How whole cases are inferred: windows of at most max_voxels, blended with Gaussian weights."""
+
+    max_voxels: int
+    overlap: float
+    divisor: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Window":
+        return cls(cfg.infer_voxels, cfg.sw_overlap, cfg.divisor)
+
+    def infer(self, network: Callable[[torch.Tensor, int], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+        """network(window [1, M, ...], case index) -> logits, over every case of the batch image [B, M, ...]."""
+        outs = []
+        for i in range(image.shape[0]):
+            roi = fit_patch(image.shape[2:], self.max_voxels, self.divisor)
+            inferer = SlidingWindowInferer(roi, sw_batch_size=1, overlap=self.overlap, mode="gaussian")
+            outs.append(inferer(image[i:i + 1], lambda x, i=i: network(x, i)))
+        return torch.cat(outs)
+
+
+def augmentation(cfg: Config, spec: LabelSpec) -> Compose:
+    """A random training patch of a case (half of them centred on the target), augmented as nnU-Net does on
+    MONAI's transforms: flips, small rotations and scaling, intensity scale/shift, gamma, noise."""
+    keys = ("image", "label")
+    return Compose([
+        SpatialPadd(keys, spatial_size=cfg.patch),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=cfg.patch, pos=1, neg=1, num_samples=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandAffined(keys, prob=0.2, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianNoised("image", prob=0.15, std=0.1),
+        Lambdad("label", lambda label: torch.from_numpy(spec.to_target(np.asarray(label[0]).round()))),
+    ])
+
+
+def _as_tensors(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: v.as_tensor() if hasattr(v, "as_tensor") else v for k, v in batch.items()}
+
+
+class PatchLoader:
+    """Re-iterable: each pass draws one augmented patch per case, in a fresh shuffled order, batched."""
+
+    def __init__(self, cases: Sequence[dict], cfg: Config, spec: LabelSpec, seed: int | None = None):
+        items = [{"image": c["image"], "label": c["label"][None].float(), **{k: c[k] for k in CASE_KEYS}}
+                 for c in cases]
+        seed = cfg.seed if seed is None else seed
+        transform = augmentation(cfg, spec)
+        transform.set_random_state(seed=seed)
+        self.loader = DataLoader(Dataset(items, transform), batch_size=cfg.batch_size, shuffle=True, num_workers=0,
+                                 generator=torch.Generator().manual_seed(seed))
+        self.n_cases = len(items)
+
+    def __iter__(self) -> Iterable[dict[str, torch.Tensor]]:
+        return (_as_tensors(b) for b in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
