@@ -4,6 +4,7 @@ sliding-window inference with Gaussian blending, one case at a time."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -45,10 +46,12 @@ class Window:
     def infer(self, network: Callable[[torch.Tensor, int], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """network(window [1, M, ...], case index) -> logits, over every case of the batch image [B, M, ...]."""
         outs = []
-        for i in range(image.shape[0]):
-            roi = fit_patch(image.shape[2:], self.max_voxels, self.divisor)
-            inferer = SlidingWindowInferer(roi, sw_batch_size=1, overlap=self.overlap, mode="gaussian")
-            outs.append(inferer(image[i:i + 1], lambda x, i=i: network(x, i)))
+        roi = fit_patch(image.shape[2:], self.max_voxels, self.divisor)
+        inferer = SlidingWindowInferer(roi, sw_batch_size=1, overlap=self.overlap, mode="gaussian")
+        with warnings.catch_warnings():  # MONAI 1.5 indexes with lists internally, which torch 2.13 warns about
+            warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
+            for i in range(image.shape[0]):
+                outs.append(inferer(image[i:i + 1], lambda x, i=i: network(x, i)))
         return torch.cat(outs)
 
 

@@ -16,6 +16,7 @@ from scipy import ndimage
 # background noise and the dark skull stay below it; the skull and other dark tissue inside the head come back
 # when the mask's holes are filled
 HEAD_THRESHOLD = 0.1
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes (MONAI warns unless they are named)
 PERCENTILES = (0.5, 50.0, 99.5)  # per-channel head intensity percentiles a site reports (over its cases' medians)
 
 
@@ -75,7 +76,7 @@ def canonical_transform(spacing: tuple[float, float, float]) -> Compose:
     """Image (and label, nearest) to RAS at `spacing` mm, cropped to the head, z-scored over the head."""
     keys = ("image", "label")
     return Compose([
-        Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True),
+        Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True, labels=RAS_LABELS),
         Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
         HeadMaskd(),
         CropForegroundd(keys=(*keys, "head"), source_key="head", allow_missing_keys=True),
