@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup sim test bench bench-gate bench-heldout
+.PHONY: setup sim test bench bench-gate bench-heldout bench-geometry bench-deploy
 setup: $(STAMP)
 
 sim: $(STAMP)
@@ -27,3 +27,9 @@ bench-gate: $(STAMP)
 
 bench-heldout: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_heldout.py $(ARGS)
+
+bench-geometry: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_geometry.py $(ARGS)
+
+bench-deploy: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_deploy_overhead.py $(ARGS)

@@ -23,6 +23,7 @@ from client.site import Site
 from common.config import Config
 from common.metrics import evaluate, expert_predictor, mixture_predictor
 from common.sitedata import find_site_dirs
+from sim.run_sim import local_plan
 from common.state import state_to_numpy
 from common.train import personalise_gate
 from server.aggregate import aggregate
@@ -30,7 +31,7 @@ from sim.synth import generate_federation
 
 Split = Callable[[Site], list[dict]]
 SPLITS: dict[str, Split] = {"val (MoME)": lambda s: s.val_batches,
-                            "train+val": lambda s: s.train_batches + s.val_batches}
+                            "train+val": lambda s: s.batches(s.train_cases + s.val_cases)}
 
 
 def experts_from_warmup(sites: list[Site], cfg: Config) -> dict[str, dict]:
@@ -73,6 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = (find_site_dirs(args.data) if args.data else
                 generate_federation(Path(tmp), seed=args.seed, size=cfg.size, test_cases=args.test_cases))
+        cfg = local_plan(cfg, dirs)
         sites = [Site.open(d, cfg) for d in dirs]
         start = time.perf_counter()
         experts = experts_from_warmup(sites, cfg)

@@ -26,6 +26,7 @@ from common.config import config_from_mapping
 from common.metrics import evaluate
 from common.sitedata import find_site_dirs
 from server.report import site_table
+from sim.run_sim import local_plan
 from sim.synth import SiteSpec, generate_site, site_traits
 
 
@@ -51,8 +52,10 @@ def regenerate(run: Path, out: Path, test_cases: int) -> list[Path]:
 def score(run: Path, site_dirs: list[Path]) -> dict[str, dict]:
     """Per strategy, held-out mean Dice of the model each site ends up using, shaped as in metrics.json
     ({strategy: {"sites": {site: {"dice_mean": x}}}}); a site that dropped out of a strategy has no entry."""
+    planned = run / "mome" / "config.json"  # the coordinator's config, with the plan the run used
     try:
-        cfg = config_from_mapping(json.loads((run / "config.json").read_text()))
+        cfg = config_from_mapping(json.loads((planned if planned.exists() else run / "config.json").read_text()))
+        cfg = local_plan(cfg, site_dirs)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"{run / 'config.json'}: cannot read the run's config ({exc})") from exc
     sites = [Site.open(d, cfg) for d in site_dirs]

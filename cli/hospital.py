@@ -13,7 +13,7 @@ def check_data(args: argparse.Namespace) -> int:
     from common.cases import load_site
     from common.sitedata import SiteDataError
 
-    cfg = Config(modalities=args.modalities, clinical_fields=args.clinical_fields, size=args.size)
+    cfg = Config(modalities=args.modalities, clinical_fields=args.clinical_fields)
     worst = 0
     for site_dir in args.site_dirs:
         try:
@@ -23,6 +23,9 @@ def check_data(args: argparse.Namespace) -> int:
             worst = 1
             continue
         print(data.report.format())
+        if geometry := data.aggregate_geometry():  # medians over the cases: what describe reports for the plan
+            print("  geometry (RAS, medians): spacing " + "x".join(f"{v:g}" for v in geometry["spacing"]) +
+                  " mm, head extent " + "x".join(f"{v:.0f}" for v in geometry["extent_mm"]) + " mm")
         if not data.train:
             print("  unusable: no training case passed validation")
             worst = 1
@@ -84,7 +87,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("site_dirs", nargs="+", type=Path, metavar="SITE_DIR")
     p.add_argument("--modalities", default=defaults.modalities)
     p.add_argument("--clinical-fields", default=defaults.clinical_fields)
-    p.add_argument("--size", type=int, default=defaults.size)
     p.set_defaults(func=check_data)
 
     p = sub.add_parser("site-key", help="make this site's SuperNode key pair; send only auth.key.pub to the "

@@ -51,7 +51,7 @@ class Site:
         train, val = split_train_val(data.train, cfg.val_fraction, cfg.seed)
         return cls(site_id or data.site_id, data, cfg, out_dir, train, val, data.labelled_test, data.unlabelled_test)
 
-    def _batches(self, cases: list[dict]) -> list[dict]:
+    def batches(self, cases: list[dict]) -> list[dict]:
         return to_batches(cases, self.cfg.batch_size, self.data.label_spec, self.cfg.divisor)
 
     def patches(self, step: str) -> PatchLoader:
@@ -60,11 +60,11 @@ class Site:
 
     @property
     def val_batches(self) -> list[dict]:
-        return self._batches(self.val_cases)
+        return self.batches(self.val_cases)
 
     @property
     def test_batches(self) -> list[dict]:
-        return self._batches(self.test_cases)
+        return self.batches(self.test_cases)
 
     @property
     def window(self) -> Window:
@@ -126,7 +126,7 @@ class Site:
 
     @property
     def gate_batches(self) -> list[dict]:
-        return self._batches(self.gate_cases)
+        return self.batches(self.gate_cases)
 
     @property
     def gate_cases(self) -> list[dict]:
@@ -143,7 +143,7 @@ class Site:
     @property
     def personal_batches(self) -> list[dict]:
         """Personalisation never leaves the site: the held-out split, else whatever it has."""
-        return self._batches(self.val_cases or self.train_cases)
+        return self.batches(self.val_cases or self.train_cases)
 
     @property
     def personalise_steps(self) -> int:

@@ -13,7 +13,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import (Compose, Lambdad, RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld, RandFlipd,
-                              RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
+                              RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond, SpatialPadd)
 
 from common.config import Config
 from common.labels import LabelSpec
@@ -57,7 +57,7 @@ class Window:
 
 def augmentation(cfg: Config, spec: LabelSpec) -> Compose:
     """A random training patch of a case (half of them centred on the target), augmented as nnU-Net does on
-    MONAI's transforms: flips, small rotations and scaling, intensity scale/shift, gamma, noise."""
+    MONAI's transforms: flips, small rotations and scaling, intensity scale/shift, gamma, noise, low resolution."""
     keys = ("image", "label")
     return Compose([
         SpatialPadd(keys, spatial_size=cfg.patch),
@@ -71,6 +71,7 @@ def augmentation(cfg: Config, spec: LabelSpec) -> Compose:
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
         RandGaussianNoised("image", prob=0.15, std=0.1),
+        RandSimulateLowResolutiond("image", prob=0.15, zoom_range=(0.5, 1.0)),  # thick-slice / resampled scans
         Lambdad("label", lambda label: torch.from_numpy(spec.to_target(np.asarray(label[0]).round()))),
     ])
 

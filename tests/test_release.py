@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import Message
 
@@ -108,6 +109,31 @@ def test_every_reply_of_every_action_is_inside_the_schema(mome_release, fedavg_r
     errors = [r["error"].split(":")[0] for _, _, replies in (mome_release, fedavg_release) for r in replies
               if "error" in r]
     assert sorted(errors) == ["payload", "policy"], errors
+
+
+def test_describe_carries_only_counts_and_the_sites_aggregate_geometry(mome_release, five_case_sites):
+    """The plan's inputs: medians over a site's cases of spacing, head extent and per-channel head intensity
+    percentiles, named in the schema; no per-case value, and the plan the run used is built from them."""
+    from common.cases import load_site
+    from common.schema import DESCRIBE, GEOMETRY
+
+    run, metrics, replies = mome_release
+    described = [r for r in replies if r["type"] == "query.describe"]
+    assert len(described) == 2
+    for reply in described:
+        assert set(reply["metrics"]) == set(DESCRIBE) | set(GEOMETRY)
+        assert set(reply["configs"]) == {"site-id", "labels", "modalities"}
+        data = load_site(five_case_sites[0 if reply["configs"]["site-id"] == "site-a" else 1], RELEASE_CFG)
+        cases = data.geometry
+        assert len(cases) == 7
+        expected = np.median([g["spacing"] for g in cases], axis=0)
+        assert np.allclose(reply["metrics"]["spacing"], expected, atol=1e-3)
+        assert np.allclose(reply["metrics"]["extent_mm"], np.median([g["extent"] for g in cases], axis=0), atol=1e-3)
+        p50 = np.median([g["intensity"][:, 1] for g in cases], axis=0)
+        assert np.allclose(reply["metrics"]["intensity_p50"], p50, atol=1e-3)
+    plan = json.loads((run / "mome" / "plan.json").read_text())
+    assert plan["from_sites"] == ["site-a", "site-b"] and plan["target_spacing"] == [1.0, 1.0, 1.0]
+    assert metrics["plan"] == plan
 
 
 def test_a_metric_added_to_the_client_app_is_withheld(fedavg_release):

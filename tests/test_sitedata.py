@@ -116,7 +116,7 @@ def test_bad_case_is_named_skipped_and_untouched(site_copy, corrupt, capsys):
     _, path, message = data.report.skipped[0]
     assert path == str(bad_file) and reason in message
     assert len(data.train) == n_before - 1 and case not in data.report.usable["Tr"]
-    assert mome(["check-data", str(site_copy), "--size", "24"]) == 0
+    assert mome(["check-data", str(site_copy)]) == 0
     assert str(bad_file) in capsys.readouterr().out
 
 
@@ -151,7 +151,7 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
 def test_site_with_every_case_bad_exits_nonzero(site_copy, capsys):
     for path in (site_copy / "labelsTr").glob("*.nii.gz"):
         path.unlink()
-    assert mome(["check-data", str(site_copy), "--size", "24"]) == 1
+    assert mome(["check-data", str(site_copy)]) == 1
     assert "missing label file" in capsys.readouterr().out
 
 

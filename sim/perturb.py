@@ -1,0 +1,96 @@
+"""Scan variants a hospital's data has and the synthetic sites lack: the same case stored in another orientation,
+with thick slices, resampled (with the faint halo interpolation leaves), with background noise, on a coarser or a
+BraTS-sized grid. Used by the geometry tests and benchmarks; labels follow with nearest neighbour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to
+
+Transform = Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, np.ndarray]]  # (array, affine, is_label)
+
+
+def write_case(folder: Path, site_dir: Path, case: str, transform: Transform) -> Path:
+    """A held-out case of site_dir (channel files and label) through transform into folder (imagesTs/, labelsTs/,
+    dataset.json): a one-case site predict can read."""
+    for sub in ("imagesTs", "labelsTs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    meta = json.loads((site_dir / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps({k: meta[k] for k in ("channel_names", "labels",
+                                                     "regions_class_order", "file_ending")}))
+    for src in sorted((site_dir / "imagesTs").glob(f"{case}_*.nii.gz")) + [site_dir / "labelsTs" / f"{case}.nii.gz"]:
+        img = nib.load(src)
+        label = src.parent.name == "labelsTs"
+        array, affine = transform(np.asarray(img.dataobj), img.affine, label)
+        out = nib.Nifti1Image(array.astype(np.uint8 if label else np.float32), affine)
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+        nib.save(out, folder / src.parent.name / src.name)
+    return folder
+
+
+def resampled(shape_of) -> Transform:
+    """transform(array, affine, label) resampling onto the grid shape_of(array.shape, affine) -> (shape, affine)
+    with linear interpolation (labels nearest)."""
+    def transform(array, affine, label):
+        shape, target = shape_of(array.shape, affine)
+        img = nib.Nifti1Image(array.astype(np.float32), affine)
+        out = resample_from_to(img, (shape, target), order=0 if label else 1)
+        return np.asarray(out.dataobj), out.affine
+    return transform
+
+
+def grid(factors) -> Callable:
+    """A grid over the same extent with voxels `factors` times the size (a factor < 1 is finer)."""
+    def shape_of(shape, affine):
+        new_shape = tuple(max(1, int(round(s / f))) for s, f in zip(shape, factors))
+        target = affine.copy()
+        target[:3, :3] = affine[:3, :3] * np.asarray(factors)
+        target[:3, 3] = affine[:3, 3] + affine[:3, :3] @ ((np.asarray(factors) - 1) / 2)  # same outer edge
+        return new_shape, target
+    return shape_of
+
+
+def halo(array, affine, label):
+    """Upsampled x4 and back with linear interpolation: a faint halo of tiny values around the head."""
+    if label:
+        return array, affine
+    up, up_affine = resampled(grid((0.25, 0.25, 0.25)))(array, affine, False)
+    back = resample_from_to(nib.Nifti1Image(up.astype(np.float32), up_affine), (array.shape, affine), order=1)
+    return np.asarray(back.dataobj), affine
+
+
+def noisy(array, affine, label):
+    """Low-level Rician background noise everywhere (2% of the channel's bright end), as a scanner leaves it."""
+    if label:
+        return array, affine
+    rng = np.random.default_rng(int(array.sum()) % 2**32)
+    sigma = 0.02 * np.percentile(array[array > 0], 99)
+    return np.hypot(array + sigma * rng.standard_normal(array.shape), sigma * rng.standard_normal(array.shape)), affine
+
+
+
+
+def brats_sized(array, affine, label):
+    """The same head on a 240x240x155 grid of the same extent (BraTS' array shape, finer voxels)."""
+    return resampled(lambda shape, aff: _fit(shape, aff, (240, 240, 155)))(array, affine, label)
+
+
+def _fit(shape, affine, new_shape):
+    factors = np.asarray(shape, dtype=float) / np.asarray(new_shape)
+    target = affine.copy()
+    target[:3, :3] = affine[:3, :3] * factors
+    target[:3, 3] = affine[:3, 3] + affine[:3, :3] @ ((factors - 1) / 2)
+    return tuple(new_shape), target
+
+
+VARIANTS: dict[str, Transform] = {
+    "original": lambda a, aff, lab: (a, aff), "halo": halo, "noise": noisy,
+    "coarser": resampled(grid((0.8, 0.8, 1.2))),  # the issue's 4x4x6 mm relative to its 5 mm voxels
+    "brats-sized": brats_sized,
+}

@@ -1,0 +1,175 @@
+"""The clinical-resolution data path: any scanner geometry in, predictions on the input's own grid; the plan."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.processing import resample_from_to
+
+from client.predict import predict
+from client.site import Site
+from common.bundle import Bundle, save_bundle
+from common.cases import load_site
+from common.config import Config
+from common.state import state_to_numpy
+from server.plan import make_plan, site_geometry
+from sim.perturb import VARIANTS, write_case
+from sim.scanner import reorient, thick_slices
+from sim.synth import SiteSpec, generate_site
+
+SMALL = Config(channels="8,16,32", stem_channels=4, target_spacing="1,1,1", patch_size="32,32,32", batch_size=2,
+               min_cases=1, modality_dropout=0.0)
+
+
+# -- the plan -----------------------------------------------------------------------------------------------------
+def test_plan_of_isotropic_sites_is_their_median_and_fits_the_budget():
+    sites = [{"spacing": [s] * 3, "extent_mm": [150.0, 180.0, 140.0]} for s in (0.9, 1.0, 1.2)]
+    plan = make_plan(sites, Config(max_patch_voxels=10**9))
+    assert plan["target_spacing"] == [1.0, 1.0, 1.0]
+    assert plan["patch_size"] == [152, 184, 144]  # the median head, rounded up to the expert's divisor 8
+    small = make_plan(sites, Config(max_patch_voxels=96**3))
+    assert np.prod(small["patch_size"]) <= 96**3 and all(p % 8 == 0 for p in small["patch_size"])
+    # shrunk along the side longest relative to the head: the aspect ratio survives
+    assert small["patch_size"][1] >= small["patch_size"][0] >= small["patch_size"][2] - 8
+
+
+def test_plan_of_anisotropic_sites_keeps_thin_slices():
+    """nnU-Net's rule: a coarse axis more than 3x the finest is planned at its 10th percentile, not the median."""
+    sites = [{"spacing": [0.5, 0.5, z], "extent_mm": [200.0, 200.0, 150.0]} for z in (2.0, 5.0, 5.0, 6.0)]
+    plan = make_plan(sites, Config(max_patch_voxels=10**9))
+    assert plan["target_spacing"][:2] == [0.5, 0.5]
+    assert 2.0 <= plan["target_spacing"][2] < 5.0  # the median (5.0) would throw the thin-slice site away
+    mild = make_plan([{"spacing": [1.0, 1.0, z], "extent_mm": [150.0] * 3} for z in (1.5, 2.0, 2.5)], Config())
+    assert mild["target_spacing"] == [1.0, 1.0, 2.0]  # not anisotropic: plain median
+    assert make_plan([], Config())["target_spacing"] == [1.0, 1.0, 1.0]  # nobody reported geometry
+    kept = make_plan(sites, Config(target_spacing="1,1,1", patch_size="64,64,32"))
+    assert kept["target_spacing"] == [1.0, 1.0, 1.0] and kept["patch_size"] == [64, 64, 32]
+
+
+def test_unbelievable_geometry_is_ignored():
+    assert site_geometry({"spacing": [1.0, 1.0, 1.0], "extent_mm": [150.0, 150.0, 150.0]}) is not None
+    for bad in ({"spacing": [float("nan")] * 3, "extent_mm": [150.0] * 3}, {"spacing": [1.0] * 3},
+                {"spacing": [0.0, 1.0, 1.0], "extent_mm": [150.0] * 3}, {"spacing": [1.0] * 2, "extent_mm": [1.0] * 3},
+                {"spacing": [1.0] * 3, "extent_mm": [1e9] * 3}, {"spacing": "x", "extent_mm": [1.0] * 3}):
+        assert site_geometry(bad) is None
+
+
+# -- a small model trained here, then the same case in other geometries --------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(bundle folder, site folder): an expert trained on a 32^3 synthetic site until its held-out Dice is >= 0.5."""
+    root = tmp_path_factory.mktemp("geometry")
+    site_dir = generate_site(SiteSpec(index=0, site_id="site-a", n_train=12, n_test=3), root / "data", 32, seed=5)
+    site = Site.open(site_dir, SMALL)
+    model = site.expert()
+    from common.train import train_expert
+
+    train_expert(model, site.patches("train"), site.val_batches, SMALL, site.kind, epochs=25, progress=False)
+    bundle = save_bundle(Bundle(SMALL, site.data.label_spec, {"shared": state_to_numpy(model)}, None, "fedavg"),
+                         root / "model")
+    return bundle, site_dir
+
+
+def _region_dice(a: np.ndarray, b: np.ndarray, members: list[int]) -> float:
+    x, y = np.isin(a, members), np.isin(b, members)
+    return 1.0 if not x.any() and not y.any() else float(2 * (x & y).sum() / (x.sum() + y.sum()))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the regions (whole tumour, core, enhancing) of two label maps; both empty counts 1."""
+    return float(np.mean([_region_dice(a, b, m) for m in ([1, 2, 3], [2, 3], [3])]))
+
+
+def _predict(bundle: Path, folder: Path, case: str) -> nib.Nifti1Image:
+    written, problems = predict(bundle, [folder], folder / "pred")
+    assert not problems and len(written) == 1
+    return nib.load(written[0])
+
+
+def test_prediction_is_on_the_input_grid_and_the_same_in_any_orientation(trained, tmp_path):
+    bundle, site_dir = trained
+    case = "site-a_012"
+    original = write_case(tmp_path / "ras", site_dir, case, lambda a, aff, lab: (a, aff))
+    reference = _predict(bundle, original, case)
+    ras_image = nib.load(original / "imagesTs" / f"{case}_0000.nii.gz")
+    truth = np.asarray(nib.load(original / "labelsTs" / f"{case}.nii.gz").dataobj)
+    assert _dice(np.asarray(reference.dataobj), truth) >= 0.5  # the model is worth comparing
+    variants = {code: (lambda a, aff, lab, code=code: reorient(a, aff, code)) for code in ("LPS", "ASL", "PIR")}
+    variants["1x1x3mm"] = lambda a, aff, lab: thick_slices(a, aff, 3, lab)
+    for name, transform in variants.items():
+        folder = write_case(tmp_path / name, site_dir, case, transform)
+        given = nib.load(folder / "imagesTs" / f"{case}_0000.nii.gz")
+        pred = _predict(bundle, folder, case)
+        assert pred.shape == given.shape and np.allclose(pred.affine, given.affine), name
+        assert np.allclose(pred.header.get_sform(), given.header.get_sform()), name
+        assert int(pred.header["qform_code"]) == int(given.header["qform_code"]) == 1
+        back = np.asarray(resample_from_to(pred, (ras_image.shape, ras_image.affine), order=0).dataobj)
+        if name == "1x1x3mm":
+            # 3 mm slices through a 32 mm head hold less than the 1 mm original: the whole tumour agrees, the thin
+            # core and enhancing parts are as good as the slices allow (measured 0.80 whole tumour, 0.79 mean)
+            ras = np.asarray(reference.dataobj)
+            assert _region_dice(back, ras, [1, 2, 3]) >= 0.75 and _dice(back, ras) >= 0.55
+        else:
+            assert _dice(back, np.asarray(reference.dataobj)) >= 0.95, name
+
+
+def test_bad_geometry_is_named_and_skipped(trained, tmp_path):
+    _, site_dir = trained
+    site = tmp_path / "site"
+    shutil.copytree(site_dir, site)
+    cases = sorted({p.name.rsplit("_", 1)[0] for p in (site / "imagesTr").glob("*.nii.gz")})
+    broken = {cases[0]: "singular", cases[1]: "zero", cases[2]: "nan", cases[3]: "empty"}
+    for case, how in broken.items():
+        for path in sorted((site / "imagesTr").glob(f"{case}_*.nii.gz")) + [site / "labelsTr" / f"{case}.nii.gz"]:
+            img = nib.load(path)
+            data, affine = np.asarray(img.dataobj), img.affine.copy()
+            if how == "singular":
+                affine[:3, 2] = affine[:3, 0]  # two axes pointing the same way
+            elif how == "zero":
+                affine[:3, 1] = 0.0
+            elif how == "nan":
+                affine[0, 3] = np.nan
+            elif how == "empty" and "labelsTr" not in str(path):
+                data = np.zeros_like(data)
+            header = nib.Nifti1Header()
+            header.set_data_shape(data.shape)
+            header.set_data_dtype(data.dtype)
+            for row, name in enumerate(("srow_x", "srow_y", "srow_z")):  # written as is: nibabel would refuse
+                header[name] = affine[row]
+            header["sform_code"], header["qform_code"] = 1, 0
+            nib.save(nib.Nifti1Image(data, None, header=header), path)
+    data = load_site(site, SMALL)
+    reasons = {case: reason for case, _, reason in data.report.skipped}
+    assert set(reasons) == set(broken), data.report.format()
+    assert "singular" in reasons[cases[0]] and "zero axis" in reasons[cases[1]]
+    assert "NaN/inf" in reasons[cases[2]] and "head is empty" in reasons[cases[3]]
+    assert len(data.train) == 12 - 4  # the rest is used
+
+
+def test_scores_survive_resampling_halo_noise_and_a_coarser_grid(trained, tmp_path):
+    """The issue's failures: a resampled scan's halo collapsed the prediction (Dice 0.84 -> 0.00), a 4x4x6 mm copy of a
+    5 mm case fell to 0.25. Each variant is scored on its own grid against its own label, within 0.03 of the
+    original. The coarser grid is the issue's 4x4x6 mm relative to 5 mm voxels: (0.8, 0.8, 1.2) x the spacing."""
+    bundle, site_dir = trained
+    cases = sorted({p.name.rsplit("_", 1)[0] for p in (site_dir / "imagesTs").glob("*.nii.gz")})
+    variants = {k: VARIANTS[k] for k in ("original", "halo", "noise", "coarser")}
+    scores, whole = {}, {}
+    for name, transform in variants.items():
+        dice, wt = [], []
+        for case in cases:
+            folder = write_case(tmp_path / name / case, site_dir, case, transform)
+            pred = np.asarray(_predict(bundle, folder, case).dataobj)
+            truth = np.asarray(nib.load(folder / "labelsTs" / f"{case}.nii.gz").dataobj)
+            dice.append(_dice(pred, truth))
+            wt.append(_region_dice(pred, truth, [1, 2, 3]))
+        scores[name], whole[name] = float(np.mean(dice)), float(np.mean(wt))
+    # a model this small finds the whole tumour (>= 0.5), not yet the thin core: both measures must hold up
+    assert whole["original"] >= 0.5, whole
+    for name in ("halo", "noise", "coarser"):
+        assert scores[name] >= scores["original"] - 0.03, scores
+        assert whole[name] >= whole["original"] - 0.03, whole
