@@ -15,6 +15,8 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from common.config import Config
+from common.labels import LabelKind, LabelSpec
+from common.patches import PatchLoader
 from common.model import CHANNELS_LAST, FiLM, _channels_last, _instance_norm, build_expert
 from common.shapley import shapley_values
 from common.train import train_expert
@@ -129,6 +131,21 @@ def random_batches(cfg: Config, n: int, size: int, batch: int) -> list[dict[str,
     } for _ in range(n)]
 
 
+def random_cases(batches: list[dict], size: int) -> list[dict]:
+    """The same voxels as whole cases on a canonical grid 1.25x the patch, for the patch pipeline (MONAI crop and
+    augmentation, shuffled DataLoader): what a site's training epoch really runs."""
+    big = int(size * 1.25)
+    cases = []
+    for b in batches:
+        for i in range(b["image"].shape[0]):
+            image = torch.nn.functional.interpolate(b["image"][i:i + 1], size=(big,) * 3)[0]
+            label = torch.nn.functional.interpolate(b["label"][i:i + 1], size=(big,) * 3)[0]
+            cases.append({"image": image, "label": (label.sum(0)).clamp(max=3).to(torch.int16),
+                          "summary": image[:, ::8, ::8, ::8].contiguous(), "presence": b["presence"][i],
+                          "clinical": b["clinical"][i], "stats": b["stats"][i]})
+    return cases
+
+
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -193,14 +210,20 @@ def main() -> None:
     train_mome, train_previous = expert_epoch(cfg, model), expert_epoch(cfg, previous)
     train_plain = plain_epoch(cfg, unet)
     probe = build_expert(cfg, N_CLINICAL, N_OUT)
+    patch_cfg = cfg.replace(patch_size=f"{args.size},{args.size},{args.size}")
+    spec = LabelSpec(LabelKind.REGIONS, ("wt", "tc", "et"), ((1, 2, 3), (2, 3), (3,)), (0, 1, 2, 3), (1, 2, 3))
+    patches = PatchLoader(random_cases(batches, args.size), patch_cfg, spec)
+    patched = build_expert(cfg, N_CLINICAL, N_OUT)
+    train_patched = expert_epoch(cfg, patched)
     t = interleaved({
         "mome": lambda: train_mome(batches),
+        "patches": lambda: train_patched(patches),
         "previous": lambda: train_previous(batches),
         "plain": lambda: train_plain(batches),
         "reuse": lambda: shapley_values(probe, batches[0], KIND, mode="reuse"),
         "naive": lambda: shapley_values(probe, batches[0], KIND, mode="naive"),
     }, args.repeats)
-    step = {name: t[name] / len(batches) for name in ("mome", "previous", "plain")}
+    step = {name: t[name] / len(batches) for name in ("mome", "patches", "previous", "plain")}
     print(f"\n{args.size}^3, batch {args.batch}, {torch.get_num_threads()} torch threads, median of {args.repeats}\n")
     print("| measure | ExpertNet | previous ExpertNet (full-res body) | plain MONAI UNet |")
     print("|---|---|---|---|")
@@ -210,6 +233,9 @@ def main() -> None:
           f"{voxels / step['plain']:,.0f} |")
     print(f"| step time / ExpertNet's | 1.00 | {step['previous'] / step['mome']:.2f} | "
           f"{step['plain'] / step['mome']:.2f} |")
+    print(f"\nwith the patch pipeline (MONAI crop + augmentation, shuffled DataLoader, {args.size}^3 patches): "
+          f"{step['patches']:.3f} s per step, {voxels / step['patches']:,.0f} voxels/s, "
+          f"{step['plain'] / step['patches']:.2f} x the plain UNet's throughput on ready batches")
     print(f"\nShapley, one batch, all subsets: {t['reuse']:.3f} s with feature reuse, {t['naive']:.3f} s with naive "
           f"forwards ({t['naive'] / t['reuse']:.2f}x faster)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,9 @@ class SiteData:
         out = {"spacing": np.median([g["spacing"] for g in self.geometry], axis=0),
                "extent_mm": np.median([g["extent"] for g in self.geometry], axis=0)}
         intensity = np.stack([g["intensity"] for g in self.geometry])  # [cases, channels, percentiles]
-        with np.errstate(all="ignore"):
-            medians = np.nan_to_num(np.nanmedian(intensity, axis=0) if np.isfinite(intensity).any() else
-                                    np.zeros(intensity.shape[1:]))
+        with warnings.catch_warnings():  # a channel the site lacks is all NaN: reported as 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            medians = np.nan_to_num(np.nanmedian(intensity, axis=0))
         for k, name in enumerate(INTENSITY_KEYS):
             out[name] = medians[:, k]
         return {k: [round(float(x), 4) for x in v] for k, v in out.items()}

@@ -16,7 +16,7 @@ TINY = Config(size=24, target_spacing="1,1,1", patch_size="24,24,24")  # planned
 TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_rounds=1, warmup_epochs=1, expert_epochs=1,
                   gate_steps=2, personalise_epochs=1, gate_rounds=2, batch_size=2,
                   min_cases=1)  # the tiny sites hold 2 held-out cases; tests of min-cases set it back
-TINY_OVERRIDES = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items() if k != "strategy")
+TINY_OVERRIDES = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items() if k != "strategy" and v != "")
 
 
 @pytest.fixture(scope="session")
