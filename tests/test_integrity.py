@@ -91,7 +91,9 @@ def everyone_fails_from(step: str):
     return mod
 
 
-ADV_CFG = TINY_RUN.replace(warmup_rounds=2, gate_rounds=2)  # steps: warmup 0, 1; expert 2; gate 3, 4; evaluate 5
+# steps: warmup 0, 1; expert 2; gate 3, 4; evaluate 5. The plan is fixed: a site's honest geometry shapes the
+# planned one, so without this "site-a alone" would train on another grid than site-a beside site-b
+ADV_CFG = TINY_RUN.replace(warmup_rounds=2, gate_rounds=2, target_spacing="1,1,1", patch_size="24,24,24")
 
 
 @pytest.fixture(scope="module")

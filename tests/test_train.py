@@ -146,7 +146,8 @@ def test_local_trains_one_model_per_site_and_centralized_one_for_all():
     sites = [tuple(blob_cases(2, 16, seed=s + k) for k in (0, 10)) for s in (5, 6)]
     cfg = CFG.replace(expert_epochs=1, clinical_fields="a=num:1,b=num:1,c=num:1")  # the blobs' F = 3 fields
     local = train_local(sites, cfg, "regions", n_out=2)
-    pooled = train_centralized(sites, cfg, "regions", n_out=2)
+    pooled = train_centralized([b for train, _ in sites for b in train], [b for _, val in sites for b in val], cfg,
+                               "regions", n_out=2)
     untrained = load_expert(cfg, n_out=2).state_dict()
     states = [m.state_dict() for m in (*local, pooled)]
     assert len(local) == 2
