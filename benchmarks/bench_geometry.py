@@ -1,7 +1,7 @@
 """Does a site's model survive how hospitals store and resample scans? And does `mome predict` fit a BraTS case?
 
 Robustness: every labelled held-out case of a finished `mome sim` run, as stored and as four variants (upsampled x4
-and back with linear interpolation: the halo; low-level background noise; a coarser grid, the issue's 4x4x6 mm
+and back with linear interpolation: the halo; low-level background noise; another grid, the issue's 4x4x6 mm
 relative to 5 mm voxels; the same head on a BraTS-sized 240x240x155 grid), segmented with the model each site ends
 up using (`<run>/mome/sites/<site>/model`) through `mome predict`, scored on the variant's own grid.
 

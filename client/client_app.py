@@ -22,7 +22,7 @@ from common.wire import (NUM_EXAMPLES, SITE_ID, Key, check_site_id, from_record,
 
 log = logging.getLogger("mome.client")
 # the settings a site's loaded, split and batched data depend on
-DATA_SETTINGS = ("target_spacing", "modalities", "clinical_fields", "val_fraction", "seed", "max_voxels", "gate_pool")
+DATA_SETTINGS = ("modalities", "clinical_fields", "val_fraction", "seed", "max_voxels", "gate_pool")
 SiteLocator = Callable[[Context], tuple[Path, str, Path | None]]
 
 
@@ -57,7 +57,9 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
     def site_for(msg: Message, context: Context) -> tuple[Site, Config]:
         cfg = config_from_mapping(dict(msg.content[Key.CONFIG]))
         data_dir, site_id, out_dir = locate(context)
-        site_key, data_key = (str(data_dir), site_id, str(out_dir)), tuple(getattr(cfg, k) for k in DATA_SETTINGS)
+        site_key = (str(data_dir), site_id, str(out_dir))
+        # surveyed (before the plan) or preprocessed on the plan's grid: a change of either reloads
+        data_key = (*(getattr(cfg, k) for k in DATA_SETTINGS), cfg.spacing if cfg.planned else None)
         loaded_for, site = opened.get(site_key, (None, None))
         if loaded_for != data_key:  # another config's copy is replaced, never kept beside this one
             opened.pop(site_key, None)

@@ -52,10 +52,16 @@ class Site:
         return cls(site_id or data.site_id, data, cfg, out_dir, train, val, data.labelled_test, data.unlabelled_test)
 
     def batches(self, cases: list[dict]) -> list[dict]:
+        self._check_planned()
         return to_batches(cases, self.cfg.batch_size, self.data.label_spec, self.cfg.divisor)
+
+    def _check_planned(self) -> None:
+        if not self.cfg.planned or any("image" not in c for c in self.train_cases[:1] + self.test_cases[:1]):
+            raise RuntimeError("the site's cases were only surveyed (no plan yet): open it with a planned config")
 
     def patches(self, step: str) -> PatchLoader:
         """Augmented training patches, reshuffled on every pass; augmentation seeded per step."""
+        self._check_planned()
         return PatchLoader(self.train_cases, self.cfg, self.data.label_spec, self.cfg.seed + zlib.crc32(step.encode()))
 
     @property

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from common.clinical import ClinicalSchema, parse_schema, read_clinical_csv
 from common.config import Config
 from common.labels import LabelSpec
-from common.preprocess import canonical, case_geometry
+from common.preprocess import canonical, case_geometry, voxel_spacing
 from common.sitedata import (BadCase, SiteReport, discover_cases, label_path, read_case, read_layout,
                              SiteDataError, SiteLayout)
 from common.wire import site_id_from_name
@@ -47,8 +47,9 @@ class SiteData:
         return [c for c in self.test if not c["labelled"]]
 
     def aggregate_geometry(self) -> dict[str, list[float]]:
-        """What a site reports for the plan: medians over its cases of the RAS voxel spacing, the head extent
-        (mm) and, per vocabulary channel, the head intensity percentiles (0 for a channel it lacks)."""
+        """What a site reports for the plan: medians over its cases of the RAS voxel spacing and the head extent
+        (mm), and, per vocabulary channel, the mean over its cases of the head intensity percentiles (0 for a
+        channel it lacks; a mean, not a median, so no value is one patient's own)."""
         if not self.geometry:
             return {}
         out = {"spacing": np.median([g["spacing"] for g in self.geometry], axis=0),
@@ -56,9 +57,9 @@ class SiteData:
         intensity = np.stack([g["intensity"] for g in self.geometry])  # [cases, channels, percentiles]
         with warnings.catch_warnings():  # a channel the site lacks is all NaN: reported as 0
             warnings.simplefilter("ignore", RuntimeWarning)
-            medians = np.nan_to_num(np.nanmedian(intensity, axis=0))
+            means = np.nan_to_num(np.nanmean(intensity, axis=0))
         for k, name in enumerate(INTENSITY_KEYS):
-            out[name] = medians[:, k]
+            out[name] = means[:, k]
         return {k: [round(float(x), 4) for x in v] for k, v in out.items()}
 
 
@@ -88,6 +89,10 @@ def geometry_of(raw: dict) -> dict:
 def preprocess_case(raw: dict, geometry: dict, cfg: Config, schema: ClinicalSchema, row: dict | None) -> dict:
     """The case on the plan's canonical grid: image, label map (int16), the gate's whole-case summary, and the
     input's geometry (to write predictions back onto it)."""
+    planned = np.prod(raw["shape"]) * np.prod(voxel_spacing(raw["affine"])) / np.prod(cfg.spacing)
+    if planned * len(cfg.modality_names) > cfg.max_voxels:
+        raise BadCase(Path(raw["case_id"]), f"at the plan's spacing {cfg.target_spacing} mm it would hold "
+                                            f"{planned:.0f} voxels per channel, above max-voxels {cfg.max_voxels}")
     try:
         canon = canonical(raw["raw_image"], raw["affine"], raw["present"], cfg.spacing, raw.get("label"))
     except ValueError as exc:
@@ -116,8 +121,8 @@ def _cache_key(layout: SiteLayout, case: str, split: str, with_label: bool, cfg:
     files = [layout.site_dir / f"images{split}" / f"{case}_{c:04d}{layout.file_ending}" for c in layout.channel_modality]
     files += [label_path(layout, case, split)] if with_label else []
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
-    facts = [CACHE_VERSION, stats, cfg.target_spacing, cfg.modalities, cfg.clinical_fields, cfg.gate_pool, row,
-             sorted(layout.channel_modality.items()), sorted(layout.missing.get(case, set()))]
+    facts = [CACHE_VERSION, split, stats, cfg.target_spacing, cfg.modalities, cfg.clinical_fields, cfg.gate_pool, row,
+             cfg.max_voxels, hashlib.sha256((layout.site_dir / "dataset.json").read_bytes()).hexdigest()]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
@@ -125,8 +130,8 @@ def _tensors(d: dict, to_torch: bool) -> dict:
     """numpy arrays <-> tensors, so cache files load with torch.load(weights_only=True) (no pickled code)."""
     kind = np.ndarray if to_torch else torch.Tensor
     convert = torch.from_numpy if to_torch else (lambda t: t.numpy())
-    return {k: convert(v) if isinstance(v, kind) and (to_torch or v.dtype == torch.float64) else v
-            for k, v in d.items()}
+    numpy_keys = {"affine", "canonical_affine", "spacing", "extent", "intensity"}  # the rest stays torch
+    return {k: convert(v) if isinstance(v, kind) and (to_torch or k in numpy_keys) else v for k, v in d.items()}
 
 
 def _load_case(layout: SiteLayout, case: str, split: str, with_label: bool, cfg: Config, schema: ClinicalSchema,
@@ -148,6 +153,8 @@ def _load_case(layout: SiteLayout, case: str, split: str, with_label: bool, cfg:
     item = preprocess_case(raw, geometry, cfg, schema, row)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f"{case}-*.pt"):  # the case under another plan or older files
+            stale.unlink(missing_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"case": _tensors(item, True), "geometry": _tensors(geometry, True)}, tmp)
         tmp.replace(path)

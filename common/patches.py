@@ -21,10 +21,14 @@ from common.labels import LabelSpec
 CASE_KEYS = ("summary", "presence", "clinical", "stats")  # per-case inputs every patch of the case carries
 
 
-def fit_patch(shape: Sequence[float], max_voxels: int, divisor: int) -> tuple[int, int, int]:
-    """`shape` rounded up to the divisor, then shrunk along its longest side relative to `shape` until it holds
-    at most max_voxels (never below the divisor)."""
-    patch = [max(divisor, divisor * math.ceil(s / divisor)) for s in shape]
+MAX_SIDE = 160  # no patch or window side above this (a site's default policy-max-size)
+
+
+def fit_patch(shape: Sequence[float], max_voxels: int, divisor: int, max_side: int = MAX_SIDE) -> tuple[int, int, int]:
+    """`shape` rounded up to the divisor (each side at most max_side), then shrunk along the side largest relative
+    to `shape` until it holds at most max_voxels (never below the divisor)."""
+    top = max(divisor, max_side // divisor * divisor)
+    patch = [min(top, max(divisor, divisor * math.ceil(s / divisor))) for s in shape]
     while math.prod(patch) > max_voxels and max(patch) > divisor:
         axis = max((a for a in range(3) if patch[a] > divisor), key=lambda a: (patch[a] / max(shape[a], 1), patch[a]))
         patch[axis] -= divisor

@@ -92,7 +92,7 @@ def canonical(image: np.ndarray, affine: np.ndarray, present: np.ndarray, spacin
     if label is not None:
         data["label"] = MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=meta_affine)
     data = canonical_transform(spacing)(data)
-    out = {"image": data["image"].as_tensor().float().contiguous(),
+    out = {"image": data["image"].as_tensor().float().clone(),  # a copy: the crop's view would keep the whole grid
            "affine": np.asarray(data["image"].affine, dtype=np.float64)}
     if label is not None:
         out["label"] = data["label"].as_tensor()[0].round().to(torch.int16).numpy()

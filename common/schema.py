@@ -31,7 +31,8 @@ SUPPRESSION = {"suppressed": INT, "gate_on_train": INT}  # flags: what min-cases
 EVALUATED = ("mixture", "mixture_global", "expert", "model")  # variants a site scores on its held-out cases
 
 DESCRIBE = {"n_train": INT, "n_val": INT, "n_gate": INT, "n_test": INT, "n_unlabelled": INT, "skipped": INT}
-# aggregate geometry for the plan: medians over the site's cases, never a case's own value (common.cases)
+# aggregate geometry for the plan, over >= min-cases cases (common.cases): medians of spacing and head extent
+# (scanner protocol and anatomy scale; with an odd count a median is some case's value), means of intensities
 GEOMETRY = {"spacing": XYZ, "extent_mm": XYZ, "intensity_p005": PER_MODALITY, "intensity_p50": PER_MODALITY,
             "intensity_p995": PER_MODALITY}
 TRAIN = {**COUNTS, **PRIVACY, **SUPPRESSION, "train_loss": FLOAT, "val_dice": FLOAT,

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import logging
+
 import numpy as np
 
 from common.config import Config
 from common.patches import fit_patch
 
+log = logging.getLogger("mome.plan")
 ANISOTROPY = 3.0  # nnU-Net: data whose coarsest axis is this many times the finest is anisotropic
 LOWRES_PERCENTILE = 10  # ... and its coarse axis is planned at this percentile of the spacings, not the median
 GEOMETRY_KEYS = ("spacing", "extent_mm")  # what describe replies carry for the plan (RAS order, 3 values each)
 
 
-SANE = {"spacing": (0.05, 20.0), "extent_mm": (1.0, 2000.0)}  # outside these a site's geometry is not believed
+SANE = {"spacing": (0.3, 8.0), "extent_mm": (10.0, 500.0)}  # outside these a site's geometry is not believed
 
 
 def site_geometry(metrics: Mapping) -> dict | None:
@@ -47,8 +50,11 @@ def make_plan(geometries: Sequence[Mapping[str, Sequence[float]]], cfg: Config) 
     extents = np.array([g["extent_mm"] for g in geometries], dtype=np.float64).reshape(-1, 3)
     if cfg.target_spacing:
         spacing = np.array(cfg.spacing)
+    elif len(spacings):
+        spacing = target_spacing(spacings)
     else:
-        spacing = target_spacing(spacings) if len(spacings) else np.ones(3)
+        log.warning("no site reported believable geometry: planning at 1 mm")
+        spacing = np.ones(3)
     if cfg.patch_size:
         patch = cfg.patch
     else:

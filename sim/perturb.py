@@ -1,6 +1,7 @@
-"""Scan variants a hospital's data has and the synthetic sites lack: the same case stored in another orientation,
-with thick slices, resampled (with the faint halo interpolation leaves), with background noise, on a coarser or a
-BraTS-sized grid. Used by the geometry tests and benchmarks; labels follow with nearest neighbour."""
+"""Scan variants a hospital's data has and the synthetic sites lack: the same case resampled (with the faint halo
+interpolation leaves), with background noise, on another grid (the issue's 4x4x6 mm relative to 5 mm voxels:
+finer in-plane, coarser across slices) or a BraTS-sized one. Orientation and thick slices: sim/scanner.py. Used by
+the geometry tests and benchmarks; labels follow with nearest neighbour."""
 
 from __future__ import annotations
 
@@ -74,8 +75,6 @@ def noisy(array, affine, label):
     return np.hypot(array + sigma * rng.standard_normal(array.shape), sigma * rng.standard_normal(array.shape)), affine
 
 
-
-
 def brats_sized(array, affine, label):
     """The same head on a 240x240x155 grid of the same extent (BraTS' array shape, finer voxels)."""
     return resampled(lambda shape, aff: _fit(shape, aff, (240, 240, 155)))(array, affine, label)
@@ -91,6 +90,6 @@ def _fit(shape, affine, new_shape):
 
 VARIANTS: dict[str, Transform] = {
     "original": lambda a, aff, lab: (a, aff), "halo": halo, "noise": noisy,
-    "coarser": resampled(grid((0.8, 0.8, 1.2))),  # the issue's 4x4x6 mm relative to its 5 mm voxels
+    "regridded": resampled(grid((0.8, 0.8, 1.2))),  # the issue's 4x4x6 mm relative to its 5 mm voxels
     "brats-sized": brats_sized,
 }

@@ -19,7 +19,7 @@ from common.wire import Status, site_id_from_name
 from server.results import FAILED, headline, headline_variant, site_entry, strategy_metrics
 from server.server_app import make_server_app
 from common.patches import PatchLoader
-from server.plan import make_plan, planned_config
+from server.plan import make_plan, planned_config, site_geometry
 from sim.baselines import train_centralized, train_local
 
 log = logging.getLogger("mome.sim")
@@ -72,7 +72,8 @@ def local_plan(cfg: Config, site_dirs: list[Path]) -> Config:
     """The plan the coordinator would make from these sites' aggregate geometry (for runs without one)."""
     if cfg.planned:
         return cfg
-    return planned_config(cfg, make_plan([Site.open(d, cfg).data.aggregate_geometry() for d in site_dirs], cfg))
+    reported = [site_geometry(Site.open(d, cfg).describe()) for d in site_dirs]
+    return planned_config(cfg, make_plan([g for g in reported if g is not None], cfg))
 
 
 def run_baseline(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path) -> dict:

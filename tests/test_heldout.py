@@ -137,7 +137,8 @@ def break_evaluation(sites: dict[int, str], crash: bool = False):
 
 
 def test_failed_evaluation_still_saves_the_model_and_is_reported(two_sites, tmp_path):
-    cfg = TINY_RUN.replace(gate_rounds=1)
+    # half a plan given by hand (the patch still planned): the sites' surveyed copy must not be reused for training
+    cfg = TINY_RUN.replace(gate_rounds=1, target_spacing="1,1,1")
     metrics = simulate("mome", two_sites, cfg, tmp_path, mods=[break_evaluation({0: two_sites[0].name})])
     broken, fine = (metrics["sites"][d.name] for d in two_sites)
     assert broken["status"] == "evaluation-failed" and "KeyError" in broken["reason"], broken
