@@ -20,7 +20,7 @@ from common.labels import LabelKind
 from common.metrics import Predictor, evaluate, expert_predictor, mixture_predictor
 from common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
 from common.shapley import site_shapley
-from common.patches import PatchLoader, Window
+from common.patches import PatchLoader, Window, fit_patch
 from common.cases import SiteData, load_site, split_train_val, to_batches
 from common.state import state_to_numpy
 from common.train import personalise_gate, train_expert, train_gate
@@ -260,8 +260,18 @@ class Site:
 
     def _shapley(self, model: ExpertNet, test: list[dict]) -> list[float]:
         """Mean Shapley value per modality (imaging ones, then clinical) over held-out cases."""
-        values = site_shapley(model, test, self.kind, self.cfg.modality_names)["shapley"]
+        values = site_shapley(model, [self._central(b) for b in test], self.kind, self.cfg.modality_names)["shapley"]
         return [values[m] for m in (*self.cfg.modality_names, "clinical")]
+
+    def _central(self, batch: dict) -> dict:
+        """The batch cropped to its central inference window: Shapley's 2^M forwards run without sliding windows."""
+        shape = batch["image"].shape[2:]
+        roi = fit_patch(shape, self.cfg.infer_voxels, self.cfg.divisor)
+        if all(r >= s for r, s in zip(roi, shape)):
+            return batch
+        starts = [(s - min(r, s)) // 2 for r, s in zip(roi, shape)]
+        crop = tuple(slice(a, a + min(r, s)) for a, r, s in zip(starts, roi, shape))
+        return {k: v[(..., *crop)] if k in ("image", "label") else v for k, v in batch.items()}
 
     @torch.no_grad()
     def _mean_gate_weights(self, gate: GateNet, test: list[dict]) -> list[float]:
