@@ -8,7 +8,7 @@ up using (`<run>/mome/sites/<site>/model`) through `mome predict`, scored on the
 BraTS predict: one BraTS-shaped case (4 channels, 240x240x155 at 1 mm: a synthetic head scaled to a real head's
 size) through `mome predict` with the run's 4-expert mixture, in a child process: wall time and peak RSS.
 
-    python benchmarks/bench_geometry.py RUN [--cases 4] [--skip-robustness] [--threads 2]
+    python benchmarks/bench_geometry.py RUN [--cases 4] [--skip-robustness] [--skip-predict] [--threads 2]
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--cases", type=int, default=4, help="labelled held-out cases per site")
     parser.add_argument("--skip-robustness", action="store_true")
+    parser.add_argument("--skip-predict", action="store_true", help="no BraTS-sized predict timing")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +107,8 @@ def main() -> None:
             for name, values in scores.items():
                 print(f"| {name} | {np.mean(values):.3f} | {np.mean(values) - base:+.3f} |")
             result["robustness"] = {k: float(np.mean(v)) for k, v in scores.items()}
+        if args.skip_predict:
+            return
         folder = brats_case(args.run, work)
         bundle = args.run / "mome" / "model"
         timing = timed_predict(bundle, folder, args.threads)
