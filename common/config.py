@@ -86,6 +86,7 @@ class Config:
     warmup_rounds: int = 8
     warmup_epochs: int = 4  # local epochs per warm-up (and matching FedAvg) round
     expert_rounds: int = 1
+    shared_expert: bool = True  # the mixture also holds the federation's shared warm-up model (a generalist)
     gate_rounds: int = 2
     gate_aggregation: str = "fedavg"  # a GateAggregation
     dro_temperature: float = 1.0

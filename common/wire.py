@@ -11,6 +11,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 
+SHARED_EXPERT = "_federation"  # the shared model as an expert of the mixture: no site id starts with "_"
+
+
 class Key(StrEnum):
     """Record names inside a RecordDict."""
 
@@ -18,7 +21,7 @@ class Key(StrEnum):
     METRICS = "metrics"  # scalar metrics only, site -> server
     MODEL = "model"  # the one model a site trained (expert, shared model or gate)
     GATE = "gate"  # the global gate, server -> site
-    EXPERT_PREFIX = "expert."  # expert.<site-id>, server -> site
+    EXPERT_PREFIX = "expert."  # expert.<site-id> (or expert.<SHARED_EXPERT>), server -> site
     OUTCOME = "outcome"  # how a site's final step ended (status, reason), site -> server
 
 

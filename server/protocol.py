@@ -17,7 +17,7 @@ from common.config import Config, GateAggregation, Strategy
 from common.labels import LabelSpec
 from common.model import load_expert, load_gate
 from common.state import state_to_numpy
-from common.wire import Action, Key, config_record, record_bytes, to_record
+from common.wire import SHARED_EXPERT, Action, Key, config_record, record_bytes, to_record
 from server.aggregate import AggregationError, aggregate
 from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
 from server.identity import Refused, Registry
@@ -276,15 +276,23 @@ class Coordinator:
             return {}
         return good, commit
 
+    def mixture_experts(self) -> dict[str, dict]:
+        """The experts the gate mixes: every site's, plus the federation's shared warm-up model (`shared-expert`),
+        a generalist for cases no single site's expert serves well."""
+        experts = {s: self.state["experts"][s] for s in sorted(self.state["experts"])}
+        if self.cfg.shared_expert and experts and self.state["base"] is not None:
+            experts[SHARED_EXPERT] = self.state["base"]
+        return experts
+
     def _expert_records(self) -> dict[str, dict]:
-        return {f"{Key.EXPERT_PREFIX}{s}": self.state["experts"][s] for s in sorted(self.state["experts"])}
+        return {f"{Key.EXPERT_PREFIX}{s}": state for s, state in self.mixture_experts().items()}
 
     def _step_gate(self, step: int) -> Step:
         if not self.state["experts"]:
             raise RuntimeError("no expert survived the expert rounds; cannot train a gate")
-        if self.state.get("gate_sites") != sorted(self.state["experts"]):
-            self.state["gate"] = state_to_numpy(load_gate(self.cfg, len(self.state["experts"])))
-            self.state["gate_sites"] = sorted(self.state["experts"])
+        if self.state.get("gate_sites") != list(self.mixture_experts()):
+            self.state["gate"] = state_to_numpy(load_gate(self.cfg, len(self.mixture_experts())))
+            self.state["gate_sites"] = list(self.mixture_experts())
         sent = self.state["gate"]
         nodes = self._live_nodes(step)
         replies = self._exchange({n: self._content("gate", **{Key.GATE: sent}, **self._expert_records())

@@ -41,10 +41,10 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     cfg.save(out_dir / "config.json")
     spec = LabelSpec.from_dict(state["labels"])
     mome = cfg.strategy == Strategy.MOME
-    experts = state["experts"] if mome else {"shared": state["base"]}
+    experts = coordinator.mixture_experts() if mome else {"shared": state["base"]}
     save_bundle(Bundle(cfg, spec, experts, state["gate"] if mome else None, cfg.strategy), out_dir / "model")
     metrics = strategy_metrics(cfg, spec.metric_names, final_sites(state, cfg.strategy),
-                               time.perf_counter() - start, experts=sorted(experts), rounds=state["history"],
+                               time.perf_counter() - start, experts=list(experts), rounds=state["history"],
                                dropped=state["dropped"], traffic=state["traffic"],
                                bindings=state.get("bindings", {}), identity=state["identity"],
                                plan=state.get("plan"))
