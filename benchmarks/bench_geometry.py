@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--skip-robustness", action="store_true")
     parser.add_argument("--skip-predict", action="store_true", help="no BraTS-sized predict timing")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", type=Path, help="bundle to time (default: RUN/mome/model)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -110,7 +111,7 @@ def main() -> None:
         if args.skip_predict:
             return
         folder = brats_case(args.run, work)
-        bundle = args.run / "mome" / "model"
+        bundle = args.model or args.run / "mome" / "model"
         timing = timed_predict(bundle, folder, args.threads)
         experts = len(json.loads((bundle / "metadata.json").read_text())["experts"])
         print(f"\nmome predict, one 4-channel 240x240x155 case at 1 mm, {experts}-expert mixture, {args.threads} threads: "
