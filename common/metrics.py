@@ -11,7 +11,8 @@ from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from common.labels import LabelKind
-from common.model import ExpertNet, GateNet, gate_weights, mixture_logits, model_logits, probabilities
+from common.model import (ExpertNet, GateNet, gate_weights, mixing_space, mixture_logits, model_logits,
+                          probabilities)
 from common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]
@@ -108,9 +109,7 @@ def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: LabelKi
         def mixed(x: torch.Tensor, i: int) -> torch.Tensor:
             out = 0.0
             for k, expert in enumerate(experts):
-                logits = expert(x, presence[i:i + 1], clinical[i:i + 1])
-                out = out + weights[i, k] * (logits if LabelKind(kind) is LabelKind.REGIONS
-                                             else torch.log_softmax(logits, dim=1))
+                out = out + weights[i, k] * mixing_space(expert(x, presence[i:i + 1], clinical[i:i + 1]), kind)
             return out
 
         return probabilities(window.infer(mixed, batch["image"]), kind)

@@ -272,6 +272,11 @@ def model_logits(model: ExpertNet, batch: Mapping[str, torch.Tensor], window: "W
     return window.infer(lambda x, i: model(x, presence[i:i + 1], clinical[i:i + 1]), batch["image"])
 
 
+def mixing_space(logits: torch.Tensor, kind: LabelKind) -> torch.Tensor:
+    """An expert's logits in the space the mixture averages: log-odds for regions, log-probabilities for classes."""
+    return logits if LabelKind(kind) is LabelKind.REGIONS else torch.log_softmax(logits, dim=1)
+
+
 @torch.no_grad()
 def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor], kind: LabelKind,
                   window: "Window | None" = None) -> torch.Tensor:
@@ -280,8 +285,7 @@ def expert_logits(experts: Sequence[ExpertNet], batch: Mapping[str, torch.Tensor
     out = []
     for expert in experts:
         expert.eval()
-        logits = model_logits(expert, batch, window)
-        out.append(logits if LabelKind(kind) is LabelKind.REGIONS else torch.log_softmax(logits, dim=1))
+        out.append(mixing_space(model_logits(expert, batch, window), kind))
     return torch.stack(out, dim=1)
 
 
