@@ -17,7 +17,7 @@ sim: $(STAMP)
 	$(VENV)/bin/mome sim $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py

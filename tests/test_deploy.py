@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from common.config import parse_run_config
+from common.wire import SHARED_EXPERT
 from deploy.certs import write_certificates
 from deploy.compose import expand, render_compose
 from deploy.local import LocalDeployment, deploy_local
@@ -80,7 +81,7 @@ def test_enrolled_sites_complete_a_federation_over_tls_with_node_auth(secure_run
     metrics = combined["strategies"]["mome"]
     assert sorted(metrics["sites"]) == ["site-a", "site-b"]
     assert metrics["dropped"] == []
-    assert sorted(metrics["experts"]) == ["site-a", "site-b"]
+    assert sorted(metrics["experts"]) == [SHARED_EXPERT, "site-a", "site-b"]
     assert [r["phase"] for r in metrics["rounds"]] == ["warmup", "expert", "gate", "evaluate"]
     assert all(metrics["traffic"][s]["up"] > 0 and metrics["traffic"][s]["down"] > 0 for s in ("site-a", "site-b"))
     # the coordinator's outputs, and each site's own bundle written through its node config's out-dir
@@ -139,7 +140,7 @@ def test_site_killed_mid_run_is_dropped_and_the_run_completes(own_home, federati
         assert dep.wait_run(timeout=300) == 0
         combined = dep.collect()
     metrics = combined["strategies"]["mome"]
-    assert sorted(metrics["experts"]) == ["site-a", "site-b"]  # site-b's expert arrived before the crash
+    assert sorted(metrics["experts"]) == [SHARED_EXPERT, "site-a", "site-b"]  # site-b's expert arrived before the crash
     assert metrics["sites"]["site-a"]["status"] == "evaluated"  # only the survivor evaluated
     assert metrics["sites"]["site-b"]["status"] == "failed" and metrics["sites"]["site-b"]["model_saved"] == 0
     assert metrics["status"] == "ok" and metrics["summary"]["n_evaluated"] == 1
