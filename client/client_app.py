@@ -17,8 +17,7 @@ from client.policy import SitePolicy
 from client.site import Site
 from common.config import Config, config_from_mapping
 from common.schema import DESCRIBE, GEOMETRY  # declared once: the counts weigh updates, the geometry plans
-from common.wire import (NUM_EXAMPLES, SITE_ID, Key, check_site_id, from_record, metric_record, site_id_from_name,
-                         to_record)
+from common.wire import NUM_EXAMPLES, SITE_ID, Key, check_site_id, metric_record, pack, site_id_from_name, unpack
 
 log = logging.getLogger("mome.client")
 # the settings a site's loaded, split and batched data depend on
@@ -76,7 +75,7 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         content = RecordDict({Key.METRICS: metric_record({**metrics, NUM_EXAMPLES: n_examples}),
                               "site": ConfigRecord({SITE_ID: site.site_id})})
         if state is not None:
-            content[Key.MODEL] = to_record(state)
+            content[Key.MODEL] = pack(state)
         if outcome is not None:
             content[Key.OUTCOME] = ConfigRecord({k: str(v) for k, v in outcome.items()})
         return Message(content, reply_to=msg)
@@ -91,22 +90,27 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
                                                                          if k in facts})})
         return Message(content, reply_to=msg)
 
+    def train(msg: Message, context: Context, keep_best: bool) -> Message:
+        site, cfg = site_for(msg, context)
+        state, metrics = site.train_model(unpack(msg.content[Key.MODEL]), int(_phase(msg)["epochs"]),
+                                          msg.metadata.group_id, keep_best)
+        return reply(msg, site, metrics, state, metrics["n_train"])
+
     @app.train("shared")
     def train_shared(msg: Message, context: Context) -> Message:
-        site, cfg = site_for(msg, context)
-        state, metrics = site.train_model(from_record(msg.content[Key.MODEL]), int(_phase(msg)["epochs"]),
-                                          msg.metadata.group_id)
-        return reply(msg, site, metrics, state, metrics["n_train"])
+        return train(msg, context, keep_best=True)
 
     @app.train("expert")
     def train_expert(msg: Message, context: Context) -> Message:
-        return train_shared(msg, context)
+        # the gate learns on the held-out split: an expert whose epoch was picked there would look better to the
+        # gate than it is on new cases, and the gate would over-trust the site's own expert
+        return train(msg, context, keep_best=False)
 
     @app.train("gate")
     def train_gate(msg: Message, context: Context) -> Message:
         site, cfg = site_for(msg, context)
         experts = _experts(msg)
-        state, metrics = site.train_gate(list(experts.values()), from_record(msg.content[Key.GATE]),
+        state, metrics = site.train_gate(list(experts.values()), unpack(msg.content[Key.GATE]),
                                          step=msg.metadata.group_id)
         return reply(msg, site, metrics, state, metrics["n_gate"])
 
@@ -116,9 +120,9 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         site, cfg = site_for(msg, context)
         phase = _phase(msg)
         if Key.GATE in msg.content:
-            metrics, outcome = site.finalise_mixture(_experts(msg), from_record(msg.content[Key.GATE]))
+            metrics, outcome = site.finalise_mixture(_experts(msg), unpack(msg.content[Key.GATE]))
         else:
-            metrics, outcome = site.finalise_shared(from_record(msg.content[Key.MODEL]),
+            metrics, outcome = site.finalise_shared(unpack(msg.content[Key.MODEL]),
                                                     int(phase["finetune-epochs"]), str(phase["strategy"]))
         return reply(msg, site, metrics, None, metrics["n_test"], outcome)
 
@@ -131,7 +135,7 @@ def _phase(msg: Message) -> ConfigRecord:
 
 def _experts(msg: Message) -> dict[str, dict]:
     prefix = str(Key.EXPERT_PREFIX)
-    return {name[len(prefix):]: from_record(rec) for name, rec in msg.content.array_records.items()
+    return {name[len(prefix):]: unpack(rec) for name, rec in msg.content.array_records.items()
             if name.startswith(prefix)}
 
 

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from opacus.accountants import RDPAccountant
 
 from common.atomic import write_json
 from common.config import Config
@@ -40,9 +39,13 @@ def epsilon(noise_multipliers: list[float], delta: float) -> float:
 
     The whole update is clipped to C, so one patient more or less can move it anywhere in a ball of radius C: the
     sensitivity is 2C, and noise of std s x C is a Gaussian mechanism of noise multiplier s / 2."""
+    if not noise_multipliers:
+        return 0.0
+    from opacus.accountants import RDPAccountant  # here: opacus costs every ClientApp process 1.5 s to import
+
     accountant = RDPAccountant()
     accountant.history = [(sigma / 2, 1.0, 1) for sigma in noise_multipliers]
-    return float(accountant.get_epsilon(delta, alphas=ORDERS)) if noise_multipliers else 0.0
+    return float(accountant.get_epsilon(delta, alphas=ORDERS))
 
 
 class PrivacyLedger:

@@ -20,7 +20,7 @@ from common.labels import LabelKind
 from common.metrics import Predictor, evaluate, expert_predictor, mixture_predictor
 from common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
 from common.shapley import site_shapley
-from common.patches import PatchLoader, Window, fit_patch
+from common.patches import PatchLoader, Window
 from common.cases import SiteData, load_site, split_train_val, to_batches
 from common.state import state_to_numpy
 from common.train import personalise_gate, train_expert, train_gate
@@ -115,17 +115,20 @@ class Site:
     def gate(self, n_experts: int, state: State | None = None) -> GateNet:
         return load_gate(self.cfg, n_experts, state)
 
-    def train_model(self, state: State, epochs: int, step: str = "") -> tuple[State | None, dict]:
+    def train_model(self, state: State, epochs: int, step: str = "", keep_best: bool = True
+                    ) -> tuple[State | None, dict]:
         """Fine-tune a model (shared model or own expert) from the given weights; no update from fewer than
-        min-cases training cases (the reply says so by its `suppressed` flag)."""
+        min-cases training cases (the reply says so by its `suppressed` flag). keep_best: the epoch of best
+        validation Dice, else the last one."""
         if not self._enough(self.train_cases):
             return None, {**self.counts, "suppressed": 1}
         model = self.expert(state)
         history = train_expert(model, self.patches(step), self.val_batches, self.cfg, self.kind, epochs=epochs,
-                               progress=False)
+                               progress=False, keep_best=keep_best)
         metrics = {"train_loss": history["loss"][-1], **self.counts}
-        if history.get("best_val_dice") is not None and self._enough(self.val_cases):
-            metrics["val_dice"] = history["best_val_dice"]
+        val = history["best_val_dice"] if keep_best else history["val_dice"][-1] if history["val_dice"] else None
+        if val is not None and self._enough(self.val_cases):
+            metrics["val_dice"] = val
         factors = history["factors"][-1]
         metrics["modality_factors"] = [float(factors[f"factor/{m}"]) for m in self.cfg.modality_names]
         return self._released(state_to_numpy(model), state, "model", step, metrics), metrics
@@ -266,7 +269,7 @@ class Site:
     def _central(self, batch: dict) -> dict:
         """The batch cropped to its central inference window: Shapley's 2^M forwards run without sliding windows."""
         shape = batch["image"].shape[2:]
-        roi = fit_patch(shape, self.cfg.infer_voxels, self.cfg.divisor)
+        roi = self.window.roi(shape)
         if all(r >= s for r, s in zip(roi, shape)):
             return batch
         starts = [(s - min(r, s)) // 2 for r, s in zip(roi, shape)]

@@ -21,7 +21,7 @@ from common.labels import LabelSpec
 CASE_KEYS = ("summary", "presence", "clinical", "stats")  # per-case inputs every patch of the case carries
 
 
-MAX_SIDE = 160  # no patch or window side above this (a site's default policy-max-size)
+MAX_SIDE = 160  # no training patch side above this (a site's default policy-max-size)
 
 
 def fit_patch(shape: Sequence[float], max_voxels: int, divisor: int, max_side: int = MAX_SIDE) -> tuple[int, int, int]:
@@ -47,10 +47,16 @@ class Window:
     def from_config(cls, cfg: Config) -> "Window":
         return cls(cfg.infer_voxels, cfg.sw_overlap, cfg.divisor)
 
+    def roi(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The window for a case of this shape: the whole case when it fits max_voxels (one forward, no blending
+        seams), else the largest divisor-aligned window within it. Unlike training patches, sides are not capped:
+        the voxel budget is what bounds memory, and every extra window costs a forward per expert."""
+        return fit_patch(shape, self.max_voxels, self.divisor, max_side=max(shape) + self.divisor)
+
     def infer(self, network: Callable[[torch.Tensor, int], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """network(window [1, M, ...], case index) -> logits, over every case of the batch image [B, M, ...]."""
         outs = []
-        roi = fit_patch(image.shape[2:], self.max_voxels, self.divisor)
+        roi = self.roi(image.shape[2:])
         inferer = SlidingWindowInferer(roi, sw_batch_size=1, overlap=self.overlap, mode="gaussian")
         with warnings.catch_warnings():  # MONAI 1.5 indexes with lists internally, which torch 2.13 warns about
             warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.wire import NUM_EXAMPLES, Action, Key
+from common.wire import NUM_EXAMPLES, PACKED_LAYOUT, Action, Key
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,11 @@ def _array_problems(record, sent: ArrayRecord | None) -> list[str]:
     if names != expected:
         return [f"arrays differ from the model sent (extra {sorted(names - expected)[:3]}, "
                 f"missing {sorted(expected - names)[:3]})"]
-    return [f"array {n!r}: shape {record[n].shape} / {record[n].dtype}, sent {sent[n].shape} / {sent[n].dtype}"
-            for n in sorted(names) if (record[n].shape, record[n].dtype) != (sent[n].shape, sent[n].dtype)]
+    problems = [f"array {n!r}: shape {record[n].shape} / {record[n].dtype}, sent {sent[n].shape} / {sent[n].dtype}"
+                for n in sorted(names) if (record[n].shape, record[n].dtype) != (sent[n].shape, sent[n].dtype)]
+    if not problems and PACKED_LAYOUT in names and record[PACKED_LAYOUT].data != sent[PACKED_LAYOUT].data:
+        problems.append("the packed model's tensors (names, shapes, dtypes) differ from the model sent")
+    return problems
 
 
 def _config_problems(name: str, record, keys: set[str]) -> list[str]:

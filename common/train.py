@@ -87,8 +87,10 @@ def train_expert(
     kind: LabelKind,
     epochs: int | None = None,
     progress: bool = True,
+    keep_best: bool = True,
 ) -> dict:
-    """Train in place; the model ends with the state of best validation Dice (the last one without val data).
+    """Train in place; the model ends with the state of best validation Dice (the last one without val data, or
+    with keep_best False: validation is then only reported, so the val cases stay unbiased for what learns on them).
 
     train_batches: re-iterable, one pass per epoch (a PatchLoader: shuffled augmented patches; or a list)."""
     names = cfg.modality_names
@@ -115,12 +117,12 @@ def train_expert(
             balancer.update(scores)
             model_losses.append(loss.item())
             bar.set_postfix(loss=f"{model_losses[-1]:.3f}")
-        val = _validate(model, val_batches, kind, cfg)
+        val = _validate(model, val_batches, kind, cfg) if keep_best or epoch == epochs - 1 else None
         history["loss"].append(sum(model_losses) / len(model_losses) if model_losses else None)
         history["val_dice"].append(val)
         history["factors"].append(balancer.log_epoch())
         history["seconds"].append(time.perf_counter() - start)
-        if val is not None and val > best_dice:
+        if keep_best and val is not None and val > best_dice:
             best_dice, best_epoch = val, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best_state is not None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from enum import StrEnum
+from typing import Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 
+PACKED_LAYOUT, PACKED_DATA = "layout", "data"  # the two Arrays of a packed model state (`pack`)
 SHARED_EXPERT = "_federation"  # the shared model as an expert of the mixture: no site id starts with "_"
 
 
@@ -66,11 +69,56 @@ def check_site_id(site_id: str) -> str:
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """One Array per tensor: the form Flower's own strategies aggregate (never sent: see `pack`)."""
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
+
+
+Spec = Mapping[str, tuple[Sequence[int], np.dtype]]  # tensor name -> (shape, dtype)
+
+
+def spec_of(arrays: dict[str, np.ndarray]) -> Spec:
+    return {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in arrays.items()}
+
+
+def packed_layout(spec: Spec) -> bytes:
+    """The layout of a packed state: [name, shape, dtype] per tensor, in name order, as JSON bytes."""
+    return json.dumps([[n, [int(d) for d in spec[n][0]], np.dtype(spec[n][1]).str] for n in sorted(spec)]).encode()
+
+
+def packed_size(spec: Spec) -> int:
+    return sum(np.dtype(dtype).itemsize * math.prod(shape) for shape, dtype in spec.values())
+
+
+def pack(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """A model state as two Arrays, its layout and all its bytes in that order. Flower moves every Array as
+    objects of their own, one request each on every hop between ServerApp, SuperLink, SuperNode and ClientApp:
+    a network's ~80 tensors cost a deployment step tens of seconds, its two packed arrays almost nothing."""
+    data = b"".join(np.ascontiguousarray(arrays[n]).tobytes() for n in sorted(arrays))
+    return ArrayRecord({PACKED_LAYOUT: Array(np.frombuffer(packed_layout(spec_of(arrays)), dtype=np.uint8)),
+                        PACKED_DATA: Array(np.frombuffer(data, dtype=np.uint8))})
+
+
+def split_packed(data: bytes | memoryview, spec: Spec) -> dict[str, np.ndarray]:
+    """The tensors of a packed state's bytes (exactly packed_size(spec) of them), in name order."""
+    if len(data) != packed_size(spec):
+        raise ValueError(f"packed state holds {len(data)} bytes, its layout {packed_size(spec)}")
+    state, offset = {}, 0
+    for name in sorted(spec):
+        shape, dtype = spec[name]
+        size = np.dtype(dtype).itemsize * math.prod(shape)
+        state[name] = np.frombuffer(data[offset:offset + size], dtype=dtype).reshape(shape).copy()
+        offset += size
+    return state
+
+
+def unpack(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The state a trusted peer packed (the server checks a site's reply with its own decoder instead)."""
+    layout = json.loads(record[PACKED_LAYOUT].numpy().tobytes())
+    return split_packed(record[PACKED_DATA].numpy().tobytes(), {n: (tuple(s), np.dtype(d)) for n, s, d in layout})
 
 
 def record_bytes(content: RecordDict) -> int:

@@ -17,13 +17,12 @@ from common.config import Config, GateAggregation, Strategy
 from common.labels import LabelSpec
 from common.model import load_expert, load_gate
 from common.state import state_to_numpy
-from common.wire import SHARED_EXPERT, Action, Key, config_record, record_bytes, to_record
+from common.wire import SHARED_EXPERT, Action, Key, config_record, pack, record_bytes, spec_of
 from server.aggregate import AggregationError, aggregate
 from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
 from server.identity import Refused, Registry
 from server.plan import make_plan, planned_config, site_geometry
-from server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, layout, parse_reply,
-                            sender)
+from server.replies import BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply, sender
 from server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")
@@ -91,7 +90,7 @@ class Coordinator:
                 continue
             try:
                 site = self.registry.check(node, claimed_site(msg))
-                replies.append(parse_reply(msg, layout(expected[node]) if expected[node] else None, site))
+                replies.append(parse_reply(msg, spec_of(expected[node]) if expected[node] else None, site))
                 self._count(site, "up", record_bytes(msg.content))
             except (BadReply, Refused) as exc:
                 self._drop(step, self._name(node), f"reply rejected: {exc}")
@@ -118,7 +117,7 @@ class Coordinator:
                                                      "epochs": self._epochs(phase),
                                                      "finetune-epochs": self._finetune_epochs()})})
         for name, state in arrays.items():
-            content[name] = to_record(state)
+            content[name] = pack(state)
         return content
 
     def _epochs(self, phase: str) -> int:

@@ -15,9 +15,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from common.schema import ERROR_REASON
-from common.wire import NUM_EXAMPLES, SITE_ID, Key, Status, array_digests, reply_digest
+from common.wire import (NUM_EXAMPLES, PACKED_DATA, PACKED_LAYOUT, SITE_ID, Key, Spec, Status, array_digests,
+                         packed_layout, packed_size, reply_digest, split_packed)
 
-Layout = dict[str, tuple[tuple[int, ...], np.dtype]]  # array name -> (shape, dtype) the server expects back
+Layout = Spec  # tensor name -> (shape, dtype) the server expects back
 
 
 class BadReply(ValueError):
@@ -35,10 +36,6 @@ class Reply:
     def record(self) -> dict:
         """What the run's history keeps of this reply: its metrics, the final step's outcome, the arrays' digest."""
         return {**self.metrics, **(self.outcome or {}), **({"digest": self.digest} if self.digest else {})}
-
-
-def layout(state: dict[str, np.ndarray]) -> Layout:
-    return {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in state.items()}
 
 
 def claimed_site(msg: Message) -> str:
@@ -97,12 +94,17 @@ def _outcome(record) -> dict[str, str]:
 
 
 def decode(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:
-    """The arrays of a record, each exactly the expected shape and dtype, read without trusting any header."""
-    names = set(record)
-    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
-    if missing or extra:
-        raise BadReply(f"unexpected array names (missing {missing[:3]}, extra {extra[:3]})")
-    return {name: _decode_one(name, record[name], *expected[name]) for name in expected}
+    """A packed state (common.wire.pack) holding exactly the expected tensors, read without trusting any header:
+    its layout must be the expected one byte for byte, its data exactly that layout's size."""
+    names = sorted(record)
+    if names != sorted((PACKED_DATA, PACKED_LAYOUT)):
+        raise BadReply(f"not a packed model state (arrays {names[:3]})")
+    want = packed_layout(expected)
+    got = _decode_one(PACKED_LAYOUT, record[PACKED_LAYOUT], (len(want),), np.dtype(np.uint8)).tobytes()
+    if got != want:
+        raise BadReply("the model's layout (tensor names, shapes, dtypes) differs from the model sent")
+    data = _decode_one(PACKED_DATA, record[PACKED_DATA], (packed_size(expected),), np.dtype(np.uint8))
+    return split_packed(data.data, expected)
 
 
 def _decode_one(name: str, array: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

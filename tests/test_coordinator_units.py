@@ -16,11 +16,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.bundle import Bundle, load_bundle, save_bundle
 from common.labels import label_spec_from_dataset_json
-from common.wire import Key, from_record, metric_record, to_record
+from common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
 from server.aggregate import aggregate, cap_weights, site_weights
 from server.checkpoint import ResumeRefused, check_resumable, fingerprint
 from server.protocol import Coordinator
-from server.replies import BadReply, decode, layout
+from server.replies import BadReply, decode
 from tests.conftest import TINY_RUN
 
 
@@ -58,8 +58,8 @@ class ScriptedGrid:
         sent = [n for n in (Key.MODEL, Key.GATE) if n in msg.content.array_records]
         if msg.metadata.message_type.startswith("train") and sent:
             step = 1e-3 * (1 + ord(site[-1]) - ord("a"))
-            content[Key.MODEL] = to_record({k: (v + step).astype(v.dtype) if v.dtype.kind == "f" else v
-                                            for k, v in from_record(msg.content[sent[0]]).items()})
+            content[Key.MODEL] = pack({k: (v + step).astype(v.dtype) if v.dtype.kind == "f" else v
+                                       for k, v in unpack(msg.content[sent[0]]).items()})
         return content
 
     def sent_to(self, node: int, message_type: str) -> list[Message]:
@@ -85,7 +85,7 @@ def test_a_site_back_under_a_new_node_gets_its_own_expert_and_an_impostor_does_n
     grid.nodes[4] = "site-a"  # ...and a node claims site-a while site-a's node is still connected
     coordinator._run_step(2, "expert")
     (to_new,) = grid.sent_to(3, "train.expert")
-    assert np.array_equal(from_record(to_new.content[Key.MODEL])["w"], expert_b), "not the base: its own expert"
+    assert np.array_equal(unpack(to_new.content[Key.MODEL])["w"], expert_b), "not the base: its own expert"
     assert grid.sent_to(4, "train.expert") == []
     assert coordinator.registry.bindings() == {"site-a": 1, "site-b": 3}
     events = {(e["node"], e["event"]) for e in coordinator.state["identity"]}
@@ -111,23 +111,28 @@ def test_robust_gate_aggregation_is_flowers_and_ignores_one_outlier(mode):
     assert result["n"] == 3
 
 
-def _npy(shape, dtype="<f4", body=b"") -> Array:
+def _npy(shape, dtype="|u1", body=b"") -> Array:
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
-    return Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=buffer.getvalue() + body)
+    return Array(dtype="uint8", shape=(8,), stype="numpy.ndarray", data=buffer.getvalue() + body)
 
 
-@pytest.mark.parametrize("array, reason", [
+@pytest.mark.parametrize("data, reason", [
     (_npy((10**9, 10**9)), "declared shape"),
-    (_npy((2,), "<f8", bytes(16)), "declared dtype"),
-    (_npy((2,), "<f4", bytes(4)), "bytes of data"),
-    (Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not an npy file"), "unreadable array header"),
+    (_npy((8,), "<f8", bytes(64)), "declared dtype"),
+    (_npy((8,), "|u1", bytes(4)), "bytes of data"),
+    (Array(dtype="uint8", shape=(8,), stype="numpy.ndarray", data=b"not an npy file"), "unreadable array header"),
 ])
-def test_a_reply_array_is_checked_before_anything_is_allocated(array, reason):
-    expected = layout({"w": np.zeros(2, np.float32)})
+def test_a_reply_array_is_checked_before_anything_is_allocated(data, reason):
+    honest = pack({"w": np.ones(2, np.float32)})
+    expected = {"w": ((2,), np.dtype(np.float32))}
     with pytest.raises(BadReply, match=reason):
-        decode(ArrayRecord({"w": array}), expected)
-    assert decode(ArrayRecord({"w": _npy((2,), "<f4", np.ones(2, np.float32).tobytes())}), expected)["w"].sum() == 2
+        decode(ArrayRecord({PACKED_LAYOUT: honest[PACKED_LAYOUT], PACKED_DATA: data}), expected)
+    with pytest.raises(BadReply, match="layout"):  # another model's tensors, however well formed
+        decode(pack({"w": np.ones(3, np.float32)}), expected)
+    with pytest.raises(BadReply, match="not a packed"):
+        decode(ArrayRecord({"w": honest[PACKED_DATA]}), expected)
+    assert decode(honest, expected)["w"].sum() == 2
 
 
 def test_resume_fingerprint_names_the_changed_keys():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from common.wire import Key, Status
+from common.wire import Key, Status, unpack
 from server.checkpoint import load_checkpoint
 from server.protocol import plan
 from server.report import write_report
@@ -33,8 +33,8 @@ def record_replies(log_path: str):
         reply = call_next(msg, context)
         entry = {"type": msg.metadata.message_type,
                  "records": {name: type(rec).__name__ for name, rec in reply.content.items()},
-                 "arrays": sorted(a for rec in reply.content.array_records.values() for a in rec),
-                 "sent_arrays": {n: sorted(r) for n, r in msg.content.array_records.items()},
+                 "arrays": sorted(a for rec in reply.content.array_records.values() for a in unpack(rec)),
+                 "sent_arrays": {n: sorted(unpack(r)) for n, r in msg.content.array_records.items()},
                  "metrics": {k: type(v).__name__ for rec in reply.content.metric_records.values()
                              for k, v in rec.items()},
                  "configs": {k: str(v) for rec in reply.content.config_records.values() for k, v in rec.items()}}

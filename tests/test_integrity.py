@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.wire import Key
+from common.wire import PACKED_DATA, Key, pack, unpack
 from server.checkpoint import load_checkpoint
 from sim.run_sim import simulate
 from tests.conftest import TINY_RUN
@@ -40,14 +40,13 @@ def _metrics(reply: Message, **changes) -> MetricRecord:
     return MetricRecord({**dict(reply.content[Key.METRICS]), **changes})
 
 
-def _scaled_model(reply: Message, factor: float) -> RecordDict:
-    record = reply.content[Key.MODEL]
-    return type(record)({k: Array(record[k].numpy() * factor) for k in record})
+def _scaled_model(reply: Message, factor: float) -> ArrayRecord:
+    return pack({k: (v * factor).astype(v.dtype) for k, v in unpack(reply.content[Key.MODEL]).items()})
 
 
-def _huge_first_array(reply: Message) -> RecordDict:
+def _huge_first_array(reply: Message) -> ArrayRecord:
     record = reply.content[Key.MODEL]
-    return type(record)({**dict(record.items()), next(iter(record)): huge_header_array()})
+    return ArrayRecord({**dict(record.items()), PACKED_DATA: huge_header_array()})
 
 
 ATTACKS = {
