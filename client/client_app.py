@@ -90,21 +90,16 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
                                                                          if k in facts})})
         return Message(content, reply_to=msg)
 
-    def train(msg: Message, context: Context, keep_best: bool) -> Message:
-        site, cfg = site_for(msg, context)
-        state, metrics = site.train_model(unpack(msg.content[Key.MODEL]), int(_phase(msg)["epochs"]),
-                                          msg.metadata.group_id, keep_best)
-        return reply(msg, site, metrics, state, metrics["n_train"])
-
     @app.train("shared")
     def train_shared(msg: Message, context: Context) -> Message:
-        return train(msg, context, keep_best=True)
+        site, cfg = site_for(msg, context)
+        state, metrics = site.train_model(unpack(msg.content[Key.MODEL]), int(_phase(msg)["epochs"]),
+                                          msg.metadata.group_id)
+        return reply(msg, site, metrics, state, metrics["n_train"])
 
     @app.train("expert")
     def train_expert(msg: Message, context: Context) -> Message:
-        # the gate learns on the held-out split: an expert whose epoch was picked there would look better to the
-        # gate than it is on new cases, and the gate would over-trust the site's own expert
-        return train(msg, context, keep_best=False)
+        return train_shared(msg, context)
 
     @app.train("gate")
     def train_gate(msg: Message, context: Context) -> Message:

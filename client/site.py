@@ -17,7 +17,7 @@ from common.atomic import write_json
 from common.bundle import Bundle, save_bundle
 from common.config import Config
 from common.labels import LabelKind
-from common.metrics import Predictor, evaluate, expert_predictor, mixture_predictor
+from common.metrics import Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor, mixtures_predictor
 from common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
 from common.shapley import site_shapley
 from common.patches import PatchLoader, Window
@@ -26,6 +26,7 @@ from common.state import state_to_numpy
 from common.train import personalise_gate, train_expert, train_gate
 from common.wire import Status
 
+SHAPLEY_CASES = 4  # a modality ranking from a few held-out cases; every further case costs 2^M decoder passes
 log = logging.getLogger("mome.site")
 
 State = dict[str, np.ndarray]
@@ -115,18 +116,18 @@ class Site:
     def gate(self, n_experts: int, state: State | None = None) -> GateNet:
         return load_gate(self.cfg, n_experts, state)
 
-    def train_model(self, state: State, epochs: int, step: str = "", keep_best: bool = True
-                    ) -> tuple[State | None, dict]:
-        """Fine-tune a model (shared model or own expert) from the given weights; no update from fewer than
-        min-cases training cases (the reply says so by its `suppressed` flag). keep_best: the epoch of best
-        validation Dice, else the last one."""
+    def train_model(self, state: State, epochs: int, step: str = "") -> tuple[State | None, dict]:
+        """Fine-tune a model (shared model or own expert) from the given weights for `epochs` and send the last
+        epoch: no epoch is picked on the held-out split, which the gate learns on next (an expert picked there
+        looks better to the gate than it is on new cases). No update from fewer than min-cases training cases (the
+        reply says so by its `suppressed` flag)."""
         if not self._enough(self.train_cases):
             return None, {**self.counts, "suppressed": 1}
         model = self.expert(state)
         history = train_expert(model, self.patches(step), self.val_batches, self.cfg, self.kind, epochs=epochs,
-                               progress=False, keep_best=keep_best)
+                               progress=False, keep_best=False)
         metrics = {"train_loss": history["loss"][-1], **self.counts}
-        val = history["best_val_dice"] if keep_best else history["val_dice"][-1] if history["val_dice"] else None
+        val = history["val_dice"][-1] if history["val_dice"] else None
         if val is not None and self._enough(self.val_cases):
             metrics["val_dice"] = val
         factors = history["factors"][-1]
@@ -246,13 +247,13 @@ class Site:
 
     def evaluate_mixture(self, names: list[str], models: list[ExpertNet], gate: GateNet, personal: GateNet) -> dict:
         """Personalised mixture, global-gate mixture and own expert on the labelled held-out cases."""
-        test, window = self.test_batches, self.window
-        results = {"mixture": evaluate(mixture_predictor(models, personal, self.kind, window), test, self.kind),
-                   "mixture_global": evaluate(mixture_predictor(models, gate, self.kind, window), test, self.kind)}
-        if self.site_id in names:
-            own = models[names.index(self.site_id)]
-            results["expert"] = evaluate(expert_predictor(own, self.kind, window), test, self.kind)
-            results["shapley"] = self._shapley(own, test)
+        test = self.test_batches
+        alone = {"expert": names.index(self.site_id)} if self.site_id in names else {}
+        predict = mixtures_predictor(models, {"mixture": personal, "mixture_global": gate}, self.kind, self.window,
+                                     alone)
+        results = evaluate_each(predict, test, self.kind)
+        if alone:
+            results["shapley"] = self._shapley(models[alone["expert"]], test)
         results["gate_weights"] = self._mean_gate_weights(personal, test)
         return results
 
@@ -262,8 +263,10 @@ class Site:
                 "shapley": self._shapley(model, test)}
 
     def _shapley(self, model: ExpertNet, test: list[dict]) -> list[float]:
-        """Mean Shapley value per modality (imaging ones, then clinical) over held-out cases."""
-        values = site_shapley(model, [self._central(b) for b in test], self.kind, self.cfg.modality_names)["shapley"]
+        """Mean Shapley value per modality (imaging ones, then clinical) over the first SHAPLEY_CASES held-out
+        cases (2^M forwards each: the most expensive part of a site's final step)."""
+        first = [b for i, b in enumerate(test) if i * self.cfg.batch_size < SHAPLEY_CASES]
+        values = site_shapley(model, [self._central(b) for b in first], self.kind, self.cfg.modality_names)["shapley"]
         return [values[m] for m in (*self.cfg.modality_names, "clinical")]
 
     def _central(self, batch: dict) -> dict:

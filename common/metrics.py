@@ -11,8 +11,8 @@ from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from common.labels import LabelKind
-from common.model import (ExpertNet, GateNet, gate_weights, mixing_space, mixture_logits, model_logits,
-                          probabilities)
+from common.model import (ExpertNet, GateNet, expert_logits, gate_weights, mixing_space, mixture_logits,
+                          model_logits, probabilities)
 from common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]
@@ -62,20 +62,32 @@ def evaluate(predict_probs: Predictor, batches: Iterable[Batch], kind: LabelKind
     Conventions (no NaN): Dice of an empty target with an empty prediction is 1, with any prediction 0;
     HD95 of an empty/non-empty pair is the volume diagonal, of an empty/empty pair 0 (None if not asked).
     """
-    dices, hds = [], []
+    return evaluate_each(lambda batch: {"": predict_probs(batch)}, batches, kind, with_hd95).get("", _summary([], None))
+
+
+def evaluate_each(predict_all: Callable[[Batch], dict[str, torch.Tensor]], batches: Iterable[Batch], kind: LabelKind,
+                  with_hd95: bool = True) -> dict[str, dict]:
+    """`evaluate` for several predictions of each case made together (one pass over the cases, one case in memory)."""
+    dices: dict[str, list] = {}
+    hds: dict[str, list] = {}
     for batch in batches:
-        pred = foreground(predict_probs(batch).detach().float(), kind)
         ref = foreground(batch["label"].float(), kind)
-        dices.append(_dice_per_case(pred, ref))
-        if with_hd95:
-            hds.append(_hd95_per_case(pred, ref))
+        for name, probs in predict_all(batch).items():
+            pred = foreground(probs.detach().float(), kind)
+            dices.setdefault(name, []).append(_dice_per_case(pred, ref))
+            if with_hd95:
+                hds.setdefault(name, []).append(_hd95_per_case(pred, ref))
+    return {name: _summary(dices[name], hds.get(name)) for name in dices}
+
+
+def _summary(dices: list[torch.Tensor], hds: list[torch.Tensor] | None) -> dict:
     if not dices:
         return {"dice": [], "dice_mean": 0.0, "hd95": 0.0, "n": 0}
     dice = torch.cat(dices).mean(0)
     return {
         "dice": [float(d) for d in dice],
         "dice_mean": float(dice.mean()),
-        "hd95": float(torch.cat(hds).mean()) if with_hd95 else None,
+        "hd95": float(torch.cat(hds).mean()) if hds else None,
         "n": int(sum(d.shape[0] for d in dices)),
     }
 
@@ -113,5 +125,27 @@ def mixture_predictor(experts: Sequence[ExpertNet], gate: GateNet, kind: LabelKi
             return out
 
         return probabilities(window.infer(mixed, batch["image"]), kind)
+
+    return predict
+
+
+def mixtures_predictor(experts: Sequence[ExpertNet], gates: Mapping[str, GateNet], kind: LabelKind,
+                       window: Window | None = None, alone: Mapping[str, int] | None = None
+                       ) -> Callable[[Batch], dict[str, torch.Tensor]]:
+    """batch -> {name: probabilities} of a mixture of the same frozen experts per gate, and of single experts
+    (alone: name -> expert index), with every expert run once per case: mixing is linear in log-odds, so mixing
+    the blended windows equals blending the mixed ones."""
+
+    @torch.no_grad()
+    def predict(batch: Batch) -> dict[str, torch.Tensor]:
+        scores = expert_logits(experts, batch, kind, window)  # [B, K, R, ...]
+        out = {}
+        for name, gate in gates.items():
+            gate.eval()
+            weights = gate_weights(gate, batch)
+            out[name] = probabilities((weights[:, :, None, None, None, None] * scores).sum(1), kind)
+        for name, k in (alone or {}).items():
+            out[name] = probabilities(scores[:, k], kind)
+        return out
 
     return predict
