@@ -127,11 +127,15 @@ def break_evaluation(sites: dict[int, str], crash: bool = False):
         def broken(*args, **kwargs):
             raise KeyError("label")
 
-        original, site_module.evaluate = site_module.evaluate, broken
+        names = ("evaluate", "evaluate_each")  # a single model's scores, and a mixture's
+        originals = {n: getattr(site_module, n) for n in names}
+        for n in names:
+            setattr(site_module, n, broken)
         try:
             return call_next(msg, context)
         finally:
-            site_module.evaluate = original
+            for n, original in originals.items():
+                setattr(site_module, n, original)
 
     return mod
 
