@@ -3,6 +3,7 @@ sliding-window inference with Gaussian blending, one case at a time."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -49,9 +50,25 @@ class Window:
 
     def roi(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """The window for a case of this shape: the whole case when it fits max_voxels (one forward, no blending
-        seams), else the largest divisor-aligned window within it. Unlike training patches, sides are not capped:
-        the voxel budget is what bounds memory, and every extra window costs a forward per expert."""
-        return fit_patch(shape, self.max_voxels, self.divisor, max_side=max(shape) + self.divisor)
+        seams), else the window within max_voxels that computes the fewest voxels in all (windows x window size):
+        every window costs a forward per expert, and shrinking all three sides a little would double the windows
+        along each."""
+        options = [self._sides(s) for s in shape]  # (windows, side) along each axis
+        best = min(((math.prod(n for n, _ in pick) * math.prod(side for _, side in pick), math.prod(n for n, _ in pick),
+                     tuple(side for _, side in pick))
+                    for pick in itertools.product(*options) if math.prod(side for _, side in pick) <= self.max_voxels),
+                   default=None)
+        return best[2] if best else (self.divisor,) * 3
+
+    def _sides(self, size: int, most: int = 12) -> list[tuple[int, int]]:
+        """(n, the smallest divisor-aligned side that covers `size` in n windows at this overlap), n = 1..most."""
+        out = []
+        for n in range(1, most + 1):
+            side = size / (1 + (n - 1) * (1 - self.overlap))
+            side = max(self.divisor, self.divisor * math.ceil(side / self.divisor))
+            if not out or side < out[-1][1]:
+                out.append((n, side))
+        return out
 
     def infer(self, network: Callable[[torch.Tensor, int], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """network(window [1, M, ...], case index) -> logits, over every case of the batch image [B, M, ...]."""
