@@ -142,8 +142,7 @@ def mixtures_predictor(experts: Sequence[ExpertNet], gates: Mapping[str, GateNet
         out = {}
         for name, gate in gates.items():
             gate.eval()
-            weights = gate_weights(gate, batch)
-            out[name] = probabilities((weights[:, :, None, None, None, None] * scores).sum(1), kind)
+            out[name] = probabilities(mixture_logits(experts, gate, batch, kind, cached=scores)[0], kind)
         for name, k in (alone or {}).items():
             out[name] = probabilities(scores[:, k], kind)
         return out

@@ -53,12 +53,13 @@ class Window:
         seams), else the window within max_voxels that computes the fewest voxels in all (windows x window size):
         every window costs a forward per expert, and shrinking all three sides a little would double the windows
         along each."""
-        options = [self._sides(s) for s in shape]  # (windows, side) along each axis
-        best = min(((math.prod(n for n, _ in pick) * math.prod(side for _, side in pick), math.prod(n for n, _ in pick),
-                     tuple(side for _, side in pick))
-                    for pick in itertools.product(*options) if math.prod(side for _, side in pick) <= self.max_voxels),
-                   default=None)
-        return best[2] if best else (self.divisor,) * 3
+        fitting = []  # (voxels computed, windows, roi)
+        for pick in itertools.product(*(self._sides(s) for s in shape)):  # (windows, side) along each axis
+            windows, roi = math.prod(n for n, _ in pick), tuple(side for _, side in pick)
+            if math.prod(roi) <= self.max_voxels:
+                fitting.append((windows * math.prod(roi), windows, roi))
+        # a case too large for `most` windows per axis: every side shrunk together, as for training patches
+        return min(fitting)[2] if fitting else fit_patch(shape, self.max_voxels, self.divisor, max_side=max(shape))
 
     def _sides(self, size: int, most: int = 12) -> list[tuple[int, int]]:
         """(n, the smallest divisor-aligned side that covers `size` in n windows at this overlap), n = 1..most."""

@@ -118,7 +118,7 @@ def split_packed(data: bytes | memoryview, spec: Spec) -> dict[str, np.ndarray]:
 def unpack(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The state a trusted peer packed (the server checks a site's reply with its own decoder instead)."""
     layout = json.loads(record[PACKED_LAYOUT].numpy().tobytes())
-    return split_packed(record[PACKED_DATA].numpy().tobytes(), {n: (tuple(s), np.dtype(d)) for n, s, d in layout})
+    return split_packed(record[PACKED_DATA].numpy().data, {n: (tuple(s), np.dtype(d)) for n, s, d in layout})
 
 
 def record_bytes(content: RecordDict) -> int:

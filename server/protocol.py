@@ -289,9 +289,10 @@ class Coordinator:
     def _step_gate(self, step: int) -> Step:
         if not self.state["experts"]:
             raise RuntimeError("no expert survived the expert rounds; cannot train a gate")
-        if self.state.get("gate_sites") != list(self.mixture_experts()):
-            self.state["gate"] = state_to_numpy(load_gate(self.cfg, len(self.mixture_experts())))
-            self.state["gate_sites"] = list(self.mixture_experts())
+        names = list(self.mixture_experts())
+        if self.state.get("gate_sites") != names:
+            self.state["gate"] = state_to_numpy(load_gate(self.cfg, len(names)))
+            self.state["gate_sites"] = names
         sent = self.state["gate"]
         nodes = self._live_nodes(step)
         replies = self._exchange({n: self._content("gate", **{Key.GATE: sent}, **self._expert_records())

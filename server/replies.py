@@ -18,8 +18,6 @@ from common.schema import ERROR_REASON
 from common.wire import (NUM_EXAMPLES, PACKED_DATA, PACKED_LAYOUT, SITE_ID, Key, Spec, Status, array_digests,
                          packed_layout, packed_size, reply_digest, split_packed)
 
-Layout = Spec  # tensor name -> (shape, dtype) the server expects back
-
 
 class BadReply(ValueError):
     """A reply that cannot be used; the message is the logged reason (never the site's own text)."""
@@ -47,7 +45,7 @@ def claimed_site(msg: Message) -> str:
     return value
 
 
-def parse_reply(msg: Message, expected: Layout | None, site_id: str) -> Reply:
+def parse_reply(msg: Message, expected: Spec | None, site_id: str) -> Reply:
     """Metrics (numbers only, a non-negative integer case count, a finite loss), the model when one is expected
     (exactly the sent layout; a site may withhold it with the `suppressed` flag, min-cases), and the final step's
     outcome when present."""
@@ -93,7 +91,7 @@ def _outcome(record) -> dict[str, str]:
     return values
 
 
-def decode(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:
+def decode(record: ArrayRecord, expected: Spec) -> dict[str, np.ndarray]:
     """A packed state (common.wire.pack) holding exactly the expected tensors, read without trusting any header:
     its layout must be the expected one byte for byte, its data exactly that layout's size."""
     names = sorted(record)
