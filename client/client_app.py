@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,6 +41,15 @@ def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
     return data_dir, site_id, out_dir
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux's /proc; NaN elsewhere)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return float("nan")
+
+
 def node_policy(context: Context) -> SitePolicy:
     """Deployment: the site's limits come from its own node config (or the policy file it names)."""
     return SitePolicy.from_node_config(context.node_config)
@@ -60,6 +70,9 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         # surveyed (before the plan) or preprocessed on the plan's grid: a change of either reloads
         data_key = (*(getattr(cfg, k) for k in DATA_SETTINGS), cfg.spacing if cfg.planned else None)
         loaded_for, site = opened.get(site_key, (None, None))
+        if not opened:  # in deployment every message is a fresh process: what it spent before its work began
+            log.info("site %s: %s starts %.1f s after its process", site_id, msg.metadata.message_type,
+                     process_age())
         if loaded_for != data_key:  # another config's copy is replaced, never kept beside this one
             opened.pop(site_key, None)
             start = time.perf_counter()

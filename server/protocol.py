@@ -28,6 +28,23 @@ from server.validation import RejectedUpdate, check_update, dp_allowance
 log = logging.getLogger("mome.server")
 
 
+PULL_INTERVAL = 0.25  # Grid.send_and_receive waits 3 s between pulls over the deployed link: seconds on every step
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Grid.send_and_receive, pulling replies every PULL_INTERVAL seconds until all are in or the timeout."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while True:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {msg.metadata.reply_to_message_id for msg in got}
+        if not pending or time.monotonic() >= deadline:
+            return replies
+        time.sleep(PULL_INTERVAL)
+
+
 class QuorumLost(RuntimeError):
     """Fewer than min-sites good replies after every retry: the run stops rather than report a hollow success."""
 
@@ -82,7 +99,7 @@ class Coordinator:
         for n, c in contents.items():
             self._count(self._name(n), "down", record_bytes(c))
         replies, answered = [], set()
-        for msg in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+        for msg in send_and_receive(self.grid, messages, self.cfg.round_timeout):
             node = sender(messages, msg)
             answered.add(node)
             if msg.has_error():
@@ -133,7 +150,7 @@ class Coordinator:
         messages = [Message(content, dst_node_id=n, message_type="query.describe") for n in nodes]
         alive = set(self.grid.get_node_ids())
         specs = {}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        replies = list(send_and_receive(self.grid, messages, self.cfg.round_timeout))
         claimed = [claim(msg) for msg in replies]
         claims = Counter(claimed)
         for msg, site_id in zip(replies, claimed):

@@ -43,13 +43,16 @@ class ScriptedGrid:
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        self.replies = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             self.sent.append(msg)
-            replies.append(Message(self._answer(msg, self.nodes[msg.metadata.dst_node_id]), reply_to=msg))
-        return replies
+            self.replies.append(Message(self._answer(msg, self.nodes[msg.metadata.dst_node_id]), reply_to=msg))
+        return [msg.metadata.message_id for msg in messages]
+
+    def pull_messages(self, message_ids):
+        return [reply for reply in self.replies if reply.metadata.reply_to_message_id in message_ids]
 
     def _answer(self, msg: Message, site: str) -> RecordDict:
         counts = {"n_train": 4, "n_val": 1, "n_gate": 1, "num-examples": 4}
