@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -26,6 +27,14 @@ RUN_CONFIG = ('channels="8,16,32" stem-channels=4 warmup-rounds=2 warmup-epochs=
 
 def step_seconds(metrics: dict) -> list[tuple[str, float]]:
     return [(r["phase"], r["seconds"]) for r in metrics["rounds"]]
+
+
+def startup_seconds(log_dir: Path) -> tuple[list[float], list[float]]:
+    """From the sites' logs: how long each ClientApp process ran before its handler began (imports), and how long it
+    took to open the site (the preprocessed-case cache)."""
+    text = "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("site-*.log")))
+    return ([float(s) for s in re.findall(r"starts ([\d.]+) s after its process", text)],
+            [float(s) for s in re.findall(r": loaded \S+ in ([\d.]+) s", text)])
 
 
 def main() -> None:
@@ -45,6 +54,7 @@ def main() -> None:
         sim = simulate("mome", sites, config_from_mapping(overrides), root / "sim")
         deployed = deploy_local(args.sites, root / "deploy", root / "data", run_config=overrides)
         deployed = deployed["strategies"]["mome"]
+        started, opened = startup_seconds(root / "deploy" / "logs")
     rows = list(zip(step_seconds(sim), step_seconds(deployed)))
     print("| step | mome sim (s) | deploy-local (s) | ratio |\n|---|---|---|---|")
     for (phase, s), (_, d) in rows:
@@ -53,6 +63,9 @@ def main() -> None:
     sim_mean, dep_mean = statistics.mean(s for (_, s), _ in later), statistics.mean(d for _, (_, d) in later)
     print(f"\nsteps 2..{len(rows)}: {sim_mean:.1f} s simulated, {dep_mean:.1f} s deployed, "
           f"ratio {dep_mean / sim_mean:.2f}, overhead {dep_mean - sim_mean:+.1f} s per step")
+    if started:
+        print(f"each ClientApp process ({len(started)}): {statistics.median(started):.1f} s (median) from its start to "
+              f"its handler, then {statistics.median(opened):.1f} s to open the site's cached cases")
     print(json.dumps({"sim": step_seconds(sim), "deploy": step_seconds(deployed)}))
 
 

@@ -17,6 +17,7 @@ from client.guard import guard
 from client.policy import SitePolicy
 from client.site import Site
 from common.config import Config, config_from_mapping
+from common.logs import show_progress
 from common.schema import DESCRIBE, GEOMETRY  # declared once: the counts weigh updates, the geometry plans
 from common.wire import NUM_EXAMPLES, SITE_ID, Key, check_site_id, metric_record, pack, site_id_from_name, unpack
 
@@ -28,6 +29,7 @@ SiteLocator = Callable[[Context], tuple[Path, str, Path | None]]
 
 def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
     """Deployment: each SuperNode is told its data folder and site id in --node-config."""
+    show_progress()  # a deployed ClientApp's lines go to its SuperNode's log
     node = context.node_config
     if "data-dir" not in node:
         raise ValueError("node config needs data-dir (and site-id): --node-config 'site-id=\"a\" data-dir=\"...\"'")

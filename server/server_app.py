@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from common.atomic import write_json
 from common.bundle import Bundle, save_bundle
 from common.config import OUT_DIR_KEY, Config, Strategy, config_from_mapping
 from common.labels import LabelSpec
+from common.logs import show_progress
 from server.checkpoint import ResumeRefused
 from server.protocol import Coordinator, QuorumLost
 from server.results import final_sites, headline, strategy_metrics
@@ -53,24 +53,13 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     return metrics
 
 
-def _show_progress() -> None:
-    """Flower streams the ServerApp's stderr to `flwr run --stream`: send our INFO lines there."""
-    logger = logging.getLogger("mome")
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-
-
 def make_server_app(cfg: Config | None = None, out_dir: Path | None = None) -> ServerApp:
     """Simulation passes cfg and out_dir directly; deployment reads them from the run config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        _show_progress()
+        show_progress()
         run_config = dict(context.run_config)
         target = out_dir or Path(str(run_config.pop(OUT_DIR_KEY, "runs/coordinator")))
         run_config.pop(OUT_DIR_KEY, None)
