@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (Compose, CropForegroundd, MapTransform, NormalizeIntensityd, Orientationd,
-                              SpatialResample, Spacingd)
+                              SpatialResample)
 from scipy import ndimage
 
 # a voxel is tissue where some present channel exceeds this share of its 99th percentile: interpolation halos,
@@ -53,6 +53,38 @@ def head_mask(image: np.ndarray, present: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(labels == largest)
 
 
+def field_of_view_grid(affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The grid of `spacing` mm over a scan's field of view (nnU-Net's convention): the shape rounded from the
+    extent, centred where the scan is. MONAI's Spacing keeps the first voxel's centre instead, so the same head
+    stored on a finer grid of the same extent would land a fraction of a voxel away."""
+    affine = np.asarray(affine, dtype=np.float64)
+    shape, spacing = np.asarray(shape, dtype=np.float64), np.asarray(spacing, dtype=np.float64)
+    old = voxel_spacing(affine)
+    new_shape = np.maximum(1, np.round(shape * old / spacing)).astype(int)
+    target = affine.copy()
+    target[:3, :3] = affine[:3, :3] / old * spacing
+    centre = affine[:3, :3] @ ((shape - 1) / 2) + affine[:3, 3]
+    target[:3, 3] = centre - target[:3, :3] @ ((new_shape - 1) / 2)
+    return target, tuple(int(n) for n in new_shape)
+
+
+class FieldOfViewSpacingd(MapTransform):
+    """Resamples the keys (one interpolation mode each) to `spacing` mm on field_of_view_grid of the first key."""
+
+    def __init__(self, keys, spacing, modes, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.spacing, self.modes = tuple(float(s) for s in spacing), tuple(modes)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        first = d[self.first_key(d)]
+        target, shape = field_of_view_grid(first.affine.numpy(), first.shape[1:], self.spacing)
+        for key, mode in self.key_iterator(d, self.modes):
+            d[key] = SpatialResample(mode=mode, padding_mode="border")(
+                d[key], dst_affine=torch.as_tensor(target), spatial_size=shape)
+        return d
+
+
 class HeadMaskd(MapTransform):
     """Adds data["head"] (the head mask, same grid and meta as the image) and sets the image to 0 outside it."""
 
@@ -77,7 +109,7 @@ def canonical_transform(spacing: tuple[float, float, float]) -> Compose:
     keys = ("image", "label")
     return Compose([
         Orientationd(keys=keys, axcodes="RAS", allow_missing_keys=True, labels=RAS_LABELS),
-        Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest"), allow_missing_keys=True),
+        FieldOfViewSpacingd(keys=keys, spacing=spacing, modes=("bilinear", "nearest"), allow_missing_keys=True),
         HeadMaskd(),
         CropForegroundd(keys=(*keys, "head"), source_key="head", allow_missing_keys=True),
         NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),

@@ -18,11 +18,11 @@ from common.cases import load_site
 from common.config import Config
 from common.state import state_to_numpy
 from server.plan import make_plan, site_geometry
-from sim.perturb import VARIANTS, write_case
-from sim.scanner import reorient, thick_slices
+from sim.perturb import VARIANTS, grid, resampled, write_case
+from sim.scanner import reorient
 from sim.synth import SiteSpec, generate_site
 
-SMALL = Config(channels="8,16,32", stem_channels=4, target_spacing="1,1,1", patch_size="32,32,32", batch_size=2,
+SMALL = Config(channels="8,16,32", stem_channels=4, target_spacing="3,3,3", patch_size="32,32,32", batch_size=2,
                min_cases=1, modality_dropout=0.0)
 
 
@@ -62,9 +62,11 @@ def test_unbelievable_geometry_is_ignored():
 # -- a small model trained here, then the same case in other geometries --------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(bundle folder, site folder): an expert trained on a 32^3 synthetic site until its held-out Dice is >= 0.5."""
+    """(bundle folder, site folder): an expert trained on a 32^3 synthetic site of 3 mm voxels until its held-out Dice
+    is >= 0.5."""
     root = tmp_path_factory.mktemp("geometry")
     site_dir = generate_site(SiteSpec(index=0, site_id="site-a", n_train=12, n_test=3), root / "data", 32, seed=5)
+    _scale_voxels(site_dir, 3.0)
     site = Site.open(site_dir, SMALL)
     model = site.expert()
     from common.train import train_expert
@@ -73,6 +75,19 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     bundle = save_bundle(Bundle(SMALL, site.data.label_spec, {"shared": state_to_numpy(model)}, None, "fedavg"),
                          root / "model")
     return bundle, site_dir
+
+
+def _scale_voxels(site_dir: Path, mm: float) -> None:
+    """The same arrays as scans of `mm` voxels (synthetic anatomy has no scale of its own): a 96 mm head whose tumour
+    is 20-30 mm across, so a 3 mm slice is small against it, as in a clinical scan."""
+    for path in sorted(site_dir.glob("*/*.nii.gz")):
+        img = nib.load(path)
+        affine = img.affine.copy()
+        affine[:3] *= mm
+        out = nib.Nifti1Image(np.asarray(img.dataobj), affine)
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+        nib.save(out, path)
 
 
 def _region_dice(a: np.ndarray, b: np.ndarray, members: list[int]) -> float:
@@ -98,9 +113,9 @@ def test_prediction_is_on_the_input_grid_and_the_same_in_any_orientation(trained
     reference = _predict(bundle, original, case)
     ras_image = nib.load(original / "imagesTs" / f"{case}_0000.nii.gz")
     truth = np.asarray(nib.load(original / "labelsTs" / f"{case}.nii.gz").dataobj)
-    assert _dice(np.asarray(reference.dataobj), truth) >= 0.5  # the model is worth comparing
+    assert _region_dice(np.asarray(reference.dataobj), truth, [1, 2, 3]) >= 0.5  # the model is worth comparing
     variants = {code: (lambda a, aff, lab, code=code: reorient(a, aff, code)) for code in ("LPS", "ASL", "PIR")}
-    variants["1x1x3mm"] = lambda a, aff, lab: thick_slices(a, aff, 3, lab)
+    variants["1x1x3mm"] = resampled(grid((1 / 3, 1 / 3, 1)))
     for name, transform in variants.items():
         folder = write_case(tmp_path / name, site_dir, case, transform)
         given = nib.load(folder / "imagesTs" / f"{case}_0000.nii.gz")
@@ -109,13 +124,7 @@ def test_prediction_is_on_the_input_grid_and_the_same_in_any_orientation(trained
         assert np.allclose(pred.header.get_sform(), given.header.get_sform()), name
         assert int(pred.header["qform_code"]) == int(given.header["qform_code"]) == 1
         back = np.asarray(resample_from_to(pred, (ras_image.shape, ras_image.affine), order=0).dataobj)
-        if name == "1x1x3mm":
-            # 3 mm slices through a 32 mm head hold less than the 1 mm original: the whole tumour agrees, the thin
-            # core and enhancing parts are as good as the slices allow (measured 0.80 whole tumour, 0.79 mean)
-            ras = np.asarray(reference.dataobj)
-            assert _region_dice(back, ras, [1, 2, 3]) >= 0.75 and _dice(back, ras) >= 0.55
-        else:
-            assert _dice(back, np.asarray(reference.dataobj)) >= 0.95, name
+        assert _dice(back, np.asarray(reference.dataobj)) >= 0.95, name
 
 
 def test_bad_geometry_is_named_and_skipped(trained, tmp_path):
