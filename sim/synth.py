@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
 
 import nibabel as nib
@@ -311,7 +314,8 @@ def generate_federation(out: Path, sites: int = 4, preset: str = "mixed", seed: 
     """Write every site of a preset under `out`; return the site folders in order."""
     specs = preset_sites(preset, sites, cases, test_cases)
     Path(out).mkdir(parents=True, exist_ok=True)
-    return [generate_site(spec, Path(out), size, seed) for spec in specs]
+    with ProcessPoolExecutor(max_workers=max(1, min(len(specs), os.cpu_count() or 1))) as pool:  # sites are independent
+        return list(pool.map(generate_site, specs, repeat(Path(out)), repeat(size), repeat(seed)))
 
 
 def site_traits(site: Path) -> str | None:
