@@ -22,27 +22,11 @@ from server.aggregate import AggregationError, aggregate
 from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
 from server.identity import Refused, Registry
 from server.plan import make_plan, planned_config, site_geometry
-from server.replies import BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply, sender
+from server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply, send_and_receive,
+                            sender)
 from server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")
-
-
-PULL_INTERVAL = 0.25  # Grid.send_and_receive waits 3 s between pulls over the deployed link: seconds on every step
-
-
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Grid.send_and_receive, pulling replies every PULL_INTERVAL seconds until all are in or the timeout."""
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while True:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {msg.metadata.reply_to_message_id for msg in got}
-        if not pending or time.monotonic() >= deadline:
-            return replies
-        time.sleep(PULL_INTERVAL)
 
 
 class QuorumLost(RuntimeError):

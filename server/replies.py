@@ -1,4 +1,5 @@
-"""Read one site reply into plain values, or say why it is malformed: nothing a site sends can raise out of a step.
+"""Gather a step's replies, and read each into plain values or say why it is malformed: nothing a site sends can raise out
+of a step.
 
 Arrays are checked against what the server sent (names, shapes, dtypes) from the .npy header *before* anything is
 allocated, so a header that declares a huge shape costs nothing."""
@@ -9,14 +10,33 @@ import io
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 
 from common.schema import ERROR_REASON
 from common.wire import (NUM_EXAMPLES, PACKED_DATA, PACKED_LAYOUT, SITE_ID, Key, Spec, Status, array_digests,
                          packed_layout, packed_size, reply_digest, split_packed)
+
+
+PULL_INTERVAL = 0.25  # Grid.send_and_receive waits 3 s between pulls over the deployed link: seconds on every step
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Grid.send_and_receive, pulling replies every PULL_INTERVAL seconds until all are in or the timeout."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while True:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {msg.metadata.reply_to_message_id for msg in got}
+        if not pending or time.monotonic() >= deadline:
+            return replies
+        time.sleep(PULL_INTERVAL)
 
 
 class BadReply(ValueError):
