@@ -50,7 +50,8 @@ def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, m
     # a time with both (small 3D convolutions scale poorly), and the same numbers on any machine and for any number
     # of sites (a thread count changes float sums, and Ray gives each actor as many threads as its num_cpus)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+               # a Ray of its own: another simulation's cluster on this machine would take down our actors when it ends
+               "init_args": {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
     locate = partition_locator(site_dirs, out_dir)
 
     def policy_of(context: Context) -> SitePolicy:
