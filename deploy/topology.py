@@ -166,9 +166,7 @@ class Topology:
     def _env(self, name: str) -> dict[str, str]:
         env = {"FLWR_TELEMETRY_ENABLED": "0",  # nothing leaves a site but the protocol's own messages
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # the image/venv already holds the app
-               "FLWR_HOME": self.flwr_home(name),
-               # a SuperExec looks for new work once a second by default: a fifth of that per message and step
-               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+               "FLWR_HOME": self.flwr_home(name)}
         if self.containers:  # any MOME_UID may run the container: a HOME it can write even on a read-only root
             env["HOME"] = "/tmp"
         return env
