@@ -22,8 +22,8 @@ from server.aggregate import AggregationError, aggregate
 from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
 from server.identity import Refused, Registry
 from server.plan import make_plan, planned_config, site_geometry
-from server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply, send_and_receive,
-                            sender)
+from server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply,
+                            send_and_receive, sender)
 from server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")

@@ -1,5 +1,5 @@
-"""Gather a step's replies, and read each into plain values or say why it is malformed: nothing a site sends can raise out
-of a step.
+"""Gather a step's replies and read each into plain values, or say why it is malformed: nothing a site sends can
+raise out of a step.
 
 Arrays are checked against what the server sent (names, shapes, dtypes) from the .npy header *before* anything is
 allocated, so a header that declares a huge shape costs nothing."""
@@ -27,7 +27,7 @@ PULL_INTERVAL = 0.25  # Grid.send_and_receive waits 3 s between pulls over the d
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """Grid.send_and_receive, pulling replies every PULL_INTERVAL seconds until all are in or the timeout."""
-    pending = set(grid.push_messages(messages))
+    pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}  # a failed push has no id to wait for
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while True:

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.simulation import run_simulation
 
@@ -29,6 +30,7 @@ def partition_locator(site_dirs: list[Path], out_dir: Path):
     """Simulation nodes only know their partition id: map it onto a site folder."""
 
     def locate(context: Context) -> tuple[Path, str, Path]:
+        torch.set_num_threads(1)  # one thread per site whatever OMP_NUM_THREADS says: the same numbers anywhere
         site_dir = site_dirs[int(context.node_config["partition-id"])]
         site = site_id_from_name(site_dir.name)
         return site_dir, site, out_dir / "sites" / site
@@ -46,12 +48,13 @@ def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, m
 
     out_dir = run_dir / strategy
     cfg = cfg.replace(strategy=strategy, start_sites=len(site_dirs))
-    # One thread per site, as many sites side by side as there are cores: on 2 cores ~25% sooner than one site at
-    # a time with both (small 3D convolutions scale poorly), and the same numbers on any machine and for any number
-    # of sites (a thread count changes float sums, and Ray gives each actor as many threads as its num_cpus)
+    # One thread per site (set in the locator), as many sites side by side as there are cores, at most one worker
+    # (a torch process) per site: on 2 cores ~25% sooner than one site at a time with both (small 3D convolutions
+    # scale poorly), and the same numbers on any machine and for any number of sites (threads change float sums)
+    workers = max(1, min(len(site_dirs), len(os.sched_getaffinity(0))))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                # a Ray of its own: another simulation's cluster on this machine would take down our actors when it ends
-               "init_args": {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+               "init_args": {"address": "local", "num_cpus": workers, "include_dashboard": False}}
     locate = partition_locator(site_dirs, out_dir)
 
     def policy_of(context: Context) -> SitePolicy:

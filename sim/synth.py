@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -314,7 +315,9 @@ def generate_federation(out: Path, sites: int = 4, preset: str = "mixed", seed: 
     """Write every site of a preset under `out`; return the site folders in order."""
     specs = preset_sites(preset, sites, cases, test_cases)
     Path(out).mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=max(1, min(len(specs), os.cpu_count() or 1))) as pool:  # sites are independent
+    # sites are independent; forkserver, not fork: the caller may already run torch's thread pools
+    with ProcessPoolExecutor(max_workers=max(1, min(len(specs), len(os.sched_getaffinity(0)))),
+                             mp_context=multiprocessing.get_context("forkserver")) as pool:
         return list(pool.map(generate_site, specs, repeat(Path(out)), repeat(size), repeat(seed)))
 
 
