@@ -13,6 +13,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
 
+from sim.scanner import save_scan
+
 Transform = Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, np.ndarray]]  # (array, affine, is_label)
 
 
@@ -28,10 +30,7 @@ def write_case(folder: Path, site_dir: Path, case: str, transform: Transform) ->
         img = nib.load(src)
         label = src.parent.name == "labelsTs"
         array, affine = transform(np.asarray(img.dataobj), img.affine, label)
-        out = nib.Nifti1Image(array.astype(np.uint8 if label else np.float32), affine)
-        out.set_qform(affine, code=1)
-        out.set_sform(affine, code=1)
-        nib.save(out, folder / src.parent.name / src.name)
+        save_scan(array.astype(np.uint8 if label else np.float32), affine, folder / src.parent.name / src.name)
     return folder
 
 

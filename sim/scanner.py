@@ -17,6 +17,16 @@ _SCANNERS = (
 ORIENTATIONS = ("RAS", "LPS", "LAS", "PIR", "ASL", "SPL")  # a few of the 48 axis codes, permuted ones included
 
 
+def save_scan(array: np.ndarray, affine: np.ndarray, path) -> None:
+    """A NIfTI as a scanner's converter writes it: the affine as both qform and sform (code 1, scanner), mm units.
+    nibabel gzips with mtime 0, so the file is byte-reproducible."""
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
 def thick_slices(array: np.ndarray, affine: np.ndarray, factor: int, label: bool) -> tuple[np.ndarray, np.ndarray]:
     """Slices `factor` times thicker along the last (superior) axis: images average each group of slices (a thick
     slice's partial volume), labels take the group's middle slice; the affine keeps the same physical extent."""

@@ -12,12 +12,11 @@ from dataclasses import asdict, dataclass
 from itertools import repeat
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from common.sitedata import site_id
-from sim.scanner import ORIENTATIONS, scanner_grid, scanner_profile
+from sim.scanner import ORIENTATIONS, save_scan, scanner_grid, scanner_profile
 
 PRESETS: tuple[str, ...] = ("iid", "scanner-shift", "convention-shift", "few-shot", "missing-modality", "mixed")
 SEQUENCES: tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
@@ -238,12 +237,7 @@ def _affine(spec: SiteSpec, size: int) -> np.ndarray:
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path, spec: SiteSpec, label: bool = False) -> None:
-    array, affine = scanner_grid(array, affine, spec.orientation, spec.slice_factor, label)
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, path)  # nibabel gzips with mtime 0, so files are byte-reproducible
+    save_scan(*scanner_grid(array, affine, spec.orientation, spec.slice_factor, label), path)
 
 
 def _draw_clinical(rng: np.random.Generator, spec: SiteSpec, radius: float) -> dict[str, str]:

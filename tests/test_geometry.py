@@ -19,7 +19,7 @@ from common.config import Config
 from common.state import state_to_numpy
 from server.plan import make_plan, site_geometry
 from sim.perturb import VARIANTS, grid, resampled, write_case
-from sim.scanner import reorient
+from sim.scanner import reorient, save_scan
 from sim.synth import SiteSpec, generate_site
 
 SMALL = Config(channels="8,16,32", stem_channels=4, target_spacing="3,3,3", patch_size="32,32,32", batch_size=2,
@@ -84,10 +84,7 @@ def _scale_voxels(site_dir: Path, mm: float) -> None:
         img = nib.load(path)
         affine = img.affine.copy()
         affine[:3] *= mm
-        out = nib.Nifti1Image(np.asarray(img.dataobj), affine)
-        out.set_qform(affine, code=1)
-        out.set_sform(affine, code=1)
-        nib.save(out, path)
+        save_scan(np.asarray(img.dataobj), affine, path)
 
 
 def _region_dice(a: np.ndarray, b: np.ndarray, members: list[int]) -> float:
