@@ -20,12 +20,16 @@ Transform = Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, np.ndarra
 
 def write_case(folder: Path, site_dir: Path, case: str, transform: Transform) -> Path:
     """A held-out case of site_dir (channel files and label) through transform into folder (imagesTs/, labelsTs/,
-    dataset.json): a one-case site predict can read."""
+    dataset.json, and the case's clinical.csv row): a one-case site predict can read as the site would."""
     for sub in ("imagesTs", "labelsTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     meta = json.loads((site_dir / "dataset.json").read_text())
     (folder / "dataset.json").write_text(json.dumps({k: meta[k] for k in ("channel_names", "labels",
                                                      "regions_class_order", "file_ending")}))
+    clinical = site_dir / "clinical.csv"
+    if clinical.exists():
+        header, *rows = clinical.read_text().splitlines()
+        (folder / "clinical.csv").write_text("\n".join([header, *(r for r in rows if r.split(",")[0] == case)]) + "\n")
     for src in sorted((site_dir / "imagesTs").glob(f"{case}_*.nii.gz")) + [site_dir / "labelsTs" / f"{case}.nii.gz"]:
         img = nib.load(src)
         label = src.parent.name == "labelsTs"

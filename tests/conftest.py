@@ -1,11 +1,14 @@
-"""Shared fixtures: a tiny synthetic federation written once per test session."""
+"""Shared fixtures: one seed and one torch thread count for every test, quality floors reported with their margin,
+and a tiny synthetic federation written once per test session."""
 
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,10 +51,48 @@ def tree_checksums(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One torch thread: with other processes on the 2 cores, a 2-thread pool stalls at barriers (10x slower)."""
+# What a trained model's score may depend on, fixed here for the whole suite: a machine's own thread count changes
+# the order of float sums (and so the trained weights); the simulation's sites run one thread each as well.
+SEED = 0
+TORCH_THREADS = 1
+_QUALITY = pytest.StashKey[list]()
+
+
+def _seed_everything() -> None:
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixed_torch():
+    """One torch thread and one seed for every test and fixture (session-scoped: set before any module's training)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TORCH_THREADS)
+    _seed_everything()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def reseeded(fixed_torch):
+    """Each test starts from the same global RNG state, whatever ran before it."""
+    _seed_everything()
+
+
+@pytest.fixture
+def quality(request):
+    """quality(name, value, floor): assert a learned score clears its floor, and list it with its margin in the
+    run's summary, so a log shows how close every quality assertion came."""
+    def check(name: str, value: float, floor: float) -> None:
+        request.config.stash.setdefault(_QUALITY, []).append((f"{request.node.name}: {name}", value, floor))
+        assert value >= floor, f"{name} {value:.3f} < floor {floor}"
+    return check
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rows = config.stash.get(_QUALITY, [])
+    if rows:
+        terminalreporter.section("quality floors (value, floor, margin)")
+        for name, value, floor in rows:
+            terminalreporter.write_line(f"{value:7.3f} {floor:6.2f} {value - floor:+7.3f}  {name}")

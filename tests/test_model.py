@@ -19,9 +19,6 @@ M, F, SIZE = 4, 3, 16
 CFG = Config(channels="8,16,32", stem_channels=4)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def all_patterns_batch(kind: str, n_out: int) -> dict[str, torch.Tensor]:
     """One case per presence pattern: all 2^M imaging subsets x clinical on/off."""
     g = torch.Generator().manual_seed(0)

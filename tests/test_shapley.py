@@ -16,9 +16,6 @@ M, F, SIZE, R = 4, 3, 16, 2
 CFG = Config(channels="8,16,32", stem_channels=4)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def random_batch(seed: int) -> dict[str, torch.Tensor]:
     """Cases with different presence patterns (one without clinical, one with a single modality)."""
     g = torch.Generator().manual_seed(seed)
