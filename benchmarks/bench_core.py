@@ -14,12 +14,12 @@ from monai.networks.blocks import Convolution, ResidualUnit, UnetOutBlock, UnetR
 from monai.networks.nets import UNet
 from torch import nn
 
-from common.config import Config
-from common.labels import LabelKind, LabelSpec
-from common.patches import PatchLoader
-from common.model import CHANNELS_LAST, FiLM, _channels_last, _instance_norm, build_expert
-from common.shapley import shapley_values
-from common.train import train_expert
+from mome.common.config import Config
+from mome.common.labels import LabelKind, LabelSpec
+from mome.common.patches import PatchLoader
+from mome.common.model import CHANNELS_LAST, FiLM, _channels_last, _instance_norm, build_expert
+from mome.common.shapley import shapley_values
+from mome.common.train import train_expert
 
 N_CLINICAL, N_OUT, KIND = 4, 3, "regions"
 

@@ -17,9 +17,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common.config import parse_run_config
-from sim.run_sim import simulate
-from sim.synth import generate_federation
+from mome.common.config import parse_run_config
+from mome.sim.run_sim import simulate
+from mome.sim.synth import generate_federation
 
 RUN_CONFIG = ('channels="8,16,32" stem-channels=4 warmup-rounds=2 warmup-epochs=1 expert-epochs=1 gate-steps=4 '
               'gate-rounds=2 personalise-epochs=1 min-cases=1 round-timeout=600')
@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--cases", type=int, default=6)
     args = parser.parse_args()
-    from common.config import config_from_mapping
-    from deploy.local import deploy_local
+    from mome.common.config import config_from_mapping
+    from mome.deploy.local import deploy_local
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -19,15 +19,15 @@ from typing import Callable
 
 import numpy as np
 
-from client.site import Site
-from common.config import Config
-from common.metrics import evaluate, expert_predictor, mixture_predictor
-from common.sitedata import find_site_dirs
-from sim.run_sim import local_plan
-from common.state import state_to_numpy
-from common.train import personalise_gate
-from server.aggregate import aggregate
-from sim.synth import generate_federation
+from mome.client.site import Site
+from mome.common.config import Config
+from mome.common.metrics import evaluate, expert_predictor, mixture_predictor
+from mome.common.sitedata import find_site_dirs
+from mome.sim.run_sim import local_plan
+from mome.common.state import state_to_numpy
+from mome.common.train import personalise_gate
+from mome.server.aggregate import aggregate
+from mome.sim.synth import generate_federation
 
 Split = Callable[[Site], list[dict]]
 SPLITS: dict[str, Split] = {"val (MoME)": lambda s: s.val_batches,

@@ -25,8 +25,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.sitedata import find_site_dirs
-from sim.perturb import VARIANTS, write_case
+from mome.common.sitedata import find_site_dirs
+from mome.sim.perturb import VARIANTS, write_case
 
 REGIONS = ([1, 2, 3], [2, 3], [3])
 
@@ -40,7 +40,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def robustness(run: Path, cases_per_site: int, work: Path) -> dict[str, list[float]]:
-    from client.predict import predict
+    from mome.client.predict import predict
 
     scores: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for site in find_site_dirs(run / "data"):
@@ -60,7 +60,7 @@ def robustness(run: Path, cases_per_site: int, work: Path) -> dict[str, list[flo
 
 def brats_case(run: Path, work: Path) -> Path:
     """A held-out synthetic case with its voxels taken as 5 mm (a 240 mm head), resampled to 1 mm 240x240x155."""
-    from sim.perturb import resampled
+    from mome.sim.perturb import resampled
 
     site = find_site_dirs(run / "data")[0]
     case = sorted(p.name[: -len(".nii.gz")] for p in (site / "labelsTs").glob("*.nii.gz"))[0]
@@ -77,7 +77,7 @@ def brats_case(run: Path, work: Path) -> Path:
 
 def timed_predict(bundle: Path, folder: Path, threads: int) -> dict:
     """`mome predict` in a child process limited to `threads` torch threads: wall seconds and peak RSS (GB)."""
-    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); from cli.main import main; "
+    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); from mome.cli.main import main; "
             "sys.argv = ['mome', 'predict', '--model', sys.argv[2], '--out', sys.argv[3], '--input', sys.argv[4]]; "
             "sys.exit(main())")
     start = time.perf_counter()

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from client.predict import predictor
-from client.site import Site
-from common.bundle import load_bundle
-from common.config import config_from_mapping
-from common.metrics import evaluate
-from common.sitedata import find_site_dirs
-from server.report import site_table
-from sim.run_sim import local_plan
-from sim.synth import SiteSpec, generate_site, site_traits
+from mome.client.predict import predictor
+from mome.client.site import Site
+from mome.common.bundle import load_bundle
+from mome.common.config import config_from_mapping
+from mome.common.metrics import evaluate
+from mome.common.sitedata import find_site_dirs
+from mome.server.report import site_table
+from mome.sim.run_sim import local_plan
+from mome.sim.synth import SiteSpec, generate_site, site_traits
 
 
 def regenerate(run: Path, out: Path, test_cases: int) -> list[Path]:

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from deploy.certs import CertPaths
+    from mome.deploy.certs import CertPaths
 
 
 def certs(args: argparse.Namespace) -> int:
-    from deploy.certs import DEFAULT_SERVER_NAMES, write_certificates
-    from deploy.topology import Topology
+    from mome.deploy.certs import DEFAULT_SERVER_NAMES, write_certificates
+    from mome.deploy.topology import Topology
 
     top = Topology.build(args.sites)
     names = tuple(dict.fromkeys([*DEFAULT_SERVER_NAMES, *args.server_name]))
@@ -39,8 +39,8 @@ def _site_key_status(paths: CertPaths, site: str, made_here: bool) -> str:
 
 
 def compose(args: argparse.Namespace) -> int:
-    from deploy.compose import render_compose
-    from deploy.topology import Topology
+    from mome.deploy.compose import render_compose
+    from mome.deploy.topology import Topology
 
     Path(args.out).write_text(render_compose(Topology.for_compose(args.sites, args.data)))
     print(f"wrote {args.out} ({args.sites} sites, data from {args.data}/<site-id>); "
@@ -49,7 +49,7 @@ def compose(args: argparse.Namespace) -> int:
 
 
 def health(args: argparse.Namespace) -> int:
-    from deploy.health import check_health
+    from mome.deploy.health import check_health
 
     healthy = check_health(args.address, args.timeout)
     print("SERVING" if healthy else f"not serving: {args.address}")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import Strategy
+from mome.common.config import Strategy
 
 
 def _log_to_terminal() -> None:
@@ -20,8 +20,8 @@ def _red(text: str) -> str:
 
 
 def synth(args: argparse.Namespace) -> int:
-    from sim.preview import write_preview
-    from sim.synth import generate_federation
+    from mome.sim.preview import write_preview
+    from mome.sim.synth import generate_federation
 
     sites = generate_federation(Path(args.out), sites=args.sites, preset=args.preset, seed=args.seed,
                                 size=args.size, cases=args.cases, test_cases=args.test_cases)
@@ -38,12 +38,12 @@ DEMO_BUDGET = {"max-patch-voxels": 32**3}
 
 
 def sim(args: argparse.Namespace) -> int:
-    from common.config import config_from_mapping, parse_run_config
-    from common.sitedata import SiteDataError, find_site_dirs
-    from server.report import write_report
-    from sim.run_sim import run_all
-    from sim.synth import generate_federation, site_traits
-    from common.wire import site_id_from_name
+    from mome.common.config import config_from_mapping, parse_run_config
+    from mome.common.sitedata import SiteDataError, find_site_dirs
+    from mome.server.report import write_report
+    from mome.sim.run_sim import run_all
+    from mome.sim.synth import generate_federation, site_traits
+    from mome.common.wire import site_id_from_name
 
     _log_to_terminal()
     try:
@@ -82,10 +82,10 @@ def sim(args: argparse.Namespace) -> int:
 
 
 def deploy_local(args: argparse.Namespace) -> int:
-    from common.config import Config, parse_run_config
-    from deploy.local import DeployError, deploy_local as deploy
-    from server.report import write_report
-    from sim.synth import generate_federation
+    from mome.common.config import Config, parse_run_config
+    from mome.deploy.local import DeployError, deploy_local as deploy
+    from mome.server.report import write_report
+    from mome.sim.synth import generate_federation
 
     _log_to_terminal()
     if args.insecure:

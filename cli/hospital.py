@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.config import Config
+from mome.common.config import Config
 
 
 def check_data(args: argparse.Namespace) -> int:
-    from common.cases import load_site
-    from common.sitedata import SiteDataError
+    from mome.common.cases import load_site
+    from mome.common.sitedata import SiteDataError
 
     cfg = Config(modalities=args.modalities, clinical_fields=args.clinical_fields)
     worst = 0
@@ -33,8 +33,8 @@ def check_data(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from client.predict import predict as segment
-    from common.sitedata import SiteDataError
+    from mome.client.predict import predict as segment
+    from mome.common.sitedata import SiteDataError
 
     try:
         written, problems = segment(Path(args.model), [Path(p) for p in args.input], Path(args.out))
@@ -49,8 +49,8 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def site_key(args: argparse.Namespace) -> int:
-    from common.wire import check_site_id
-    from deploy.certs import SITE_KEY, fingerprint, write_key_pair
+    from mome.common.wire import check_site_id
+    from mome.deploy.certs import SITE_KEY, fingerprint, write_key_pair
 
     try:
         comment = f"mome-{check_site_id(args.site_id)}" if args.site_id else "mome-site"
@@ -71,7 +71,7 @@ def site_key(args: argparse.Namespace) -> int:
 
 def audit(args: argparse.Namespace) -> int:
     """What this site sent, run by run, from its own audit log(s) under OUT_DIR."""
-    from client.audit import AUDIT_FILE, summary
+    from mome.client.audit import AUDIT_FILE, summary
 
     logs = [args.out_dir] if args.out_dir.is_file() else sorted(args.out_dir.rglob(AUDIT_FILE))
     if not logs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import coordinator, developer, hospital
+from mome.cli import coordinator, developer, hospital
 
 
 def build_parser() -> argparse.ArgumentParser:

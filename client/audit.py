@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flwr.app import Message
 
-from common.wire import array_digests, reply_digest
+from mome.common.wire import array_digests, reply_digest
 
 AUDIT_FILE = "audit.jsonl"
 

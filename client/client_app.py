@@ -13,13 +13,13 @@ from typing import Callable
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.guard import guard
-from client.policy import SitePolicy
-from client.site import Site
-from common.config import Config, config_from_mapping
-from common.logs import show_progress
-from common.schema import DESCRIBE, GEOMETRY  # declared once: the counts weigh updates, the geometry plans
-from common.wire import NUM_EXAMPLES, SITE_ID, Key, check_site_id, metric_record, pack, site_id_from_name, unpack
+from mome.client.guard import guard
+from mome.client.policy import SitePolicy
+from mome.client.site import Site
+from mome.common.config import Config, config_from_mapping
+from mome.common.logs import show_progress
+from mome.common.schema import DESCRIBE, GEOMETRY  # declared once: the counts weigh updates, the geometry plans
+from mome.common.wire import NUM_EXAMPLES, SITE_ID, Key, check_site_id, metric_record, pack, site_id_from_name, unpack
 
 log = logging.getLogger("mome.client")
 # the settings a site's loaded, split and batched data depend on

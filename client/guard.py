@@ -11,13 +11,13 @@ from typing import Callable
 
 from flwr.app import Context, Error, Message
 
-from client import audit
-from client.policy import PolicyRefusal, SitePolicy
-from common.config import config_from_mapping
-from common.labels import label_spec_from_dataset_json
-from common.schema import ERROR_CODES, Sizes, expert_count, violations
-from common.sitedata import SiteDataError
-from common.wire import Key
+from mome.client import audit
+from mome.client.policy import PolicyRefusal, SitePolicy
+from mome.common.config import config_from_mapping
+from mome.common.labels import label_spec_from_dataset_json
+from mome.common.schema import ERROR_CODES, Sizes, expert_count, violations
+from mome.common.sitedata import SiteDataError
+from mome.common.wire import Key
 
 log = logging.getLogger("mome.client")
 

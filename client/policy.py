@@ -11,9 +11,9 @@ from typing import Mapping
 
 from flwr.app import Message
 
-from common.config import Strategy, config_from_mapping
-from common.schema import expert_count
-from common.wire import Key, record_bytes
+from mome.common.config import Strategy, config_from_mapping
+from mome.common.schema import expert_count
+from mome.common.wire import Key, record_bytes
 
 PREFIX = "policy-"  # node-config keys: policy-max-size=96 ..., or policy-file="/etc/mome/policy.toml"
 

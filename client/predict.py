@@ -10,16 +10,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from common.atomic import atomic_write_bytes
-from common.bundle import Bundle, load_bundle
-from common.clinical import parse_schema, read_clinical_csv
-from common.labels import LabelSpec
-from common.metrics import Predictor, expert_predictor, mixture_predictor
-from common.model import load_expert, load_gate
-from common.cases import geometry_of, preprocess_case
-from common.patches import Window
-from common.preprocess import to_input_grid
-from common.sitedata import BadCase, SiteLayout, SiteReport, case_ids, channel_file, read_case, read_layout
+from mome.common.atomic import atomic_write_bytes
+from mome.common.bundle import Bundle, load_bundle
+from mome.common.clinical import parse_schema, read_clinical_csv
+from mome.common.labels import LabelSpec
+from mome.common.metrics import Predictor, expert_predictor, mixture_predictor
+from mome.common.model import load_expert, load_gate
+from mome.common.cases import geometry_of, preprocess_case
+from mome.common.patches import Window
+from mome.common.preprocess import to_input_grid
+from mome.common.sitedata import BadCase, SiteLayout, SiteReport, case_ids, channel_file, read_case, read_layout
 
 INPUT_KEYS = ("image", "summary", "presence", "clinical", "stats")  # what a model reads of a case (never the label)
 

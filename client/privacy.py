@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import write_json
-from common.config import Config
-from common.state import float_changes, l2_norm
+from mome.common.atomic import write_json
+from mome.common.config import Config
+from mome.common.state import float_changes, l2_norm
 
 LEDGER = "privacy.json"
 

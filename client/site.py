@@ -11,20 +11,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from client.predict import segment_cases
-from client.privacy import PrivacyLedger
-from common.atomic import write_json
-from common.bundle import Bundle, save_bundle
-from common.config import Config
-from common.labels import LabelKind
-from common.metrics import Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor, mixtures_predictor
-from common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
-from common.shapley import site_shapley
-from common.patches import PatchLoader, Window
-from common.cases import SiteData, load_site, split_train_val, to_batches
-from common.state import state_to_numpy
-from common.train import personalise_gate, train_expert, train_gate
-from common.wire import Status
+from mome.client.predict import segment_cases
+from mome.client.privacy import PrivacyLedger
+from mome.common.atomic import write_json
+from mome.common.bundle import Bundle, save_bundle
+from mome.common.config import Config
+from mome.common.labels import LabelKind
+from mome.common.metrics import Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor, mixtures_predictor
+from mome.common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
+from mome.common.shapley import site_shapley
+from mome.common.patches import PatchLoader, Window
+from mome.common.cases import SiteData, load_site, split_train_val, to_batches
+from mome.common.state import state_to_numpy
+from mome.common.train import personalise_gate, train_expert, train_gate
+from mome.common.wire import Status
 
 SHAPLEY_CASES = 4  # a modality ranking from a few held-out cases; every further case costs 2^M decoder passes
 log = logging.getLogger("mome.site")

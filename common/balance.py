@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.labels import LabelKind
-from common.metrics import dice_score
-from common.model import probabilities
+from mome.common.labels import LabelKind
+from mome.common.metrics import dice_score
+from mome.common.model import probabilities
 
 
 def aux_scores(aux_logits: torch.Tensor, label: torch.Tensor, present: torch.Tensor, kind: LabelKind) -> torch.Tensor:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_write_bytes
-from common.config import Config, config_from_mapping
-from common.labels import LabelSpec
-from common.state import flatten_states, unflatten_states
+from mome.common.atomic import atomic_write_bytes
+from mome.common.config import Config, config_from_mapping
+from mome.common.labels import LabelSpec
+from mome.common.state import flatten_states, unflatten_states
 
 FORMAT = "mome-bundle/2"  # /2: weights keyed experts/<name>/<param> and gate/<param> (common.state.flatten_states)
 # weights.npz unpacked: far above any model here (a few MB), far below what would exhaust a site's memory

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.clinical import ClinicalSchema, parse_schema, read_clinical_csv
-from common.config import Config
-from common.labels import LabelSpec
-from common.preprocess import canonical, case_geometry, voxel_spacing
-from common.sitedata import (BadCase, SiteReport, discover_cases, label_path, read_case, read_layout,
+from mome.common.clinical import ClinicalSchema, parse_schema, read_clinical_csv
+from mome.common.config import Config
+from mome.common.labels import LabelSpec
+from mome.common.preprocess import canonical, case_geometry, voxel_spacing
+from mome.common.sitedata import (BadCase, SiteReport, discover_cases, label_path, read_case, read_layout,
                              SiteDataError, SiteLayout)
-from common.wire import site_id_from_name
+from mome.common.wire import site_id_from_name
 
 
 @dataclass

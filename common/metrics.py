@@ -10,10 +10,10 @@ import torch
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-from common.labels import LabelKind
-from common.model import (ExpertNet, GateNet, expert_logits, gate_weights, mixing_space, mixture_logits,
+from mome.common.labels import LabelKind
+from mome.common.model import (ExpertNet, GateNet, expert_logits, gate_weights, mixing_space, mixture_logits,
                           model_logits, probabilities)
-from common.patches import Window
+from mome.common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]
 Predictor = Callable[[Batch], torch.Tensor]

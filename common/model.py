@@ -11,13 +11,13 @@ from monai.networks.blocks import Convolution, UnetOutBlock, UnetResBlock, UnetU
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
-from common.clinical import parse_schema
-from common.config import Config
-from common.labels import LabelKind
-from common.state import load_numpy_state
+from mome.common.clinical import parse_schema
+from mome.common.config import Config
+from mome.common.labels import LabelKind
+from mome.common.state import load_numpy_state
 
 if TYPE_CHECKING:
-    from common.patches import Window
+    from mome.common.patches import Window
 
 # oneDNN's 3D convolutions (backward above all) run 1.5-3x faster on CPU in channels-last layout
 CHANNELS_LAST = torch.channels_last_3d

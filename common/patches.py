@@ -16,8 +16,8 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import (Compose, Lambdad, RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld, RandFlipd,
                               RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond, SpatialPadd)
 
-from common.config import Config
-from common.labels import LabelSpec
+from mome.common.config import Config
+from mome.common.labels import LabelSpec
 
 CASE_KEYS = ("summary", "presence", "clinical", "stats")  # per-case inputs every patch of the case carries
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.wire import NUM_EXAMPLES, PACKED_LAYOUT, Action, Key
+from mome.common.wire import NUM_EXAMPLES, PACKED_LAYOUT, Action, Key
 
 
 @dataclass(frozen=True)

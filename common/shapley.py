@@ -8,9 +8,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from common.labels import LabelKind
-from common.metrics import dice_score
-from common.model import ExpertNet, probabilities
+from mome.common.labels import LabelKind
+from mome.common.metrics import dice_score
+from mome.common.model import ExpertNet, probabilities
 
 Batch = Mapping[str, torch.Tensor]
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (probs, target) -> per-case value [B]

@@ -11,9 +11,9 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 
-from common.config import Config
-from common.labels import LabelSpec, label_spec_from_dataset_json
-from common.preprocess import affine_problem
+from mome.common.config import Config
+from mome.common.labels import LabelSpec, label_spec_from_dataset_json
+from mome.common.preprocess import affine_problem
 
 # Spellings seen in public datasets for the federation's sequence names.
 MODALITY_ALIASES = {

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.atomic import atomic_write_bytes
+from mome.common.atomic import atomic_write_bytes
 
 META_KEY = "__meta__"  # reserved array name holding the JSON metadata
 

@@ -12,12 +12,12 @@ from monai.losses import DiceCELoss, DiceFocalLoss
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.balance import ModalityBalancer, aux_scores
-from common.config import Config
-from common.labels import LabelKind
-from common.metrics import evaluate, expert_predictor
-from common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_logits
-from common.patches import Window
+from mome.common.balance import ModalityBalancer, aux_scores
+from mome.common.config import Config
+from mome.common.labels import LabelKind
+from mome.common.metrics import evaluate, expert_predictor
+from mome.common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_logits
+from mome.common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]
 # frozen experts' outputs cached across gate steps only below this size; above it they are recomputed per step

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import tomli_w
 
-from common.config import OUT_DIR_KEY, Config
+from mome.common.config import OUT_DIR_KEY, Config
 
 log = logging.getLogger("mome.deploy")
 

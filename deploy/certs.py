@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic import atomic_write_bytes
+from mome.common.atomic import atomic_write_bytes
 
 # Names the SuperLink answers to: loopback for local deployment, the compose service for containers.
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE, STATE_VOLUME, SUPERLINK, Confinement, Service, \
+from mome.deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE, STATE_VOLUME, SUPERLINK, Confinement, Service, \
     Topology
 
 ENV_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")

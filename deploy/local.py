@@ -16,15 +16,15 @@ from typing import Any, Iterable, Mapping
 
 import tomli_w
 
-from common.atomic import write_json
-from common.config import OUT_DIR_KEY, parse_run_config
-from common.sitedata import SiteDataError, find_site_dirs
-from common.wire import check_site_id
-from deploy.app import _app_config, app_for_run
-from deploy.certs import write_certificates
-from deploy.health import check_health, port_open
-from deploy.processes import DeployError, Proc, descendants, entry_point, free_ports, stop_tree
-from deploy.topology import RUN, SUPERLINK, Ports, Service, Topology, format_node_config
+from mome.common.atomic import write_json
+from mome.common.config import OUT_DIR_KEY, parse_run_config
+from mome.common.sitedata import SiteDataError, find_site_dirs
+from mome.common.wire import check_site_id
+from mome.deploy.app import _app_config, app_for_run
+from mome.deploy.certs import write_certificates
+from mome.deploy.health import check_health, port_open
+from mome.deploy.processes import DeployError, Proc, descendants, entry_point, free_ports, stop_tree
+from mome.deploy.topology import RUN, SUPERLINK, Ports, Service, Topology, format_node_config
 
 log = logging.getLogger("mome.deploy")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

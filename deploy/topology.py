@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import OUT_DIR_KEY
-from common.sitedata import site_id
-from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITE_KEY, SITE_PUBLIC_KEY
+from mome.common.config import OUT_DIR_KEY
+from mome.common.sitedata import site_id
+from mome.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITE_KEY, SITE_PUBLIC_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
 RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink

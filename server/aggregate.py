@@ -7,8 +7,8 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
-from common.config import GateAggregation
-from common.wire import NUM_EXAMPLES, from_record, to_record
+from mome.common.config import GateAggregation
+from mome.common.wire import NUM_EXAMPLES, from_record, to_record
 
 
 class AggregationError(ValueError):

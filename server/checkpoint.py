@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_bytes
-from common.state import flatten_states, load_state, save_state, unflatten_states
+from mome.common.atomic import atomic_write_bytes
+from mome.common.state import flatten_states, load_state, save_state, unflatten_states
 
 log = logging.getLogger("mome.server")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from common.wire import SITE_ID_PATTERN
+from mome.common.wire import SITE_ID_PATTERN
 
 log = logging.getLogger("mome.server")
 

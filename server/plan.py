@@ -9,8 +9,8 @@ import logging
 
 import numpy as np
 
-from common.config import Config
-from common.patches import fit_patch
+from mome.common.config import Config
+from mome.common.patches import fit_patch
 
 log = logging.getLogger("mome.plan")
 ANISOTROPY = 3.0  # nnU-Net: data whose coarsest axis is this many times the finest is anisotropic

@@ -12,19 +12,19 @@ from typing import Callable
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.atomic import write_json
-from common.config import Config, GateAggregation, Strategy
-from common.labels import LabelSpec
-from common.model import load_expert, load_gate
-from common.state import state_to_numpy
-from common.wire import SHARED_EXPERT, Action, Key, config_record, pack, record_bytes, spec_of
-from server.aggregate import AggregationError, aggregate
-from server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
-from server.identity import Refused, Registry
-from server.plan import make_plan, planned_config, site_geometry
-from server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply,
+from mome.common.atomic import write_json
+from mome.common.config import Config, GateAggregation, Strategy
+from mome.common.labels import LabelSpec
+from mome.common.model import load_expert, load_gate
+from mome.common.state import state_to_numpy
+from mome.common.wire import SHARED_EXPERT, Action, Key, config_record, pack, record_bytes, spec_of
+from mome.server.aggregate import AggregationError, aggregate
+from mome.server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
+from mome.server.identity import Refused, Registry
+from mome.server.plan import make_plan, planned_config, site_geometry
+from mome.server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply,
                             send_and_receive, sender)
-from server.validation import RejectedUpdate, check_update, dp_allowance
+from mome.server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")
 

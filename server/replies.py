@@ -17,8 +17,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from common.schema import ERROR_REASON
-from common.wire import (NUM_EXAMPLES, PACKED_DATA, PACKED_LAYOUT, SITE_ID, Key, Spec, Status, array_digests,
+from mome.common.schema import ERROR_REASON
+from mome.common.wire import (NUM_EXAMPLES, PACKED_DATA, PACKED_LAYOUT, SITE_ID, Key, Spec, Status, array_digests,
                          packed_layout, packed_size, reply_digest, split_packed)
 
 

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.wire import Status  # noqa: E402
-from server.results import FAILED  # noqa: E402
+from mome.common.wire import Status  # noqa: E402
+from mome.server.results import FAILED  # noqa: E402
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from common.config import Config, Strategy
-from common.wire import Status
+from mome.common.config import Config, Strategy
+from mome.common.wire import Status
 
 OK, FAILED = "ok", "failed"  # a strategy's status in metrics.json
 

@@ -9,14 +9,14 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.atomic import write_json
-from common.bundle import Bundle, save_bundle
-from common.config import OUT_DIR_KEY, Config, Strategy, config_from_mapping
-from common.labels import LabelSpec
-from common.logs import show_progress
-from server.checkpoint import ResumeRefused
-from server.protocol import Coordinator, QuorumLost
-from server.results import final_sites, headline, strategy_metrics
+from mome.common.atomic import write_json
+from mome.common.bundle import Bundle, save_bundle
+from mome.common.config import OUT_DIR_KEY, Config, Strategy, config_from_mapping
+from mome.common.labels import LabelSpec
+from mome.common.logs import show_progress
+from mome.server.checkpoint import ResumeRefused
+from mome.server.protocol import Coordinator, QuorumLost
+from mome.server.results import final_sites, headline, strategy_metrics
 
 log = logging.getLogger("mome.server")
 

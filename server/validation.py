@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.state import float_changes, l2_norm
+from mome.common.state import float_changes, l2_norm
 
 
 class RejectedUpdate(ValueError):

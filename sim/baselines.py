@@ -6,10 +6,10 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from common.config import Config
-from common.labels import LabelKind
-from common.model import ExpertNet, load_expert
-from common.train import train_expert
+from mome.common.config import Config
+from mome.common.labels import LabelKind
+from mome.common.model import ExpertNet, load_expert
+from mome.common.train import train_expert
 
 Batch = Mapping[str, torch.Tensor]
 Splits = tuple[Iterable[Batch], Sequence[Batch]]  # a site's (train patches, val batches)

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
 
-from sim.scanner import save_scan
+from mome.sim.scanner import save_scan
 
 Transform = Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, np.ndarray]]  # (array, affine, is_label)
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from sim.synth import SEQUENCES
+from mome.sim.synth import SEQUENCES
 
 
 def _preview_row(site: Path) -> tuple[str, dict[str, np.ndarray], np.ndarray]:

@@ -11,17 +11,17 @@ import torch
 from flwr.app import Context
 from flwr.simulation import run_simulation
 
-from client.client_app import make_client_app
-from client.policy import SitePolicy
-from client.site import Site
-from common.atomic import write_json
-from common.config import Config, Strategy
-from common.wire import Status, site_id_from_name
-from server.results import FAILED, headline, headline_variant, site_entry, strategy_metrics
-from server.server_app import make_server_app
-from common.patches import PatchLoader
-from server.plan import make_plan, planned_config, site_geometry
-from sim.baselines import train_centralized, train_local
+from mome.client.client_app import make_client_app
+from mome.client.policy import SitePolicy
+from mome.client.site import Site
+from mome.common.atomic import write_json
+from mome.common.config import Config, Strategy
+from mome.common.wire import Status, site_id_from_name
+from mome.server.results import FAILED, headline, headline_variant, site_entry, strategy_metrics
+from mome.server.server_app import make_server_app
+from mome.common.patches import PatchLoader
+from mome.server.plan import make_plan, planned_config, site_geometry
+from mome.sim.baselines import train_centralized, train_local
 
 log = logging.getLogger("mome.sim")
 

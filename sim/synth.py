@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from common.sitedata import site_id
-from sim.scanner import ORIENTATIONS, save_scan, scanner_grid, scanner_profile
+from mome.common.sitedata import site_id
+from mome.sim.scanner import ORIENTATIONS, save_scan, scanner_grid, scanner_profile
 
 PRESETS: tuple[str, ...] = ("iid", "scanner-shift", "convention-shift", "few-shot", "missing-modality", "mixed")
 SEQUENCES: tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")

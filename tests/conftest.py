@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import Config
+from mome.common.config import Config
 
 TINY = Config(size=24, target_spacing="1,1,1", patch_size="24,24,24")  # planned: cases preprocessed
 # a federation run in seconds: tiny networks, one round of each phase
@@ -25,7 +25,7 @@ TINY_OVERRIDES = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items(
 @pytest.fixture(scope="session")
 def tiny_federation(tmp_path_factory) -> list[Path]:
     """Four 24^3 sites of the mixed preset (read-only: copy before corrupting)."""
-    from sim.synth import generate_federation
+    from mome.sim.synth import generate_federation
 
     out = tmp_path_factory.mktemp("federation")
     return generate_federation(out, sites=4, preset="mixed", seed=0, size=24, cases=4, test_cases=2)
@@ -34,7 +34,7 @@ def tiny_federation(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def two_sites(tmp_path_factory) -> list[Path]:
     """Two 24^3 sites (a standard one and a convention-minority one), read-only."""
-    from sim.synth import generate_federation
+    from mome.sim.synth import generate_federation
 
     return generate_federation(tmp_path_factory.mktemp("fed2"), sites=2, preset="mixed", seed=1, size=24,
                                cases=4, test_cases=2)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Config, Strategy, config_from_mapping, parse_run_config
+from mome.common.config import Config, Strategy, config_from_mapping, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

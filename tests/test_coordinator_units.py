@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from common.bundle import Bundle, load_bundle, save_bundle
-from common.labels import label_spec_from_dataset_json
-from common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
-from server.aggregate import aggregate, cap_weights, site_weights
-from server.checkpoint import ResumeRefused, check_resumable, fingerprint
-from server.protocol import Coordinator
-from server.replies import BadReply, decode
+from mome.common.bundle import Bundle, load_bundle, save_bundle
+from mome.common.labels import label_spec_from_dataset_json
+from mome.common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
+from mome.server.aggregate import aggregate, cap_weights, site_weights
+from mome.server.checkpoint import ResumeRefused, check_resumable, fingerprint
+from mome.server.protocol import Coordinator
+from mome.server.replies import BadReply, decode
 from tests.conftest import TINY_RUN
 
 
@@ -163,8 +163,8 @@ def test_a_bundle_saves_and_loads_after_a_crashed_save(tmp_path):
 
 
 def test_site_policy_floors_cannot_be_lowered_by_the_run_config():
-    from client.policy import PolicyRefusal, SitePolicy
-    from common.wire import config_record
+    from mome.client.policy import PolicyRefusal, SitePolicy
+    from mome.common.wire import config_record
 
     def request(cfg) -> Message:
         return Message(RecordDict({Key.CONFIG: config_record(cfg.to_run_config())}), dst_node_id=1,

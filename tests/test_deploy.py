@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import parse_run_config
-from common.wire import SHARED_EXPERT
-from deploy.certs import write_certificates
-from deploy.compose import expand, render_compose
-from deploy.local import LocalDeployment, deploy_local
-from deploy.processes import alive
-from deploy.topology import RUN, SUPERLINK, Topology, parse_node_config
-from sim.synth import generate_federation
+from mome.common.config import parse_run_config
+from mome.common.wire import SHARED_EXPERT
+from mome.deploy.certs import write_certificates
+from mome.deploy.compose import expand, render_compose
+from mome.deploy.local import LocalDeployment, deploy_local
+from mome.deploy.processes import alive
+from mome.deploy.topology import RUN, SUPERLINK, Topology, parse_node_config
+from mome.sim.synth import generate_federation
 from tests.conftest import tree_checksums
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def test_certificates_and_site_keys_are_what_flower_reads(tmp_path):
 
 
 def test_security_is_on_unless_insecure_is_named():
-    from cli.main import build_parser
+    from mome.cli.main import build_parser
 
     assert build_parser().parse_args(["deploy-local"]).insecure is False
     top = Topology.build(2, "/data", containers=False)

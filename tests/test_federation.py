@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from common.wire import Key, Status, unpack
-from server.checkpoint import load_checkpoint
-from server.protocol import plan
-from server.report import write_report
-from sim.run_sim import simulate
-from sim.synth import site_traits
+from mome.common.wire import Key, Status, unpack
+from mome.server.checkpoint import load_checkpoint
+from mome.server.protocol import plan
+from mome.server.report import write_report
+from mome.sim.run_sim import simulate
+from mome.sim.synth import site_traits
 from tests.conftest import TINY_OVERRIDES, TINY_RUN
 
 ALLOWED_RECORDS = {Key.METRICS, Key.MODEL, Key.OUTCOME, "site"}
@@ -151,7 +151,7 @@ def test_same_seed_same_models(tiny_federation, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
     data = two_sites[0].parent
-    cmd = [sys.executable, "-m", "cli.main", "sim", "--data", str(data), "--out", str(tmp_path),
+    cmd = [sys.executable, "-m", "mome.cli.main", "sim", "--data", str(data), "--out", str(tmp_path),
            "--run-config", TINY_OVERRIDES]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -173,7 +173,7 @@ def test_killed_run_resumes_from_checkpoint(two_sites, tmp_path):
 
 
 def test_predict_matches_input_geometry(mome_run, two_sites, tmp_path):
-    from cli.main import main as mome
+    from mome.cli.main import main as mome
 
     run_dir, _, _ = mome_run
     site = two_sites[1]

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from nibabel.processing import resample_from_to
 
-from client.predict import predict
-from client.site import Site
-from common.bundle import Bundle, save_bundle
-from common.cases import load_site
-from common.config import Config
-from common.state import state_to_numpy
-from server.plan import make_plan, site_geometry
-from sim.perturb import VARIANTS, grid, resampled, write_case
-from sim.scanner import reorient, save_scan
-from sim.synth import SiteSpec, generate_site
+from mome.client.predict import predict
+from mome.client.site import Site
+from mome.common.bundle import Bundle, save_bundle
+from mome.common.cases import load_site
+from mome.common.config import Config
+from mome.common.state import state_to_numpy
+from mome.server.plan import make_plan, site_geometry
+from mome.sim.perturb import VARIANTS, grid, resampled, write_case
+from mome.sim.scanner import reorient, save_scan
+from mome.sim.synth import SiteSpec, generate_site
 
 SMALL = Config(channels="8,16,32", stem_channels=4, target_spacing="3,3,3", patch_size="32,32,32", batch_size=2,
                min_cases=1, modality_dropout=0.0)
@@ -74,7 +74,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     _scale_voxels(site_dir, 3.0)
     site = Site.open(site_dir, SMALL)
     model = site.expert()
-    from common.train import train_expert
+    from mome.common.train import train_expert
 
     for step, (lr, epochs) in enumerate(SCHEDULE):
         train_expert(model, site.patches(f"train-{step}"), [], SMALL.replace(lr=lr), site.kind, epochs=epochs,

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import yaml
 
-from cli.main import main as mome
-from common.bundle import Bundle, check_weights_size, load_bundle, save_bundle
-from common.config import Config
-from common.labels import label_spec_from_dataset_json
-from common.cases import load_site
-from common.sitedata import BadCase, SiteLayout, read_case
-from deploy.certs import CertPaths, write_certificates
-from deploy.compose import compose_dict, expand
-from deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE_UID, RUN, SUPERLINK, Confinement, Topology
+from mome.cli.main import main as mome
+from mome.common.bundle import Bundle, check_weights_size, load_bundle, save_bundle
+from mome.common.config import Config
+from mome.common.labels import label_spec_from_dataset_json
+from mome.common.cases import load_site
+from mome.common.sitedata import BadCase, SiteLayout, read_case
+from mome.deploy.certs import CertPaths, write_certificates
+from mome.deploy.compose import compose_dict, expand
+from mome.deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE_UID, RUN, SUPERLINK, Confinement, Topology
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,12 +167,12 @@ def no_unpacking(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("np.load ran before the size check")
 
-    monkeypatch.setattr("common.bundle.np.load", refuse)
+    monkeypatch.setattr("mome.common.bundle.np.load", refuse)
 
 
 def test_a_bundle_over_the_size_cap_is_refused_before_it_is_unpacked(bundle_folder, monkeypatch):
     assert load_bundle(bundle_folder).experts["shared"]["w"].sum() == 1000
-    monkeypatch.setattr("common.bundle.np.load", lambda *a, **k: pytest.fail("np.load ran before the size check"))
+    monkeypatch.setattr("mome.common.bundle.np.load", lambda *a, **k: pytest.fail("np.load ran before the size check"))
     with pytest.raises(ValueError, match=r"members declare \d+ bytes uncompressed, above the limit of 1000 bytes"):
         load_bundle(bundle_folder, max_weights_bytes=1000)
 

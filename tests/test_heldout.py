@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from cli.main import main as mome
-from common.config import Strategy
-from sim.run_sim import simulate
-from sim.synth import generate_federation
+from mome.cli.main import main as mome
+from mome.common.config import Strategy
+from mome.sim.run_sim import simulate
+from mome.sim.synth import generate_federation
 from tests.conftest import TINY_OVERRIDES, TINY_RUN
 
 LABELLED, UNLABELLED, NONE = "site-a", "site-b", "site-c"
@@ -122,7 +122,7 @@ def break_evaluation(sites: dict[int, str], crash: bool = False):
             return call_next(msg, context)
         if crash:
             raise RuntimeError(f"the final step crashed at {site}")
-        import client.site as site_module  # patched inside the worker process that runs this site
+        import mome.client.site as site_module  # patched inside the worker process that runs this site
 
         def broken(*args, **kwargs):
             raise KeyError("label")
@@ -162,12 +162,12 @@ def test_final_step_failing_at_every_site_fails_the_strategy(two_sites, tmp_path
 
 
 def test_sim_reports_a_failed_strategy_in_red_and_exits_non_zero(heldout_kinds, tmp_path, monkeypatch, capsys):
-    import sim.run_sim
+    import mome.sim.run_sim as run_sim
 
     def crashing(strategy, *args, **kwargs):
         raise RuntimeError("no site answered")
 
-    monkeypatch.setattr(sim.run_sim, "simulate", crashing)
+    monkeypatch.setattr(run_sim, "simulate", crashing)
     code = mome(["sim", "--data", str(heldout_kinds), "--out", str(tmp_path), "--strategy", "fedavg",
                  "--run-config", TINY_OVERRIDES])
     assert code == 1

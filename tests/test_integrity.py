@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.wire import PACKED_DATA, Key, pack, unpack
-from server.checkpoint import load_checkpoint
-from sim.run_sim import simulate
+from mome.common.wire import PACKED_DATA, Key, pack, unpack
+from mome.server.checkpoint import load_checkpoint
+from mome.sim.run_sim import simulate
 from tests.conftest import TINY_RUN
 
 HUGE = (10**6, 10**6)  # 4 TB of float32 if anyone believed the header

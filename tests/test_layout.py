@@ -19,14 +19,26 @@ def _modules(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
-def _imported_packages(path: Path) -> set[str]:
+def _imported_modules(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found & set(LAYER)
+            found.add(node.module)
+    return found
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The project layers a module imports (every project import is mome.<layer>...)."""
+    return {name.split(".")[1] for name in _imported_modules(path) if name.startswith("mome.")} & set(LAYER)
+
+
+@pytest.mark.parametrize("folder", [*sorted(LAYER), "tests", "benchmarks"])
+def test_every_project_import_is_under_mome(folder):
+    bare = [f"{path.relative_to(ROOT)} imports {name}" for path in sorted((ROOT / folder).rglob("*.py"))
+            for name in _imported_modules(path) if name.split(".")[0] in LAYER]
+    assert not bare, bare
 
 
 @pytest.mark.parametrize("package", sorted(LAYER))
@@ -38,7 +50,7 @@ def test_each_layer_imports_only_layers_below_it(package):
 
 def test_the_checker_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from server.report import write_report\n    import cli.main\n")
+    bad.write_text("def f():\n    from mome.server.report import write_report\n    import mome.cli.main\n")
     assert _imported_packages(bad) == {"server", "cli"}
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.nn.functional import avg_pool3d, interpolate
 
-from common.config import Config
-from common.metrics import dice_score, evaluate, expert_predictor, mixture_predictor
-from common.model import (ExpertNet, GateNet, build_expert, build_gate, drop_modalities, mixture_logits,
+from mome.common.config import Config
+from mome.common.metrics import dice_score, evaluate, expert_predictor, mixture_predictor
+from mome.common.model import (ExpertNet, GateNet, build_expert, build_gate, drop_modalities, mixture_logits,
                           probabilities)
-from common.state import load_numpy_state, load_state, save_state, state_to_numpy
+from mome.common.state import load_numpy_state, load_state, save_state, state_to_numpy
 
 M, F, SIZE = 4, 3, 16
 CFG = Config(channels="8,16,32", stem_channels=4)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from client.audit import AUDIT_FILE, read, summary
-from client.policy import SitePolicy
-from common.config import config_from_mapping
-from common.labels import label_spec_from_dataset_json
-from common.schema import ERROR_REASON, Sizes, expert_count, violations
-from common.wire import Key, array_digests, reply_digest
-from sim.run_sim import simulate
+from mome.client.audit import AUDIT_FILE, read, summary
+from mome.client.policy import SitePolicy
+from mome.common.config import config_from_mapping
+from mome.common.labels import label_spec_from_dataset_json
+from mome.common.schema import ERROR_REASON, Sizes, expert_count, violations
+from mome.common.wire import Key, array_digests, reply_digest
+from mome.sim.run_sim import simulate
 from tests.conftest import TINY_RUN
 
 
@@ -52,7 +52,7 @@ def add_undeclared_metric_at_second_site():
     """A ClientApp change that adds a metric (at the second site's final step): the guard must withhold it."""
 
     def mod(msg: Message, context, call_next) -> Message:
-        import client.site as code  # patched in the site's own (Ray worker) process
+        import mome.client.site as code  # patched in the site's own (Ray worker) process
 
         if msg.metadata.message_type != "evaluate" or str(context.node_config["partition-id"]) != "1":
             return call_next(msg, context)
@@ -69,7 +69,7 @@ def add_undeclared_metric_at_second_site():
 @pytest.fixture(scope="module")
 def five_case_sites(tmp_path_factory) -> list[Path]:
     """Two sites of 5 training cases (4 train + 1 validation) and 2 held-out cases each."""
-    from sim.synth import generate_federation
+    from mome.sim.synth import generate_federation
 
     return generate_federation(tmp_path_factory.mktemp("five"), sites=2, preset="iid", seed=3, size=24,
                                cases=5, test_cases=2)
@@ -114,8 +114,8 @@ def test_every_reply_of_every_action_is_inside_the_schema(mome_release, fedavg_r
 def test_describe_carries_only_counts_and_the_sites_aggregate_geometry(mome_release, five_case_sites):
     """The plan's inputs: medians over a site's cases of spacing, head extent and per-channel head intensity
     percentiles, named in the schema; no per-case value, and the plan the run used is built from them."""
-    from common.cases import load_site
-    from common.schema import DESCRIBE, GEOMETRY
+    from mome.common.cases import load_site
+    from mome.common.schema import DESCRIBE, GEOMETRY
 
     run, metrics, replies = mome_release
     described = [r for r in replies if r["type"] == "query.describe"]
@@ -201,7 +201,7 @@ def test_dp_clips_every_upload_before_noise_and_reports_epsilon(mome_release):
 
 
 def test_mome_audit_prints_a_summary_per_run(mome_release, capsys):
-    from cli.main import main as mome
+    from mome.cli.main import main as mome
 
     run, _, _ = mome_release
     assert mome(["audit", str(run / "mome" / "sites")]) == 0

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from client.site import Site
-from common.bundle import load_bundle
-from common.state import state_to_numpy
-from server.replies import error_kind as _error_kind
-from server.replies import _outcome
-from server.results import final_sites, strategy_status, summarise
+from mome.client.site import Site
+from mome.common.bundle import load_bundle
+from mome.common.state import state_to_numpy
+from mome.server.replies import error_kind as _error_kind
+from mome.server.replies import _outcome
+from mome.server.results import final_sites, strategy_status, summarise
 from tests.conftest import TINY_RUN
 
 
@@ -64,7 +64,7 @@ def test_the_server_keeps_only_known_statuses_and_no_exception_text():
 
 
 def test_failed_fine_tuning_still_saves_the_shared_model(tiny_federation, tmp_path, monkeypatch):
-    import client.site
+    import mome.client.site as site_module
 
     site = Site.open(tiny_federation[0], TINY_RUN.replace(target_spacing="1,1,1", patch_size="24,24,24"),
                      out_dir=tmp_path)
@@ -73,7 +73,7 @@ def test_failed_fine_tuning_still_saves_the_shared_model(tiny_federation, tmp_pa
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(client.site, "train_expert", broken)
+    monkeypatch.setattr(site_module, "train_expert", broken)
     metrics, outcome = site.finalise_shared(sent, 2, "fedavg-ft")
     assert metrics["model_saved"] == 1 and outcome["status"] == "evaluated"
     saved = load_bundle(tmp_path / "model").experts["shared"]

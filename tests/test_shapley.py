@@ -7,10 +7,10 @@ from functools import partial
 import pytest
 import torch
 
-from common.config import Config
-from common.metrics import dice_score
-from common.model import build_expert, probabilities
-from common.shapley import shapley_values, site_shapley
+from mome.common.config import Config
+from mome.common.metrics import dice_score
+from mome.common.model import build_expert, probabilities
+from mome.common.shapley import shapley_values, site_shapley
 
 M, F, SIZE, R = 4, 3, 16, 2
 CFG = Config(channels="8,16,32", stem_channels=4)

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import pytest
 
-from cli.main import main as mome
-from common.labels import label_spec_from_dataset_json
-from common.cases import load_site, split_train_val, to_batches
-from common.sitedata import SiteDataError
+from mome.cli.main import main as mome
+from mome.common.labels import label_spec_from_dataset_json
+from mome.common.cases import load_site, split_train_val, to_batches
+from mome.common.sitedata import SiteDataError
 from tests.conftest import TINY, tree_checksums
 
 

@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sim import synth
-from sim.preview import write_preview
-from sim.synth import PRESETS, SEQUENCES, SiteSpec, generate_federation, generate_site, preset_sites
+from mome.sim import synth
+from mome.sim.preview import write_preview
+from mome.sim.synth import PRESETS, SEQUENCES, SiteSpec, generate_federation, generate_site, preset_sites
 
 SIZE = 24
 
@@ -193,7 +193,7 @@ def test_preview_png(mixed, tmp_path):
 
 def test_scanner_geometry_keeps_every_voxel_in_place():
     """LPS / permuted storage and thick slices change the array and its affine, never where tissue lies."""
-    from sim.scanner import reorient, thick_slices
+    from mome.sim.scanner import reorient, thick_slices
 
     rng = np.random.default_rng(0)
     array, affine = rng.random((6, 8, 9)).astype(np.float32), np.diag([1.2, 1.0, 0.8, 1.0])

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from common.balance import ModalityBalancer
-from common.config import Config
-from common.metrics import evaluate, expert_predictor
-from common.model import build_expert, build_gate, load_expert, mixture_logits
-from common.train import personalise_gate, segmentation_loss, train_expert, train_gate
-from sim.baselines import train_centralized, train_local
+from mome.common.balance import ModalityBalancer
+from mome.common.config import Config
+from mome.common.metrics import evaluate, expert_predictor
+from mome.common.model import build_expert, build_gate, load_expert, mixture_logits
+from mome.common.train import personalise_gate, segmentation_loss, train_expert, train_gate
+from mome.sim.baselines import train_centralized, train_local
 
 M, F = 4, 3
 CFG = Config(channels="8,16,32", stem_channels=4, lr=1e-2, batch_size=2)
