@@ -1,122 +1,25 @@
-"""Benchmark of the learning core: expert training speed against the previous expert and a plain MONAI UNet,
-Shapley reuse vs naive."""
+"""Benchmark of the learning core: expert training speed against a plain MONAI UNet of the same size, Shapley
+reuse vs naive."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from monai.losses import DiceFocalLoss
-from monai.networks.blocks import Convolution, ResidualUnit, UnetOutBlock, UnetResBlock, UnetUpBlock
 from monai.networks.nets import UNet
-from torch import nn
 
 from mome.common.config import Config
 from mome.common.labels import LabelKind, LabelSpec
 from mome.common.patches import PatchLoader
-from mome.common.model import CHANNELS_LAST, FiLM, _channels_last, _instance_norm, build_expert
+from mome.common.model import build_expert
 from mome.common.shapley import shapley_values
 from mome.common.train import train_expert
 
 N_CLINICAL, N_OUT, KIND = 4, 3, "regions"
-
-
-class PreviousExpertNet(nn.Module):
-    """The expert before the half-resolution body, kept only as a speed reference: ResidualUnit stems, first
-    U-Net level, last decoder and 3x3x3 aux heads all at full resolution (same public API as ExpertNet)."""
-
-    def __init__(
-        self,
-        n_modalities: int,
-        n_clinical: int,
-        n_out: int,
-        stem_channels: int = 8,
-        channels: Sequence[int] = (16, 32, 64),
-        clinical_hidden: int = 32,
-        film_decoder: bool = True,
-    ):
-        super().__init__()
-        channels = tuple(int(c) for c in channels)
-        if len(channels) < 2:
-            raise ValueError(f"channels needs at least two levels, got {channels}")
-        self.n_modalities, self.n_clinical, self.n_out = n_modalities, n_clinical, n_out
-        self.channels, self.film_decoder = channels, film_decoder
-        self.stems = nn.ModuleList(
-            ResidualUnit(3, 1, stem_channels, subunits=2, norm=_instance_norm(stem_channels), act="PRELU")
-            for _ in range(n_modalities)
-        )
-        self.aux_heads = nn.ModuleList(
-            Convolution(3, stem_channels, n_out, kernel_size=3, conv_only=True) for _ in range(n_modalities)
-        )
-        # body input: fused stem features + the presence mask as constant channels
-        ins = (stem_channels + n_modalities + 1,) + channels[:-1]
-        self.encoders = nn.ModuleList(
-            UnetResBlock(3, cin, cout, kernel_size=3, stride=1 if i == 0 else 2, norm_name=_instance_norm(cout))
-            for i, (cin, cout) in enumerate(zip(ins, channels))
-        )
-        self.decoders = nn.ModuleList(
-            UnetUpBlock(3, channels[i + 1], channels[i], kernel_size=3, stride=1, upsample_kernel_size=2,
-                        norm_name=_instance_norm(channels[i]))
-            for i in reversed(range(len(channels) - 1))
-        )
-        self.head = UnetOutBlock(3, channels[0], n_out)
-        # clinical values and their presence bit, so "absent" differs from "all zeros"
-        self.clinical_encoder = nn.Sequential(
-            nn.Linear(n_clinical + 1, clinical_hidden), nn.GELU(),
-            nn.Linear(clinical_hidden, clinical_hidden), nn.GELU(),
-        )
-        film_channels = [channels[-1]] + (list(reversed(channels[:-1])) if film_decoder else [])
-        self.films = nn.ModuleList(FiLM(clinical_hidden, c) for c in film_channels)
-        self.clinical_head = nn.Linear(clinical_hidden, n_out)
-        self.to(memory_format=CHANNELS_LAST)
-
-    def stem_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Per-modality features [B, M, C, D, H, W], computed once and reusable across presence masks."""
-        return torch.stack([stem(_channels_last(image[:, m : m + 1])) for m, stem in enumerate(self.stems)], dim=1)
-
-    def aux_logits(self, stem_feats: torch.Tensor) -> torch.Tensor:
-        """Each modality's own segmentation guess [B, M, R, D, H, W], used to measure its contribution."""
-        return torch.stack([head(_channels_last(stem_feats[:, m])) for m, head in enumerate(self.aux_heads)], dim=1)
-
-    def clinical_embedding(self, clinical: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-        present = presence[:, self.n_modalities :]
-        return self.clinical_encoder(torch.cat([clinical * present, present], dim=1))
-
-    def clinical_logits(self, clinical: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-        """Auxiliary clinical head [B, R]: logits of each output channel's volume fraction."""
-        return self.clinical_head(self.clinical_embedding(clinical, presence))
-
-    def fuse(self, stem_feats: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-        """Mean over present modalities only (absent ones are excluded, not averaged in as zeros) + mask channels."""
-        imaging = presence[:, : self.n_modalities]
-        weights = imaging / imaging.sum(1, keepdim=True).clamp(min=1.0)
-        fused = (stem_feats * weights[:, :, None, None, None, None]).sum(1)
-        mask = presence[:, :, None, None, None].expand(-1, -1, *fused.shape[2:])
-        return torch.cat([fused, mask.to(fused.dtype)], dim=1)
-
-    def decode(self, stem_feats: torch.Tensor, presence: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        """Fusion + U-Net body: logits [B, R, D, H, W] for the given presence mask."""
-        factor = 2 ** (len(self.channels) - 1)
-        if any(s % factor for s in stem_feats.shape[3:]):
-            raise ValueError(f"spatial size {tuple(stem_feats.shape[3:])} must be divisible by {factor}")
-        x = _channels_last(self.fuse(stem_feats, presence))
-        embedding = self.clinical_embedding(clinical, presence)
-        skips = []
-        for encoder in self.encoders:
-            x = encoder(x)
-            skips.append(x)
-        x = self.films[0](skips.pop(), embedding)
-        for i, decoder in enumerate(self.decoders):
-            x = decoder(x, skips.pop())
-            if self.film_decoder:
-                x = self.films[i + 1](x, embedding)
-        return self.head(x)
-
-    def forward(self, image: torch.Tensor, presence: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.stem_features(image), presence, clinical)
 
 
 def random_batches(cfg: Config, n: int, size: int, batch: int) -> list[dict[str, torch.Tensor]]:
@@ -203,11 +106,8 @@ def main() -> None:
     batches = random_batches(cfg, args.steps, args.size, args.batch)
     voxels = args.batch * args.size**3
     model = build_expert(cfg, N_CLINICAL, N_OUT)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        previous = PreviousExpertNet(len(cfg.modality_names), N_CLINICAL, N_OUT)
     unet = matched_unet(n_params(model), len(cfg.modality_names))
-    train_mome, train_previous = expert_epoch(cfg, model), expert_epoch(cfg, previous)
+    train_mome = expert_epoch(cfg, model)
     train_plain = plain_epoch(cfg, unet)
     probe = build_expert(cfg, N_CLINICAL, N_OUT)
     patch_cfg = cfg.replace(patch_size=f"{args.size},{args.size},{args.size}")
@@ -218,21 +118,18 @@ def main() -> None:
     t = interleaved({
         "mome": lambda: train_mome(batches),
         "patches": lambda: train_patched(patches),
-        "previous": lambda: train_previous(batches),
         "plain": lambda: train_plain(batches),
         "reuse": lambda: shapley_values(probe, batches[0], KIND, mode="reuse"),
         "naive": lambda: shapley_values(probe, batches[0], KIND, mode="naive"),
     }, args.repeats)
-    step = {name: t[name] / len(batches) for name in ("mome", "patches", "previous", "plain")}
+    step = {name: t[name] / len(batches) for name in ("mome", "patches", "plain")}
     print(f"\n{args.size}^3, batch {args.batch}, {torch.get_num_threads()} torch threads, median of {args.repeats}\n")
-    print("| measure | ExpertNet | previous ExpertNet (full-res body) | plain MONAI UNet |")
-    print("|---|---|---|---|")
-    print(f"| parameters | {n_params(model):,} | {n_params(previous):,} | {n_params(unet):,} |")
-    print(f"| train step (s) | {step['mome']:.3f} | {step['previous']:.3f} | {step['plain']:.3f} |")
-    print(f"| train throughput (voxels/s) | {voxels / step['mome']:,.0f} | {voxels / step['previous']:,.0f} | "
-          f"{voxels / step['plain']:,.0f} |")
-    print(f"| step time / ExpertNet's | 1.00 | {step['previous'] / step['mome']:.2f} | "
-          f"{step['plain'] / step['mome']:.2f} |")
+    print("| measure | ExpertNet | plain MONAI UNet |")
+    print("|---|---|---|")
+    print(f"| parameters | {n_params(model):,} | {n_params(unet):,} |")
+    print(f"| train step (s) | {step['mome']:.3f} | {step['plain']:.3f} |")
+    print(f"| train throughput (voxels/s) | {voxels / step['mome']:,.0f} | {voxels / step['plain']:,.0f} |")
+    print(f"| step time / ExpertNet's | 1.00 | {step['plain'] / step['mome']:.2f} |")
     print(f"\nwith the patch pipeline (MONAI crop + augmentation, shuffled DataLoader, {args.size}^3 patches): "
           f"{step['patches']:.3f} s per step, {voxels / step['patches']:,.0f} voxels/s, "
           f"{step['plain'] / step['patches']:.2f} x the plain UNet's throughput on ready batches")

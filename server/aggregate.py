@@ -4,11 +4,9 @@ declared (capped), an upper bound on any site's share, DRO on clipped losses, or
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
 from mome.common.config import GateAggregation
-from mome.common.wire import NUM_EXAMPLES, from_record, to_record
 
 
 class AggregationError(ValueError):
@@ -56,14 +54,17 @@ def weighted_average(updates: list[dict[str, np.ndarray]], weights: np.ndarray) 
 
 
 def flower_robust(updates: list[dict[str, np.ndarray]], mode: str, trim_fraction: float) -> dict[str, np.ndarray]:
-    """Flower's own FedMedian / FedTrimmedAvg over the updates (each site counts once, whatever it declared)."""
-    strategy = FedMedian() if mode == GateAggregation.MEDIAN else FedTrimmedAvg(beta=trim_fraction)
-    replies = [Message(RecordDict({"arrays": to_record(u), "metrics": MetricRecord({NUM_EXAMPLES: 1})}),
-                       dst_node_id=i + 1, message_type="train") for i, u in enumerate(updates)]
-    arrays, _ = strategy.aggregate_train(0, replies)
-    combined = from_record(arrays)
-    return {name: (combined[name].astype(first.dtype) if first.dtype.kind == "f" else first.copy())
-            for name, first in updates[0].items()}
+    """Flower's own median / trimmed-mean aggregation (what FedMedian and FedTrimmedAvg compute) over the updates:
+    each site counts once, whatever it declared."""
+    names = list(updates[0])
+    results = [([u[name] for name in names], 1) for u in updates]
+    try:
+        layers = (aggregate_median(results) if mode == GateAggregation.MEDIAN
+                  else aggregate_trimmed_avg(results, trim_fraction))
+    except ValueError as exc:  # a trim fraction that leaves nothing
+        raise AggregationError(f"trimmed mean with gate-trim-fraction {trim_fraction}: {exc}") from None
+    return {name: (np.asarray(layer).astype(first.dtype) if first.dtype.kind == "f" else first.copy())
+            for name, layer, first in zip(names, layers, updates[0].values())}
 
 
 def aggregate(updates: list[dict[str, np.ndarray]], n_examples: list[int], losses: list[float],

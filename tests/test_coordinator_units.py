@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from mome.common.bundle import Bundle, load_bundle, save_bundle
 from mome.common.labels import label_spec_from_dataset_json
 from mome.common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
-from mome.server.aggregate import aggregate, cap_weights, site_weights
+from mome.server.aggregate import AggregationError, aggregate, cap_weights, site_weights
 from mome.server.checkpoint import ResumeRefused, check_resumable, fingerprint
 from mome.server.protocol import Coordinator
 from mome.server.replies import BadReply, decode
@@ -112,6 +112,9 @@ def test_robust_gate_aggregation_is_flowers_and_ignores_one_outlier(mode):
     result, weights = aggregate(poisoned, [1] * 5, [0.0] * 5, mode, trim_fraction=0.2)
     assert np.all(np.abs(result["w"] - 1.0) < 0.1) and result["w"].dtype == np.float32 and weights == [0.2] * 5
     assert result["n"] == 3
+    if mode == "trimmed-mean":  # a fraction that trims every site is the coordinator's error, not a crash
+        with pytest.raises(AggregationError, match="gate-trim-fraction 0.5"):
+            aggregate(poisoned, [1] * 5, [0.0] * 5, mode, trim_fraction=0.5)
 
 
 def _npy(shape, dtype="|u1", body=b"") -> Array:

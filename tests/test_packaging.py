@@ -3,6 +3,7 @@ apps in the installed package (not in the source tree or the app folder)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -43,8 +44,13 @@ def clean_env(tmp_path_factory) -> tuple[Path, Path]:
     python = root / "venv" / "bin" / "python"
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
+    source = root / "source"  # a copy: pip builds in the source tree and would leave build/ in the checkout
+    for layer in LAYERS:
+        shutil.copytree(ROOT / layer, source / layer, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(ROOT)], check=True, capture_output=True, cwd=root)
+                    "--target", str(site), str(source)], check=True, capture_output=True, cwd=root)
     (site / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python, site
 
