@@ -3,7 +3,6 @@ points to) that no run config can exceed. A request beyond them is refused, nami
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Mapping
 
 from flwr.app import Message
 
-from mome.common.config import Strategy, config_from_mapping
+from mome.common.config import Strategy, config_from_mapping, from_mapping
 from mome.common.schema import expert_count
 from mome.common.wire import Key, record_bytes
 
@@ -42,11 +41,7 @@ class SitePolicy:
         if node.get(f"{PREFIX}file"):
             values.update(tomllib.loads(Path(str(node[f"{PREFIX}file"])).read_text()))
         values.update({k[len(PREFIX):]: v for k, v in node.items() if k.startswith(PREFIX) and k != f"{PREFIX}file"})
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values if k.replace("-", "_") not in known)
-        if unknown:
-            raise ValueError(f"unknown site policy keys {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**{k.replace("-", "_"): type(getattr(cls, k.replace("-", "_")))(v) for k, v in values.items()})
+        return from_mapping(cls, values, "site policy")
 
     def check(self, msg: Message) -> None:
         """Raise PolicyRefusal if the request asks for more than this site allows."""

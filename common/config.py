@@ -175,17 +175,21 @@ def _triple(text: str, kind: type, name: str) -> tuple:
     return values
 
 
+def from_mapping(cls: type, values: Mapping[str, Any], what: str = "config"):
+    """An instance of a dataclass of typed defaults (Config, a site's policy) from kebab- or snake-case keys, each
+    value read as its default's type; unknown keys are an error that names them as the user spelled them."""
+    known = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = [key for key in values if key.replace("-", "_") not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} key {', '.join(map(repr, unknown))}; known keys: "
+                         f"{', '.join(sorted(k.replace('_', '-') for k in known))}")
+    return cls(**{key.replace("-", "_"): _coerce(key, value, type(known[key.replace("-", "_")]))
+                  for key, value in values.items()})
+
+
 def config_from_mapping(values: Mapping[str, Any]) -> Config:
     """Build a Config from run-config style keys (kebab or snake case); unknown keys are an error."""
-    known = {f.name: f for f in dataclasses.fields(Config)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
-        default = known[name].default
-        kwargs[name] = _coerce(name, value, type(default))
-    return Config(**kwargs)
+    return from_mapping(Config, values)
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -249,11 +248,6 @@ def format_node_config(config: Mapping[str, str]) -> str:
         if '"' in str(value) or " " in str(value):
             raise ValueError(f"node config value {value!r} may not contain quotes or spaces")
     return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
-
-
-def parse_node_config(text: str) -> dict[str, str]:
-    """Inverse of format_node_config (used to compare the compose file with the local processes)."""
-    return {k: v.strip('"') for k, v in re.findall(r'(\S+?)=("[^"]*"|\S+)', text)}
 
 
 def _toml_value(value: Any) -> str:

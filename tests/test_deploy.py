@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flwr.common.config import parse_config_args
 
 from mome.common.config import parse_run_config
 from mome.common.wire import SHARED_EXPERT
@@ -19,7 +20,7 @@ from mome.deploy.certs import write_certificates
 from mome.deploy.compose import expand, render_compose
 from mome.deploy.local import LocalDeployment, deploy_local
 from mome.deploy.processes import alive
-from mome.deploy.topology import RUN, SUPERLINK, Topology, parse_node_config
+from mome.deploy.topology import RUN, SUPERLINK, Topology
 from mome.sim.synth import generate_federation
 from tests.conftest import tree_checksums
 
@@ -183,7 +184,7 @@ def test_compose_and_deploy_local_share_services_sites_node_configs_and_mounts(t
         assert _flags(compose[name]["command"]) == _flags(svc.command), name  # same options, own paths/ports
     for site in ("site-a", "site-b", "site-c"):
         command = compose[site]["command"]
-        node = parse_node_config(command[command.index("--node-config") + 1])
+        node = parse_config_args([command[command.index("--node-config") + 1]])  # as flower-supernode reads it
         assert node == {"site-id": site, "data-dir": "/data", "out-dir": "/site-out"}
         assert set(node) == set(services[site].node_config) and services[site].node_config["site-id"] == site
         # each site mounts exactly one data folder, its own, read-only -- in both renderings
