@@ -11,6 +11,7 @@ from typing import Mapping
 from flwr.app import Message
 
 from mome.common.config import Strategy, config_from_mapping, from_mapping
+from mome.common.patches import MAX_SIDE
 from mome.common.schema import expert_count
 from mome.common.wire import Key, record_bytes
 
@@ -23,7 +24,7 @@ class PolicyRefusal(ValueError):
 
 @dataclass(frozen=True)
 class SitePolicy:
-    max_size: int = 160  # voxels per side of a training patch
+    max_size: int = MAX_SIDE  # voxels per side of a training patch
     max_channels: int = 256  # widest feature level of the network
     max_batch_size: int = 16
     max_epochs: int = 50  # local epochs in one message (training, fine-tuning, personalisation)

@@ -16,12 +16,11 @@ from mome.common.clinical import parse_schema, read_clinical_csv
 from mome.common.labels import LabelSpec
 from mome.common.metrics import Predictor, expert_predictor, mixture_predictor
 from mome.common.model import load_expert, load_gate
-from mome.common.cases import geometry_of, preprocess_case
+from mome.common.cases import INPUT_KEYS, geometry_of, preprocess_case
 from mome.common.patches import Window
 from mome.common.preprocess import to_input_grid
 from mome.common.sitedata import BadCase, SiteLayout, SiteReport, case_ids, channel_file, read_case, read_layout
 
-INPUT_KEYS = ("image", "summary", "presence", "clinical", "stats")  # what a model reads of a case (never the label)
 
 
 def predictor(bundle: Bundle) -> Predictor:

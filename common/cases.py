@@ -212,7 +212,8 @@ def split_train_val(cases: list[dict], fraction: float, seed: int) -> tuple[list
     return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
 
 
-TENSOR_KEYS = ("image", "summary", "presence", "clinical", "stats")
+CASE_KEYS = ("summary", "presence", "clinical", "stats")  # per-case inputs: every patch of a case carries them
+INPUT_KEYS = ("image", *CASE_KEYS)  # what a model reads of a case (never the label)
 
 
 def to_batches(cases: list[dict], batch_size: int, spec: LabelSpec, divisor: int) -> list[dict[str, torch.Tensor]]:
@@ -222,7 +223,7 @@ def to_batches(cases: list[dict], batch_size: int, spec: LabelSpec, divisor: int
     for start in range(0, len(cases), batch_size):
         chunk = cases[start:start + batch_size]
         shape = [divisor * -(-max(c["image"].shape[1 + a] for c in chunk) // divisor) for a in range(3)]
-        batch = {k: torch.stack([c[k] for c in chunk]) for k in TENSOR_KEYS if k != "image"}
+        batch = {k: torch.stack([c[k] for c in chunk]) for k in CASE_KEYS}
         batch["image"] = torch.stack([_pad(c["image"], shape) for c in chunk])
         if all("label" in c for c in chunk):
             batch["label"] = torch.stack([torch.from_numpy(spec.to_target(_pad(c["label"][None], shape)[0].numpy()))

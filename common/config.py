@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any, Mapping
 
 OUT_DIR_KEY = "out-dir"  # run-config key for where the coordinator writes; not a training setting
+DEFAULT_OUT_DIR = "runs/coordinator"  # its value when the run config does not set it
 
 
 class Strategy(StrEnum):

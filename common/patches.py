@@ -16,11 +16,9 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import (Compose, Lambdad, RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld, RandFlipd,
                               RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond, SpatialPadd)
 
+from mome.common.cases import CASE_KEYS
 from mome.common.config import Config
 from mome.common.labels import LabelSpec
-
-CASE_KEYS = ("summary", "presence", "clinical", "stats")  # per-case inputs every patch of the case carries
-
 
 MAX_SIDE = 160  # no training patch side above this (a site's default policy-max-size)
 

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from mome.common.atomic import write_json
 from mome.common.bundle import Bundle, save_bundle
-from mome.common.config import OUT_DIR_KEY, Config, Strategy, config_from_mapping
+from mome.common.config import DEFAULT_OUT_DIR, OUT_DIR_KEY, Config, Strategy, config_from_mapping
 from mome.common.labels import LabelSpec
 from mome.common.logs import show_progress
 from mome.server.checkpoint import ResumeRefused
@@ -61,7 +61,7 @@ def make_server_app(cfg: Config | None = None, out_dir: Path | None = None) -> S
     def main(grid: Grid, context: Context) -> None:
         show_progress()
         run_config = dict(context.run_config)
-        target = out_dir or Path(str(run_config.pop(OUT_DIR_KEY, "runs/coordinator")))
+        target = out_dir or Path(str(run_config.pop(OUT_DIR_KEY, DEFAULT_OUT_DIR)))
         run_config.pop(OUT_DIR_KEY, None)
         resolved = cfg or config_from_mapping(run_config)
         run_strategy(grid, resolved, target / resolved.strategy if cfg is None else target)
