@@ -236,11 +236,13 @@ class Coordinator:
         if phase == "evaluate":  # sent once: a site's final outcome is its own, and finalising twice gains nothing
             good, commit = self._step_evaluate(index)
             return good, commit()
+        send = {"warmup": self._step_warmup, "shared": self._step_shared, "expert": self._step_expert,
+                "gate": self._step_gate}[phase]
         for attempt in range(self.cfg.step_retries + 1):
             if attempt:
                 log.warning("step %d: %d sites sent an update, fewer than min-sites %d: retry %d of %d", index + 1,
                             updates, self.cfg.min_sites, attempt, self.cfg.step_retries)
-            good, commit = getattr(self, f"_step_{phase}")(index)
+            good, commit = send(index)
             updates = sum(r.state is not None for r in good)  # a site withholding its update (min-cases) adds none
             if updates >= max(self.cfg.min_sites, 1):
                 return good, commit()
