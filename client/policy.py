@@ -10,8 +10,7 @@ from typing import Mapping
 
 from flwr.app import Message
 
-from mome.common.config import Strategy, config_from_mapping, from_mapping
-from mome.common.patches import MAX_SIDE
+from mome.common.config import MAX_SIDE, Strategy, config_from_mapping, from_mapping
 from mome.common.schema import expert_count
 from mome.common.wire import Key, record_bytes
 
@@ -42,7 +41,7 @@ class SitePolicy:
         if node.get(f"{PREFIX}file"):
             values.update(tomllib.loads(Path(str(node[f"{PREFIX}file"])).read_text()))
         values.update({k[len(PREFIX):]: v for k, v in node.items() if k.startswith(PREFIX) and k != f"{PREFIX}file"})
-        return from_mapping(cls, values, "site policy")
+        return from_mapping(cls, values, "site policy", PREFIX)
 
     def check(self, msg: Message) -> None:
         """Raise PolicyRefusal if the request asks for more than this site allows."""

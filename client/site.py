@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from mome.client.predict import segment_cases
@@ -22,14 +21,12 @@ from mome.common.model import ExpertNet, GateNet, gate_weights, load_expert, loa
 from mome.common.shapley import site_shapley
 from mome.common.patches import PatchLoader, Window
 from mome.common.cases import SiteData, load_site, split_train_val, to_batches
-from mome.common.state import state_to_numpy
+from mome.common.state import State, state_to_numpy
 from mome.common.train import personalise_gate, train_expert, train_gate
 from mome.common.wire import Status
 
 SHAPLEY_CASES = 4  # a modality ranking from a few held-out cases; every further case costs 2^M decoder passes
 log = logging.getLogger("mome.site")
-
-State = dict[str, np.ndarray]
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 OUT_DIR_KEY = "out-dir"  # run-config key for where the coordinator writes; not a training setting
 DEFAULT_OUT_DIR = "runs/coordinator"  # its value when the run config does not set it
+MAX_SIDE = 160  # no training patch side above this (a site's default policy-max-size)
 
 
 class Strategy(StrEnum):
@@ -113,6 +114,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.gate_aggregation not in set(GateAggregation):
             raise ValueError(f"gate-aggregation {self.gate_aggregation!r}; choose from {' | '.join(GateAggregation)}")
+        if not 0.0 <= self.gate_trim_fraction < 0.5:  # Flower's trimmed mean cuts this share from each tail
+            raise ValueError(f"gate-trim-fraction {self.gate_trim_fraction} must be in [0, 0.5)")
         for value, prop in ((self.target_spacing, "spacing"), (self.patch_size, "patch")):
             if value:
                 getattr(self, prop)  # a malformed plan fails here, naming the key
@@ -176,16 +179,22 @@ def _triple(text: str, kind: type, name: str) -> tuple:
     return values
 
 
-def from_mapping(cls: type, values: Mapping[str, Any], what: str = "config"):
+def from_mapping(cls: type, values: Mapping[str, Any], what: str = "config", prefix: str = ""):
     """An instance of a dataclass of typed defaults (Config, a site's policy) from kebab- or snake-case keys, each
-    value read as its default's type; unknown keys are an error that names them as the user spelled them."""
+    value read as its default's type; errors name each key as the user wrote it (`prefix` + key)."""
     known = {f.name: f.default for f in dataclasses.fields(cls)}
     unknown = [key for key in values if key.replace("-", "_") not in known]
     if unknown:
-        raise ValueError(f"unknown {what} key {', '.join(map(repr, unknown))}; known keys: "
-                         f"{', '.join(sorted(k.replace('_', '-') for k in known))}")
-    return cls(**{key.replace("-", "_"): _coerce(key, value, type(known[key.replace("-", "_")]))
-                  for key, value in values.items()})
+        raise ValueError(f"unknown {what} key {', '.join(repr(prefix + k) for k in unknown)}; known keys: "
+                         f"{', '.join(sorted(prefix + k.replace('_', '-') for k in known))}")
+    kwargs = {}
+    for key, value in values.items():
+        kind = type(known[key.replace("-", "_")])
+        try:
+            kwargs[key.replace("-", "_")] = _coerce(value, kind)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} key {prefix + key!r}: cannot read {value!r} as {kind.__name__}") from None
+    return cls(**kwargs)
 
 
 def config_from_mapping(values: Mapping[str, Any]) -> Config:
@@ -193,15 +202,12 @@ def config_from_mapping(values: Mapping[str, Any]) -> Config:
     return from_mapping(Config, values)
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
+def _coerce(value: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")
         return bool(value)
-    try:
-        return kind(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"config key {name!r}: cannot read {value!r} as {kind.__name__}") from exc
+    return kind(value)
 
 
 # `flwr run --run-config` syntax: space-separated key=value, values quoted or bare

@@ -17,10 +17,8 @@ from monai.transforms import (Compose, Lambdad, RandAdjustContrastd, RandAffined
                               RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond, SpatialPadd)
 
 from mome.common.cases import CASE_KEYS
-from mome.common.config import Config
+from mome.common.config import MAX_SIDE, Config
 from mome.common.labels import LabelSpec
-
-MAX_SIDE = 160  # no training patch side above this (a site's default policy-max-size)
 
 
 def fit_patch(shape: Sequence[float], max_voxels: int, divisor: int, max_side: int = MAX_SIDE) -> tuple[int, int, int]:

@@ -14,6 +14,7 @@ from torch import nn
 from mome.common.atomic import atomic_write_bytes
 
 META_KEY = "__meta__"  # reserved array name holding the JSON metadata
+State = dict[str, np.ndarray]  # a model's weights by state-dict name
 
 
 def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:

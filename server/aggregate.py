@@ -61,7 +61,7 @@ def flower_robust(updates: list[dict[str, np.ndarray]], mode: str, trim_fraction
     try:
         layers = (aggregate_median(results) if mode == GateAggregation.MEDIAN
                   else aggregate_trimmed_avg(results, trim_fraction))
-    except ValueError as exc:  # a trim fraction that leaves nothing
+    except ValueError as exc:  # Config refuses such a fraction; a hand-built call may not
         raise AggregationError(f"trimmed mean with gate-trim-fraction {trim_fraction}: {exc}") from None
     return {name: (np.asarray(layer).astype(first.dtype) if first.dtype.kind == "f" else first.copy())
             for name, layer, first in zip(names, layers, updates[0].values())}

@@ -19,7 +19,7 @@ from mome.common.model import load_expert, load_gate
 from mome.common.state import state_to_numpy
 from mome.common.wire import SHARED_EXPERT, Action, Key, config_record, pack, record_bytes, spec_of
 from mome.server.aggregate import AggregationError, aggregate
-from mome.server.checkpoint import check_resumable, fingerprint, load_latest, save_checkpoint
+from mome.server.checkpoint import ServerState, check_resumable, fingerprint, load_latest, save_checkpoint
 from mome.server.identity import Refused, Registry
 from mome.server.plan import make_plan, planned_config, site_geometry
 from mome.server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply,
@@ -59,18 +59,15 @@ class Coordinator:
         self.steps = plan(cfg)
         self.fingerprint = fingerprint(cfg.training, self.steps)
         saved = load_latest(self.ckpt_dir)
-        if saved and saved["step"]:
+        if saved and saved.step:
             if cfg.force_resume:
-                log.warning("force-resume: resuming from step %d whatever config made it", saved["step"])
+                log.warning("force-resume: resuming from step %d whatever config made it", saved.step)
             else:
-                check_resumable(saved.get("fingerprint"), self.fingerprint, saved["step"])
-            log.info("resuming %s from checkpoint after step %d", cfg.strategy, saved["step"])
-        self.state = saved if saved and saved["step"] else {
-            "step": 0, "base": None, "experts": {}, "gate": None, "history": [], "dropped": [],
-            "traffic": {}, "labels": None, "identity": []}
-        self.state["fingerprint"] = self.fingerprint
-        self.traffic = self.state["traffic"]
-        self.registry = Registry(cfg.max_site_cases, events=self.state.setdefault("identity", []))
+                check_resumable(saved.fingerprint, self.fingerprint, saved.step)
+            log.info("resuming %s from checkpoint after step %d", cfg.strategy, saved.step)
+        self.state = saved if saved and saved.step else ServerState()
+        self.state.fingerprint = self.fingerprint
+        self.registry = Registry(cfg.max_site_cases, events=self.state.identity)
         self.geometry: dict[str, dict | None] = {}  # site -> what it reported for the plan
 
     # -- messaging ---------------------------------------------------------------------------
@@ -105,12 +102,12 @@ class Coordinator:
         return self.registry.site_of.get(node, f"node-{node}")
 
     def _count(self, site: str, direction: str, n: int) -> None:
-        entry = self.traffic.setdefault(site, {"up": 0, "down": 0})
+        entry = self.state.traffic.setdefault(site, {"up": 0, "down": 0})
         entry[direction] += n
 
     def _drop(self, step: int, site: str, reason: str) -> None:
         log.warning("step %d: dropped %s: %s", step, site, reason)
-        self.state["dropped"].append({"step": step, "site": site, "reason": reason})
+        self.state.dropped.append({"step": step, "site": site, "reason": reason})
 
     def _content(self, phase: str, **arrays) -> RecordDict:
         content = RecordDict({Key.CONFIG: config_record(self.cfg.to_run_config()),
@@ -147,7 +144,7 @@ class Coordinator:
                 if msg.has_error():
                     raise Refused(f"could not describe itself: {error_kind(msg.error.reason)}")
                 site, spec, counts = description(msg)
-                if self.state["labels"] is not None and spec != self.state["labels"]:
+                if self.state.labels is not None and spec != self.state.labels:
                     raise Refused(f"{site[:70]!r} declares other labels than the federation's")
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, (Refused, BadReply)) else type(exc).__name__
@@ -164,29 +161,29 @@ class Coordinator:
     def describe(self) -> LabelSpec:
         """Bind every connected site; the federation's labels are those most sites declare (others are refused)."""
         specs = self._identify(self._wait_for_sites(), 0)
-        if self.state["labels"] is None and specs:
+        if self.state.labels is None and specs:
             votes = Counter(json.dumps(s, sort_keys=True) for s in specs.values())
             agreed = json.loads(votes.most_common(1)[0][0])
             for site, spec in sorted(specs.items()):
                 if spec != agreed:
                     self.registry.refuse(self.registry.node_of[site], f"{site} declares other labels than the "
                                          f"majority: {spec} vs {agreed}", 0)
-            self.state["labels"] = agreed
+            self.state.labels = agreed
         if len(self.registry.node_of) < max(self.cfg.min_sites, 1):
             raise QuorumLost(f"{len(self.registry.node_of)} site(s) identified themselves, fewer than min-sites "
                              f"{self.cfg.min_sites}; is every SuperNode's data folder valid?")
         log.info("federation: %d sites (%s)", len(self.registry.node_of), ", ".join(self.registry.bindings()))
         self._plan()
-        return LabelSpec.from_dict(self.state["labels"])
+        return LabelSpec.from_dict(self.state.labels)
 
     def _plan(self) -> None:
         """The federation's geometry from the bound sites' aggregate geometry, made once (a resumed run keeps
         it); every later message carries it in the run config, and every bundle in its config."""
-        if self.state.get("plan") is None:
+        if self.state.plan is None:
             usable = {s: g for s, g in sorted(self.geometry.items()) if g is not None and s in self.registry.node_of}
-            self.state["plan"] = {**make_plan(list(usable.values()), self.cfg), "from_sites": sorted(usable)}
-            write_json(self.out_dir / "plan.json", self.state["plan"])
-        self.cfg = planned_config(self.cfg, self.state["plan"])
+            self.state.plan = {**make_plan(list(usable.values()), self.cfg), "from_sites": sorted(usable)}
+            write_json(self.out_dir / "plan.json", self.state.plan)
+        self.cfg = planned_config(self.cfg, self.state.plan)
         log.info("plan: target spacing %s mm, patch %s voxels", self.cfg.target_spacing, self.cfg.patch_size)
 
     def _wait_for_sites(self) -> list[int]:
@@ -210,23 +207,22 @@ class Coordinator:
         return sorted(n for n in alive if n in self.registry.site_of)
 
     # -- the run ------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> ServerState:
         spec = self.describe()
-        if self.state["base"] is None:
-            self.state["base"] = state_to_numpy(load_expert(self.cfg, spec.n_out))
+        if self.state.base is None:
+            self.state.base = state_to_numpy(load_expert(self.cfg, spec.n_out))
         for index, (phase, rnd) in enumerate(self.steps):
-            if index < self.state["step"]:
+            if index < self.state.step:
                 continue
             start = time.perf_counter()
             log.info("step %d/%d: %s round %d", index + 1, len(self.steps), phase, rnd + 1)
             good, extra = self._run_step(index, phase)
-            self.state["history"].append({
+            self.state.history.append({
                 "step": index, "phase": phase, "round": rnd, "seconds": time.perf_counter() - start,
                 "sites": {r.site_id: r.record() for r in good}, **extra})
-            self.state["step"] = index + 1
-            self.state["traffic"] = self.traffic
-            self.state["bindings"] = self.registry.bindings()
-            save_checkpoint(self.ckpt_dir, index + 1, self.state)
+            self.state.step = index + 1
+            self.state.bindings = self.registry.bindings()
+            save_checkpoint(self.ckpt_dir, self.state)
         return self.state
 
     def _run_step(self, index: int, phase: str) -> tuple[list[Reply], dict]:
@@ -253,7 +249,7 @@ class Coordinator:
     Step = tuple[list[Reply], Callable[[], dict]]  # good replies, and how to apply them once quorum is met
 
     def _train_shared(self, step: int, phase: str) -> Step:
-        sent = self.state["base"]
+        sent = self.state.base
         nodes = self._live_nodes(step)
         replies = self._exchange({n: self._content(phase, **{Key.MODEL: sent}) for n in nodes},
                                  str(Action.TRAIN_SHARED), step, dict.fromkeys(nodes, sent))
@@ -267,7 +263,7 @@ class Coordinator:
         return self._train_shared(step, "shared")
 
     def _step_expert(self, step: int) -> Step:
-        experts, base = self.state["experts"], self.state["base"]
+        experts, base = self.state.experts, self.state.base
         sent = {n: experts.get(self.registry.site_of[n], base) for n in self._live_nodes(step)}
         replies = self._exchange({n: self._content("expert", **{Key.MODEL: s}) for n, s in sent.items()},
                                  str(Action.TRAIN_EXPERT), step, sent)
@@ -281,22 +277,22 @@ class Coordinator:
     def mixture_experts(self) -> dict[str, dict]:
         """The experts the gate mixes: every site's, plus the federation's shared warm-up model (`shared-expert`),
         a generalist for cases no single site's expert serves well."""
-        experts = {s: self.state["experts"][s] for s in sorted(self.state["experts"])}
-        if self.cfg.shared_expert and experts and self.state["base"] is not None:
-            experts[SHARED_EXPERT] = self.state["base"]
+        experts = {s: self.state.experts[s] for s in sorted(self.state.experts)}
+        if self.cfg.shared_expert and experts and self.state.base is not None:
+            experts[SHARED_EXPERT] = self.state.base
         return experts
 
     def _expert_records(self) -> dict[str, dict]:
         return {f"{Key.EXPERT_PREFIX}{s}": state for s, state in self.mixture_experts().items()}
 
     def _step_gate(self, step: int) -> Step:
-        if not self.state["experts"]:
+        if not self.state.experts:
             raise RuntimeError("no expert survived the expert rounds; cannot train a gate")
         names = list(self.mixture_experts())
-        if self.state.get("gate_sites") != names:
-            self.state["gate"] = state_to_numpy(load_gate(self.cfg, len(names)))
-            self.state["gate_sites"] = names
-        sent = self.state["gate"]
+        if self.state.gate_sites != names:
+            self.state.gate = state_to_numpy(load_gate(self.cfg, len(names)))
+            self.state.gate_sites = names
+        sent = self.state.gate
         nodes = self._live_nodes(step)
         replies = self._exchange({n: self._content("gate", **{Key.GATE: sent}, **self._expert_records())
                                   for n in nodes}, str(Action.TRAIN_GATE), step, dict.fromkeys(nodes, sent))
@@ -305,9 +301,9 @@ class Coordinator:
 
     def _step_evaluate(self, step: int) -> Step:
         if self.cfg.strategy == Strategy.MOME:
-            arrays = {Key.GATE: self.state["gate"], **self._expert_records()}
+            arrays = {Key.GATE: self.state.gate, **self._expert_records()}
         else:
-            arrays = {Key.MODEL: self.state["base"]}
+            arrays = {Key.MODEL: self.state.base}
         nodes = self._live_nodes(step)
         good = self._exchange({n: self._content("evaluate", **arrays) for n in nodes}, str(Action.EVALUATE), step,
                               dict.fromkeys(nodes))
@@ -333,16 +329,17 @@ class Coordinator:
         return sorted(good, key=lambda r: r.site_id)
 
     def _aggregate(self, step: int, key: str, good: list[Reply], count: str, mode: str) -> dict:
-        """Replace state[key] with the aggregate of the good replies, weighted by the cases each site declared."""
+        """Replace the state's `key` (base or gate) with the aggregate of the good replies, weighted by the cases each site declared."""
         cfg, good = self.cfg, [r for r in good if r.state is not None]
         if not good:
             return {"aggregation": "no site sent an update; the previous weights are kept"}
         try:
-            self.state[key], weights = aggregate(
+            result, weights = aggregate(
                 [r.state for r in good], [self.registry.declared[r.site_id][count] for r in good],
                 [float(r.metrics.get("train_loss", 0.0)) for r in good], mode, cfg.dro_temperature,
                 cfg.max_site_weight, cfg.dro_max_loss, cfg.gate_trim_fraction)
         except AggregationError as exc:
             self._drop(step, "aggregate", str(exc))
             return {"aggregation": str(exc)}
+        setattr(self.state, key, result)
         return {"weights": {r.site_id: w for r, w in zip(good, weights)}}

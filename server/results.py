@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from mome.common.config import Config, Strategy
 from mome.common.wire import Status
+
+if TYPE_CHECKING:
+    from mome.server.checkpoint import ServerState
 
 OK, FAILED = "ok", "failed"  # a strategy's status in metrics.json
 
@@ -73,21 +76,21 @@ def strategy_metrics(cfg: Config, regions: Sequence[str], sites: dict[str, dict]
             "dropped": [], **extra, "wall_time_s": wall_time_s, "config": cfg.to_dict()}
 
 
-def final_sites(state: dict, strategy: str) -> dict[str, dict]:
+def final_sites(state: ServerState, strategy: str) -> dict[str, dict]:
     """Per-site entries of a federated run's final step: each replying site's metrics and outcome, and every site
     dropped at that step as failed, with its reason."""
-    last = state["history"][-1] if state["history"] else None
+    last = state.history[-1] if state.history else None
     if last is None or last["phase"] != "evaluate":
         return {}
     sites = {s: site_entry(m, headline_variant(strategy)) for s, m in last["sites"].items()}
-    for drop in state["dropped"]:
+    for drop in state.dropped:
         if drop["step"] == last["step"] and drop["site"] not in sites:
             sites[drop["site"]] = {"status": str(Status.FAILED), "reason": drop["reason"], "model_saved": 0}
-    known = {s for step in state["history"] for s in step["sites"]} | set(state.get("experts") or {})
+    known = {s for step in state.history for s in step["sites"]} | set(state.experts)
     for site in known - set(sites):  # a node the SuperLink no longer lists was sent nothing at the end
         sites[site] = {"status": str(Status.FAILED), "reason": "not connected at the final step", "model_saved": 0}
     for site, entry in sites.items():
-        traffic = state["traffic"].get(site, {})
+        traffic = state.traffic.get(site, {})
         entry.update(bytes_up=traffic.get("up", 0), bytes_down=traffic.get("down", 0))
     return dict(sorted(sites.items()))
 

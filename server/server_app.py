@@ -14,7 +14,7 @@ from mome.common.bundle import Bundle, save_bundle
 from mome.common.config import DEFAULT_OUT_DIR, OUT_DIR_KEY, Config, Strategy, config_from_mapping
 from mome.common.labels import LabelSpec
 from mome.common.logs import show_progress
-from mome.server.checkpoint import ResumeRefused
+from mome.server.checkpoint import ResumeRefused, ServerState
 from mome.server.protocol import Coordinator, QuorumLost
 from mome.server.results import final_sites, headline, strategy_metrics
 
@@ -31,23 +31,21 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
         coordinator = Coordinator(grid, cfg, out_dir)
         state = coordinator.run()
     except (QuorumLost, ResumeRefused) as exc:  # stop with the reason on record, never a hollow success
-        state = coordinator.state if coordinator else {}
+        state = coordinator.state if coordinator else ServerState()
         write_json(out_dir / "metrics.json", strategy_metrics(
-            cfg, [], {}, time.perf_counter() - start, error=str(exc), dropped=state.get("dropped", []),
-            identity=state.get("identity", [])))
+            cfg, [], {}, time.perf_counter() - start, error=str(exc), dropped=state.dropped, identity=state.identity))
         log.error("%s stopped: %s", cfg.strategy, exc)
         raise
     cfg = coordinator.cfg  # with the plan the sites' geometry gave
     cfg.save(out_dir / "config.json")
-    spec = LabelSpec.from_dict(state["labels"])
+    spec = LabelSpec.from_dict(state.labels)
     mome = cfg.strategy == Strategy.MOME
-    experts = coordinator.mixture_experts() if mome else {"shared": state["base"]}
-    save_bundle(Bundle(cfg, spec, experts, state["gate"] if mome else None, cfg.strategy), out_dir / "model")
+    experts = coordinator.mixture_experts() if mome else {"shared": state.base}
+    save_bundle(Bundle(cfg, spec, experts, state.gate if mome else None, cfg.strategy), out_dir / "model")
     metrics = strategy_metrics(cfg, spec.metric_names, final_sites(state, cfg.strategy),
-                               time.perf_counter() - start, experts=list(experts), rounds=state["history"],
-                               dropped=state["dropped"], traffic=state["traffic"],
-                               bindings=state.get("bindings", {}), identity=state["identity"],
-                               plan=state.get("plan"))
+                               time.perf_counter() - start, experts=list(experts), rounds=state.history,
+                               dropped=state.dropped, traffic=state.traffic, bindings=state.bindings,
+                               identity=state.identity, plan=state.plan)
     write_json(out_dir / "metrics.json", metrics)
     log.info("%s: %s", cfg.strategy, headline(metrics))
     return metrics

@@ -5,6 +5,7 @@ the geometry tests and benchmarks; labels follow with nearest neighbour."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
 
+from mome.common.clinical import read_clinical_csv
 from mome.sim.scanner import save_scan
 
 Transform = Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, np.ndarray]]  # (array, affine, is_label)
@@ -26,10 +28,14 @@ def write_case(folder: Path, site_dir: Path, case: str, transform: Transform) ->
     meta = json.loads((site_dir / "dataset.json").read_text())
     (folder / "dataset.json").write_text(json.dumps({k: meta[k] for k in ("channel_names", "labels",
                                                      "regions_class_order", "file_ending")}))
-    clinical = site_dir / "clinical.csv"
-    if clinical.exists():
-        header, *rows = clinical.read_text().splitlines()
-        (folder / "clinical.csv").write_text("\n".join([header, *(r for r in rows if r.split(",")[0] == case)]) + "\n")
+    if (site_dir / "clinical.csv").exists():
+        row = read_clinical_csv(site_dir / "clinical.csv").get(case)
+        if row is None:
+            raise ValueError(f"{site_dir / 'clinical.csv'} has no row for {case}")
+        with (folder / "clinical.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerow(row)
     for src in sorted((site_dir / "imagesTs").glob(f"{case}_*.nii.gz")) + [site_dir / "labelsTs" / f"{case}.nii.gz"]:
         img = nib.load(src)
         label = src.parent.name == "labelsTs"

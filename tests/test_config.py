@@ -24,8 +24,10 @@ def test_overrides_are_typed_and_unknown_keys_refused():
     assert config_from_mapping(cfg.to_run_config()) == cfg
     with pytest.raises(ValueError, match="unknown config key 'expert-epoch'"):
         config_from_mapping({"expert-epoch": 3})
-    with pytest.raises(ValueError, match="cannot read 'many' as int"):
+    with pytest.raises(ValueError, match="config key 'expert-epochs': cannot read 'many' as int"):
         config_from_mapping({"expert-epochs": "many"})
+    with pytest.raises(ValueError, match=r"gate-trim-fraction 0.5 must be in \[0, 0.5\)"):
+        config_from_mapping({"gate-trim-fraction": 0.5})  # refused before any site starts, not dropped per round
 
 
 def test_one_run_config_syntax_for_sim_and_deployment():

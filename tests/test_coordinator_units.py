@@ -79,10 +79,10 @@ def test_a_site_back_under_a_new_node_gets_its_own_expert_and_an_impostor_does_n
     grid = ScriptedGrid({1: "site-a", 2: "site-b"}, labels)
     coordinator = Coordinator(grid, cfg, tmp_path)
     coordinator.describe()
-    coordinator.state["base"] = {"w": np.ones(3, np.float32)}
+    coordinator.state.base = {"w": np.ones(3, np.float32)}
     for index, (phase, _) in enumerate(coordinator.steps[:2]):
         coordinator._run_step(index, phase)
-    expert_b = coordinator.state["experts"]["site-b"]["w"]
+    expert_b = coordinator.state.experts["site-b"]["w"]
     del grid.nodes[2]  # site-b's SuperNode restarts under a new node id...
     grid.nodes[3] = "site-b"
     grid.nodes[4] = "site-a"  # ...and a node claims site-a while site-a's node is still connected
@@ -91,9 +91,9 @@ def test_a_site_back_under_a_new_node_gets_its_own_expert_and_an_impostor_does_n
     assert np.array_equal(unpack(to_new.content[Key.MODEL])["w"], expert_b), "not the base: its own expert"
     assert grid.sent_to(4, "train.expert") == []
     assert coordinator.registry.bindings() == {"site-a": 1, "site-b": 3}
-    events = {(e["node"], e["event"]) for e in coordinator.state["identity"]}
+    events = {(e["node"], e["event"]) for e in coordinator.state.identity}
     assert {(1, "bound"), (2, "bound"), (3, "rebound"), (4, "refused")} <= events
-    assert np.allclose(coordinator.state["experts"]["site-b"]["w"], expert_b + 2e-3)
+    assert np.allclose(coordinator.state.experts["site-b"]["w"], expert_b + 2e-3)
 
 
 def test_weights_are_capped_and_losses_clipped():
@@ -179,3 +179,13 @@ def test_site_policy_floors_cannot_be_lowered_by_the_run_config():
     with pytest.raises(PolicyRefusal, match="dp-noise-multiplier 0 .* below this site's floor 0.5"):
         policy.check(request(TINY_RUN.replace(min_cases=3)))
     policy.check(request(TINY_RUN.replace(min_cases=3, dp_clip=1.0, dp_noise_multiplier=0.5)))
+
+
+def test_a_bad_site_policy_is_named_as_the_hospital_wrote_it():
+    from mome.client.policy import SitePolicy
+
+    with pytest.raises(ValueError, match="unknown site policy key 'policy-max-sise'; known keys: .*policy-max-size"):
+        SitePolicy.from_node_config({"policy-max-sise": 96})
+    with pytest.raises(ValueError, match="site policy key 'policy-max-size': cannot read 'big' as int"):
+        SitePolicy.from_node_config({"policy-max-size": "big"})
+    assert SitePolicy.from_node_config({"policy-max-epochs": "20"}).max_epochs == 20

@@ -16,7 +16,7 @@ import pytest
 from flwr.app import Message
 
 from mome.common.wire import Key, Status, unpack
-from mome.server.checkpoint import load_checkpoint
+from mome.server.checkpoint import ServerState, load_checkpoint
 from mome.server.protocol import plan
 from mome.server.report import write_report
 from mome.sim.run_sim import simulate
@@ -98,17 +98,17 @@ def test_fedavg_gets_at_least_the_local_epochs_of_mome(warmup_rounds, warmup_epo
     assert mome_epochs <= fedavg_epochs < mome_epochs + warmup_epochs
 
 
-def _checkpoint(run_dir: Path, step: int) -> dict:
+def _checkpoint(run_dir: Path, step: int) -> ServerState:
     return load_checkpoint(run_dir / "mome" / "checkpoints" / f"step_{step:03d}.npz")
 
 
 def test_server_holds_one_distinct_expert_per_site_and_the_gate_moves(mome_run, two_sites):
     run_dir, _, _ = mome_run
     final = _checkpoint(run_dir, 5)
-    assert sorted(final["experts"]) == sorted(d.name for d in two_sites)
-    a, b = (final["experts"][d.name] for d in two_sites)
+    assert sorted(final.experts) == sorted(d.name for d in two_sites)
+    a, b = (final.experts[d.name] for d in two_sites)
     assert any(not np.array_equal(a[k], b[k]) for k in a), "experts must not be averaged together"
-    gate_1, gate_2 = _checkpoint(run_dir, 3)["gate"], _checkpoint(run_dir, 4)["gate"]
+    gate_1, gate_2 = _checkpoint(run_dir, 3).gate, _checkpoint(run_dir, 4).gate
     assert any(not np.allclose(gate_1[k], gate_2[k]) for k in gate_1 if gate_1[k].dtype.kind == "f")
 
 
@@ -141,11 +141,11 @@ def test_same_seed_same_models(tiny_federation, tmp_path):
         simulate("mome", tiny_federation, cfg, tmp_path / run)
         finals.append(load_checkpoint(tmp_path / run / "mome" / "checkpoints" / "step_004.npz"))
     one, two = finals
-    assert sorted(one["experts"]) == sorted(two["experts"]) == sorted(d.name for d in tiny_federation)
-    for site in one["experts"]:
-        assert all(np.array_equal(one["experts"][site][k], two["experts"][site][k]) for k in one["experts"][site])
-    assert all(np.array_equal(one["gate"][k], two["gate"][k]) for k in one["gate"])
-    assert all(np.array_equal(one["base"][k], two["base"][k]) for k in one["base"])
+    assert sorted(one.experts) == sorted(two.experts) == sorted(d.name for d in tiny_federation)
+    for site in one.experts:
+        assert all(np.array_equal(one.experts[site][k], two.experts[site][k]) for k in one.experts[site])
+    assert all(np.array_equal(one.gate[k], two.gate[k]) for k in one.gate)
+    assert all(np.array_equal(one.base[k], two.base[k]) for k in one.base)
 
 
 @pytest.mark.slow
@@ -215,10 +215,10 @@ def test_resume_with_the_same_config_ends_with_the_same_weights(mome_run, two_si
     before = json.loads((run_dir / "mome" / "metrics.json").read_text())["rounds"]
     assert metrics["rounds"][:2] == before[:2], "steps 1-2 come from the checkpoint, not from a rerun"
     one, two = _checkpoint(run_dir, 5), _checkpoint(resumed, 5)
-    for part in ("base", "gate"):
-        assert all(np.array_equal(one[part][k], two[part][k]) for k in one[part]), part
-    for site in one["experts"]:
-        assert all(np.array_equal(one["experts"][site][k], two["experts"][site][k]) for k in one["experts"][site])
+    for mine, theirs in ((one.base, two.base), (one.gate, two.gate)):
+        assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    for site in one.experts:
+        assert all(np.array_equal(one.experts[site][k], two.experts[site][k]) for k in one.experts[site])
 
 
 def test_resume_with_another_config_is_refused_naming_the_keys(mome_run, two_sites, tmp_path):

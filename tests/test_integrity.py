@@ -134,10 +134,10 @@ def test_each_attack_is_rejected_with_its_reason(attacked, step, reason):
 
 def test_rejected_adversary_leaves_the_honest_site_as_without_it(attacked, honest_alone):
     _, final = attacked
-    assert sorted(final["experts"]) == ["site-a"], "a stolen identity must not store or replace an expert"
-    for part in ("base", "gate"):
-        assert all(np.array_equal(final[part][k], honest_alone[part][k]) for k in final[part]), part
-    a, alone = final["experts"]["site-a"], honest_alone["experts"]["site-a"]
+    assert sorted(final.experts) == ["site-a"], "a stolen identity must not store or replace an expert"
+    for mine, theirs in ((final.base, honest_alone.base), (final.gate, honest_alone.gate)):
+        assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    a, alone = final.experts["site-a"], honest_alone.experts["site-a"]
     assert all(np.array_equal(a[k], alone[k]) for k in a)
 
 

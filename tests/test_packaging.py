@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import venv
 from importlib.metadata import distribution
 from pathlib import Path
@@ -65,18 +66,20 @@ def test_a_regular_install_puts_only_mome_at_the_top_level(clean_env):
 
 def test_flower_loads_both_apps_from_the_installed_package(clean_env, tmp_path):
     python, site = clean_env
+    components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     code = (
         "import importlib.util, sys\n"
         "from flwr.supercore.object_ref import load_app\n"
-        "for ref in ('mome.server.server_app:app', 'mome.client.client_app:app'):\n"
+        "for ref in sys.argv[2:4]:\n"
         "    app = load_app(ref, RuntimeError, project_dir=sys.argv[1])\n"
         "    module = sys.modules[ref.split(':')[0]]\n"
         "    print(type(app).__name__, module.__file__)\n"
-        "print('bare:', [n for n in sys.argv[2:] if importlib.util.find_spec(n)])\n"
+        "print('bare:', [n for n in sys.argv[4:] if importlib.util.find_spec(n)])\n"
     )
     empty_app_dir = tmp_path / "app"
     empty_app_dir.mkdir()
-    out = subprocess.run([python, "-c", code, str(empty_app_dir), *LAYERS], capture_output=True, text=True,
+    refs = [components["serverapp"], components["clientapp"]]
+    out = subprocess.run([python, "-c", code, str(empty_app_dir), *refs, *LAYERS], capture_output=True, text=True,
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()

@@ -11,16 +11,17 @@ from flwr.app import ConfigRecord
 from mome.client.site import Site
 from mome.common.bundle import load_bundle
 from mome.common.state import state_to_numpy
+from mome.server.checkpoint import ServerState
 from mome.server.replies import error_kind as _error_kind
 from mome.server.replies import _outcome
 from mome.server.results import final_sites, strategy_status, summarise
 from tests.conftest import TINY_RUN
 
 
-def _state(last_sites: dict, dropped: list | None = None, experts=("site-a", "site-b", "site-c")) -> dict:
+def _state(last_sites: dict, dropped: list | None = None, experts=("site-a", "site-b", "site-c")) -> ServerState:
     history = [{"step": 0, "phase": "expert", "round": 0, "sites": {s: {"train_loss": 1.0} for s in experts}},
                {"step": 1, "phase": "evaluate", "round": 0, "sites": last_sites}]
-    return {"history": history, "dropped": dropped or [], "traffic": {}, "experts": dict.fromkeys(experts)}
+    return ServerState(history=history, dropped=dropped or [], experts=dict.fromkeys(experts))
 
 
 def test_every_site_of_the_federation_has_an_entry_at_the_end():
