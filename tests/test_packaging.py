@@ -79,8 +79,9 @@ def test_flower_loads_both_apps_from_the_installed_package(clean_env, tmp_path):
     empty_app_dir = tmp_path / "app"
     empty_app_dir.mkdir()
     refs = [components["serverapp"], components["clientapp"]]
-    out = subprocess.run([python, "-c", code, str(empty_app_dir), *refs, *LAYERS], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    # -I: no PYTHONPATH (Flower's Ray backend puts the test process's sys.path there), no script folder on sys.path
+    out = subprocess.run([python, "-I", "-c", code, str(empty_app_dir), *refs, *LAYERS], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[0].startswith("ServerApp ") and lines[1].startswith("ClientApp "), out.stdout
