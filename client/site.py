@@ -16,7 +16,8 @@ from mome.common.atomic import write_json
 from mome.common.bundle import Bundle, save_bundle
 from mome.common.config import Config
 from mome.common.labels import LabelKind
-from mome.common.metrics import Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor, mixtures_predictor
+from mome.common.metrics import (Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor,
+                                 mixtures_predictor)
 from mome.common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
 from mome.common.shapley import site_shapley
 from mome.common.patches import PatchLoader, Window

@@ -329,7 +329,8 @@ class Coordinator:
         return sorted(good, key=lambda r: r.site_id)
 
     def _aggregate(self, step: int, key: str, good: list[Reply], count: str, mode: str) -> dict:
-        """Replace the state's `key` (base or gate) with the aggregate of the good replies, weighted by the cases each site declared."""
+        """Replace the state's `key` (base or gate) with the aggregate of the good replies, weighted by the cases
+        each site declared."""
         cfg, good = self.cfg, [r for r in good if r.state is not None]
         if not good:
             return {"aggregation": "no site sent an update; the previous weights are kept"}
