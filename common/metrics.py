@@ -40,6 +40,11 @@ def _dice_per_case(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, ref)
 
 
+def dice_per_case(probs: torch.Tensor, target: torch.Tensor, kind: LabelKind) -> torch.Tensor:
+    """Thresholded Dice [B, R] of each case and scored region, with evaluate's conventions."""
+    return _dice_per_case(foreground(probs.detach().float(), kind), foreground(target.float(), kind))
+
+
 def _hd95_per_case(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """HD95 [B, R] in voxels; one side empty -> volume diagonal (max penalty), both empty -> 0."""
     diagonal = math.sqrt(sum(s * s for s in pred.shape[2:]))

@@ -1,0 +1,87 @@
+"""`mome bench`: a scored run per preset and seed, paired intervals that can tell strategies apart, the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mome.cli.main import main as mome
+from mome.sim.bench import BenchPlan, run_bench
+from mome.sim.bench_report import case_dice, load_results, paired_interval, summarise, verdict
+from tests.conftest import TINY_RUN
+
+
+def _sites(values: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    return {site: np.asarray(v) for site, v in values.items()}
+
+
+def test_paired_interval_separates_a_consistent_lead_from_noise():
+    rng = np.random.default_rng(0)
+    base = [_sites({"a": rng.uniform(0.4, 0.8, 12), "b": rng.uniform(0.2, 0.6, 12)}) for _ in range(3)]
+    ahead = [{s: v + 0.05 for s, v in seed.items()} for seed in base]
+    noisy = [{s: v + rng.normal(0, 0.05, v.shape) for s, v in seed.items()} for seed in base]
+    lead = paired_interval(ahead, base, np.random.default_rng(1), reps=2000)
+    assert lead["mean"][0] == pytest.approx(0.05) and lead["worst"][0] == pytest.approx(0.05)
+    assert lead["mean"][1] > 0 and verdict(lead["mean"]) == "MoME ahead"
+    tie = paired_interval(noisy, base, np.random.default_rng(1), reps=2000)
+    assert tie["mean"][1] < 0 < tie["mean"][2] and verdict(tie["mean"]) == "no clear difference"
+    behind = paired_interval(base, ahead, np.random.default_rng(1), reps=2000)
+    assert "behind" in verdict(behind["worst"])
+
+
+def test_a_site_without_a_model_scores_zero_not_missing():
+    run = {"scores": {"mome": {"site-a": [[0.8, 0.6, 0.4]] * 2, "site-b": [[0.5, 0.5, 0.5]]},
+                      "local": {"site-a": None, "site-b": [[0.7, 0.7, 0.7]]}}}
+    dice = case_dice(run)
+    assert dice["local"]["site-a"].tolist() == [0.0, 0.0]
+    assert dice["mome"]["site-a"].tolist() == pytest.approx([0.6, 0.6])
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    overrides = {k: v for k, v in TINY_RUN.to_run_config().items() if k != "strategy" and v != ""}
+    plan = BenchPlan(presets=("mixed",), seeds=(0, 1), strategies=("mome", "local"), sites=2, cases=4,
+                     overrides=overrides)
+    return plan, out, run_bench(plan, out)
+
+
+def test_bench_scores_every_case_as_the_sites_own_evaluation_does(bench_run):
+    _, out, results = bench_run
+    assert sorted(results["mixed"]) == [0, 1]
+    for seed, run in results["mixed"].items():
+        metrics = json.loads((out / "mixed" / f"seed-{seed}" / "metrics.json").read_text())["strategies"]
+        for strategy in ("mome", "local"):
+            for site, cases in run["scores"][strategy].items():
+                assert len(cases) == metrics[strategy]["sites"][site]["n_test"]
+                reported = metrics[strategy]["sites"][site]["dice_mean"]
+                assert np.mean(cases) == pytest.approx(reported, abs=1e-5)
+        assert set(run["scores"]) == {"mome", "local", "local-ensemble"}
+        assert run["cost"]["mome"]["bytes"] > 0 == run["cost"]["local"]["bytes"]
+
+
+def test_a_finished_run_is_reused_and_the_report_is_written(bench_run, tmp_path):
+    plan, out, results = bench_run
+    stamp = (out / "mixed" / "seed-0" / "metrics.json").stat().st_mtime_ns
+    assert run_bench(plan, out) == results
+    assert (out / "mixed" / "seed-0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert load_results(out) == results
+    summary = summarise(results)
+    assert set(summary["mixed"]["versus"]) == {"local", "local-ensemble"}
+    code = mome(["bench", "--presets", "mixed", "--seeds", "2", "--strategies", "mome,local", "--sites", "2",
+                 "--cases", "4", "--out", str(out), "--docs", str(tmp_path),
+                 "--run-config", " ".join(f"{k}={v}" for k, v in plan.overrides.items())])
+    assert code == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "## mixed (2 seeds: 0, 1)" in text and "| local-ensemble |" in text
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert (out / "mixed" / "seed-0" / "metrics.json").stat().st_mtime_ns == stamp  # the CLI reused it too
+
+
+def test_bench_refuses_bad_input_before_training(tmp_path, capsys):
+    assert mome(["bench", "--presets", "mixed,bogus", "--out", str(tmp_path)]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert mome(["bench", "--run-config", "no-such-key=1", "--out", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())
