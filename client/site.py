@@ -10,15 +10,16 @@ from typing import Callable
 
 import torch
 
+from mome.client.fedbn import keep_own_norms, with_own_norms
 from mome.client.predict import segment_cases
 from mome.client.privacy import PrivacyLedger
 from mome.common.atomic import write_json
 from mome.common.bundle import Bundle, save_bundle
-from mome.common.config import Config
+from mome.common.config import Config, Strategy
 from mome.common.labels import LabelKind
 from mome.common.metrics import (Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor,
                                  mixtures_predictor)
-from mome.common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate
+from mome.common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate, norm_keys
 from mome.common.shapley import site_shapley
 from mome.common.patches import PatchLoader, Window
 from mome.common.cases import SiteData, load_site, split_train_val, to_batches
@@ -121,7 +122,7 @@ class Site:
         reply says so by its `suppressed` flag)."""
         if not self._enough(self.train_cases):
             return None, {**self.counts, "suppressed": 1}
-        model = self.expert(state)
+        model = self.expert(self._own_norms(state))
         history = train_expert(model, self.patches(step), self.val_batches, self.cfg, self.kind, epochs=epochs,
                                progress=False, keep_best=False)
         metrics = {"train_loss": history["loss"][-1], **self.counts}
@@ -130,7 +131,15 @@ class Site:
             metrics["val_dice"] = val
         factors = history["factors"][-1]
         metrics["modality_factors"] = [float(factors[f"factor/{m}"]) for m in self.cfg.modality_names]
-        return self._released(state_to_numpy(model), state, "model", step, metrics), metrics
+        update = state_to_numpy(model)
+        if self.cfg.strategy == Strategy.FEDBN:
+            update = keep_own_norms(update, state, norm_keys(model), self.out_dir)
+        return self._released(update, state, "model", step, metrics), metrics
+
+    def _own_norms(self, state: State) -> State:
+        if self.cfg.strategy != Strategy.FEDBN:
+            return state
+        return with_own_norms(state, norm_keys(self.expert()), self.out_dir)
 
     @property
     def gate_batches(self) -> list[dict]:
@@ -190,6 +199,7 @@ class Site:
 
     def finalise_shared(self, state: State, finetune_epochs: int, strategy: str) -> tuple[dict, dict]:
         """The last step of a shared-model strategy: fine-tune (fedavg-ft), save, then evaluate and segment."""
+        state = self._own_norms(state)
         model = self.expert(state)
         if finetune_epochs > 0:
             try:

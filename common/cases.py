@@ -112,7 +112,7 @@ def preprocess_case(raw: dict, geometry: dict, cfg: Config, schema: ClinicalSche
     return case
 
 
-CACHE_VERSION = 2  # bump when preprocessing changes what a cached case holds
+CACHE_VERSION = 3  # bump when preprocessing changes what a cached case holds
 
 
 def _cache_key(layout: SiteLayout, case: str, split: str, with_label: bool, cfg: Config, row: dict | None) -> str:

@@ -22,12 +22,13 @@ class Strategy(StrEnum):
     MOME = "mome"
     FEDAVG = "fedavg"
     FEDAVG_FT = "fedavg-ft"  # FedAvg, then local fine-tuning at each site
+    FEDBN = "fedbn"  # FedAvg whose normalisation layers stay at each site (FedBN, Li et al. 2021)
     LOCAL = "local"  # each site alone
     CENTRALIZED = "centralized"  # pooled data: an upper reference, impossible in a real federation
 
     @property
     def federated(self) -> bool:
-        return self in (Strategy.MOME, Strategy.FEDAVG, Strategy.FEDAVG_FT)
+        return self in (Strategy.MOME, Strategy.FEDAVG, Strategy.FEDAVG_FT, Strategy.FEDBN)
 
     @classmethod
     def parse(cls, name: str) -> "Strategy":
@@ -70,6 +71,7 @@ class Config:
     stem_channels: int = 8
     channels: str = "16,32,64"  # shared body: feature channels per resolution level
     modality_dropout: float = 0.25  # chance of hiding each present modality during training
+    aug_blur: float = 0.2  # chance a training patch is blurred (Gaussian, 0.5-1.0 voxels): softer scanner kernels
     aux_weight: float = 0.3  # weight of the per-modality auxiliary head losses
     balance_alpha: float = 1.0  # strength of the modality loss factors (0 disables balancing)
     gate_pool: int = 8  # gate sees channels average-pooled to gate_pool^3

@@ -34,6 +34,13 @@ def _instance_norm(channels: int) -> tuple:
     return ("group", {"num_groups": channels})
 
 
+def norm_keys(model: nn.Module) -> set[str]:
+    """Parameter names of the model's normalisation layers (what FedBN keeps at each site)."""
+    kinds = (nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    norms = [name for name, module in model.named_modules() if isinstance(module, kinds)]
+    return {f"{n}.{p}" for n in norms for p, _ in model.get_submodule(n).named_parameters()}
+
+
 def probabilities(logits: torch.Tensor, kind: LabelKind) -> torch.Tensor:
     """Sigmoid for nested regions, softmax over channels for exclusive classes."""
     if LabelKind(kind) is LabelKind.REGIONS:

@@ -14,7 +14,8 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import (Compose, Lambdad, RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld, RandFlipd,
-                              RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, RandSimulateLowResolutiond, SpatialPadd)
+                              RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd, RandShiftIntensityd,
+                              RandSimulateLowResolutiond, SpatialPadd)
 
 from mome.common.cases import CASE_KEYS
 from mome.common.config import MAX_SIDE, Config
@@ -95,6 +96,8 @@ def augmentation(cfg: Config, spec: LabelSpec) -> Compose:
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
         RandGaussianNoised("image", prob=0.15, std=0.1),
+        # nnU-Net's blur: another scanner's softer reconstruction kernel or a resampled scan
+        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=cfg.aug_blur),
         RandSimulateLowResolutiond("image", prob=0.15, zoom_range=(0.5, 1.0)),  # thick-slice / resampled scans
         Lambdad("label", lambda label: torch.from_numpy(spec.to_target(np.asarray(label[0]).round()))),
     ])

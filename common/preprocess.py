@@ -141,10 +141,21 @@ def to_input_grid(probs: torch.Tensor, canonical_affine: np.ndarray, affine: np.
     return np.asarray(out.as_tensor(), dtype=np.float32)
 
 
+def intensity_cues(head: np.ndarray, percentiles: np.ndarray) -> np.ndarray:
+    """Two numbers per channel for the gate that tell scanners apart where z-scoring hides it, in no unit: the
+    head's spread relative to its median and its bright tail relative to its spread. Raw intensities have no unit
+    in MRI (a hospital's export may scale them by 1000), so nothing here changes when they are scaled."""
+    low, median, high = percentiles
+    spread = high - low
+    if not np.isfinite(spread) or spread <= 0 or median <= 0:
+        return np.zeros(2, dtype=np.float32)
+    return np.array([np.log1p(spread / median), (high - median) / spread], dtype=np.float32)
+
+
 def case_geometry(image: np.ndarray, affine: np.ndarray, present: np.ndarray) -> dict:
     """One case's geometry in RAS axis order (spacing and head extent in mm), head intensity percentiles per
     channel (NaN where absent; only aggregates over a site's cases leave it) and the gate's intensity cues
-    (log1p of the head's mean and std per channel: scanner-level differences the z-scoring removes)."""
+    (intensity_cues: scanner-level differences the z-scoring removes, free of the intensities' unit)."""
     axes = nib.orientations.io_orientation(affine)[:, 0].astype(int)
     mask = head_mask(image, present)
     if not mask.any():
@@ -159,7 +170,7 @@ def case_geometry(image: np.ndarray, affine: np.ndarray, present: np.ndarray) ->
     for c in np.flatnonzero(present):
         head = image[c][mask]
         intensity[c] = np.percentile(head, PERCENTILES)
-        stats[c] = np.log1p([np.abs(head).mean(), head.std()])
+        stats[c] = intensity_cues(head, intensity[c])
     return {"spacing": ras_spacing, "extent": ras_extent, "intensity": intensity, "stats": stats.reshape(-1)}
 
 

@@ -1,6 +1,7 @@
 """Scan variants a hospital's data has and the synthetic sites lack: the same case resampled (with the faint halo
-interpolation leaves), with background noise, on another grid (the issue's 4x4x6 mm relative to 5 mm voxels:
-finer in-plane, coarser across slices) or a BraTS-sized one. Orientation and thick slices: sim/scanner.py. Used by
+interpolation leaves), with background noise, blurred (a softer kernel), in another intensity unit, on another grid
+(the issue's 4x4x6 mm relative to 5 mm voxels: finer in-plane, coarser across slices; or thicker slices) or a
+BraTS-sized one. Orientation and thick slices: sim/scanner.py. Used by
 the geometry tests and benchmarks; labels follow with nearest neighbour."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
+from scipy import ndimage
 
 from mome.common.clinical import read_clinical_csv
 from mome.sim.scanner import save_scan
@@ -97,8 +99,20 @@ def _fit(shape, affine, new_shape):
     return tuple(new_shape), target
 
 
+def blurred(array, affine, label):
+    """A softer reconstruction kernel: Gaussian blur of 0.7 voxels, about what two linear resamplings leave."""
+    return (array, affine) if label else (ndimage.gaussian_filter(array.astype(np.float32), 0.7), affine)
+
+
+def rescaled(array, affine, label):
+    """Another export of the same scan: intensities x1000 (MRI intensities have no unit)."""
+    return (array, affine) if label else (array.astype(np.float32) * 1000.0, affine)
+
+
 VARIANTS: dict[str, Transform] = {
-    "original": lambda a, aff, lab: (a, aff), "halo": halo, "noise": noisy,
+    "original": lambda a, aff, lab: (a, aff), "halo": halo, "noise": noisy, "blurred": blurred,
+    "rescaled": rescaled,
     "regridded": resampled(grid((0.8, 0.8, 1.2))),  # the issue's 4x4x6 mm relative to its 5 mm voxels
+    "thick-slices": resampled(grid((1.0, 1.0, 2.5))),  # slices 2.5x thicker, linear interpolation
     "brats-sized": brats_sized,
 }

@@ -7,12 +7,13 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-# Scanner profiles: spacing, origin shift, gain, offset (per sequence), bias, noise, rician, gamma.
+# Scanner profiles: spacing, origin shift, gain, offset (per sequence), bias, noise, rician, gamma, and the point
+# spread (Gaussian sigma in voxels): scanners and reconstruction kernels differ in sharpness as much as in contrast.
 _SCANNERS = (
-    (1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0), 0.10, 0.02, True, 1.0),
-    (1.2, (3.0, -5.0, 8.0), (1.6, 1.3, 0.8, 1.4), (0.10, 0.05, 0.0, 0.15), 0.35, 0.05, False, 0.75),
-    (1.1, (-4.0, 2.0, -6.0), (0.7, 0.9, 1.3, 0.8), (0.0, 0.10, 0.05, 0.0), 0.20, 0.08, True, 1.35),
-    (0.95, (1.5, 4.0, 0.0), (1.2, 1.5, 1.1, 0.9), (0.05, 0.0, 0.10, 0.05), 0.45, 0.035, True, 1.15),
+    (1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0), 0.10, 0.02, True, 1.0, 0.6),
+    (1.2, (3.0, -5.0, 8.0), (1.6, 1.3, 0.8, 1.4), (0.10, 0.05, 0.0, 0.15), 0.35, 0.05, False, 0.75, 1.0),
+    (1.1, (-4.0, 2.0, -6.0), (0.7, 0.9, 1.3, 0.8), (0.0, 0.10, 0.05, 0.0), 0.20, 0.08, True, 1.35, 0.8),
+    (0.95, (1.5, 4.0, 0.0), (1.2, 1.5, 1.1, 0.9), (0.05, 0.0, 0.10, 0.05), 0.45, 0.035, True, 1.15, 0.45),
 )
 ORIENTATIONS = ("RAS", "LPS", "LAS", "PIR", "ASL", "SPL")  # a few of the 48 axis codes, permuted ones included
 
@@ -70,6 +71,7 @@ def scanner_profile(k: int) -> dict:
                 np.round(r.uniform(lo, hi, n), digits).tolist())
 
         values = (float(r.choice([0.95, 1.0, 1.1, 1.2])), draw(-8, 8, 3, 1), draw(0.6, 1.7, 4), draw(0, 0.15, 4),
-                  draw(0.05, 0.45), draw(0.02, 0.08, 0, 3), bool(r.random() < 0.5), draw(0.75, 1.35))
-    names = ("spacing", "origin", "gain", "offset", "bias", "noise", "rician", "gamma")
+                  draw(0.05, 0.45), draw(0.02, 0.08, 0, 3), bool(r.random() < 0.5), draw(0.75, 1.35),
+                  draw(0.45, 1.1))
+    names = ("spacing", "origin", "gain", "offset", "bias", "noise", "rician", "gamma", "psf")
     return {"scanner": k, **dict(zip(names, values))}

@@ -58,6 +58,7 @@ class SiteSpec:
     noise: float = 0.02  # noise standard deviation relative to the channel gain
     rician: bool = True  # Rician (magnitude) noise if True, else (rectified) Gaussian noise
     gamma: float = 1.0  # contrast gamma applied to the noise-free tissue intensities
+    psf: float = 0.6  # scanner blur (Gaussian sigma, voxels): partial volume at tissue borders, soft kernels
     orientation: str = "RAS"  # array axis codes the files are stored in (sim.scanner_geometry.ORIENTATIONS)
     slice_factor: int = 1  # slices this many times thicker along the superior axis (anisotropic spacing)
 
@@ -217,7 +218,7 @@ def render(anat: Anatomy, sequence: str, spec: SiteSpec, bias_field: np.ndarray,
     """One MRI channel of a drawn head as seen by the site's scanner (float32, 0 outside the head)."""
     c = SEQUENCES.index(sequence)
     img = np.asarray(_CONTRAST[c], np.float32)[anat.tissue]
-    img = ndimage.gaussian_filter(img, 0.6)  # partial-volume blur at tissue borders
+    img = ndimage.gaussian_filter(img, spec.psf)
     img = np.clip(img * (1 + 0.04 * anat.texture), 0, None) ** spec.gamma
     img = spec.gain[c] * img * bias_field + spec.offset[c]
     sigma = spec.noise * spec.gain[c]

@@ -230,3 +230,20 @@ def test_resume_with_another_config_is_refused_naming_the_keys(mome_run, two_sit
     assert "--force-resume" in metrics["error"]
     assert (resumed / "mome" / "checkpoints" / "step_003.npz").stat().st_size == 1000, \
         "the refused run must not write over the checkpoints"
+
+
+def test_fedbn_keeps_each_sites_normalisation_at_the_site(two_sites, tmp_path):
+    """FedBN: the shared body is averaged, the normalisation layers are the site's own and never leave it."""
+    from mome.common.bundle import load_bundle
+    from mome.common.model import ExpertNet, norm_keys
+
+    metrics = simulate("fedbn", two_sites, TINY_RUN.replace(warmup_rounds=2), tmp_path)
+    assert metrics["status"] == "ok"
+    keys = norm_keys(ExpertNet.from_config(TINY_RUN, 5, 3))
+    assert keys and all(".weight" in k or ".bias" in k for k in keys)
+    final = load_checkpoint(sorted((tmp_path / "fedbn" / "checkpoints").glob("step_*.npz"))[-1])
+    for k in keys:  # every upload carried the normalisation exactly as sent: the federation's never moved
+        assert np.all(final.base[k] == (1.0 if k.endswith("weight") else 0.0)), k
+    bundles = [load_bundle(tmp_path / "fedbn" / "sites" / d.name / "model").experts["shared"] for d in two_sites]
+    assert all(np.array_equal(bundles[0][k], bundles[1][k]) == (k not in keys) for k in bundles[0])
+    assert all(np.array_equal(bundles[0][k], final.base[k]) for k in bundles[0] if k not in keys)

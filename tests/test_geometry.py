@@ -194,3 +194,20 @@ def test_scores_survive_resampling_halo_noise_and_another_grid(trained, tmp_path
     for name, (mean_tol, whole_tol) in tolerance.items():
         quality(f"mean Dice, {name}", scores[name], scores["original"] - mean_tol)
         quality(f"whole-tumour Dice, {name}", whole[name], whole["original"] - whole_tol)
+
+
+def test_the_gates_intensity_cues_have_no_unit(trained):
+    """MRI intensities have no unit: the same scans exported x1000 (or /7) must route the same; the cues still tell
+    scanners with other contrast apart."""
+    from mome.common.preprocess import case_geometry
+
+    _, site_dir = trained
+    case = sorted(p.name for p in (site_dir / "imagesTs").glob("*_0000.nii.gz"))[0].rsplit("_", 1)[0]
+    channels = sorted((site_dir / "imagesTs").glob(f"{case}_*.nii.gz"))
+    image = np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in channels])
+    affine, present = nib.load(channels[0]).affine, np.ones(len(channels), dtype=np.float32)
+    cues = case_geometry(image, affine, present)["stats"]
+    for factor in (1000.0, 1 / 7):
+        assert np.allclose(case_geometry(image * factor, affine, present)["stats"], cues, atol=1e-5)
+    other_contrast = case_geometry(image ** 1.5, affine, present)["stats"]
+    assert np.abs(other_contrast - cues).max() > 0.05 and np.isfinite(cues).all() and np.abs(cues).max() > 0
