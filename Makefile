@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup sim test bench bench-gate bench-heldout bench-geometry bench-deploy
+.PHONY: setup sim test bench bench-core bench-gate bench-heldout bench-geometry bench-deploy
 setup: $(STAMP)
 
 sim: $(STAMP)
@@ -20,6 +20,9 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=25 $(ARGS)
 
 bench: $(STAMP)
+	$(VENV)/bin/mome bench $(ARGS)
+
+bench-core: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_core.py
 
 bench-gate: $(STAMP)

@@ -48,6 +48,27 @@ def predict(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def adapt(args: argparse.Namespace) -> int:
+    from mome.client.adapt import adapt as fit
+    from mome.common.sitedata import SiteDataError
+
+    try:
+        result = fit(Path(args.model), Path(args.site), Path(args.out), args.passes)
+    except (OSError, ValueError, SiteDataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"adapted on {result['cases']} labelled case(s) of {result['site']}, {result['passes']} pass(es): "
+          f"{Path(args.out) / 'model'}")
+    if "adapted.dice_mean" in result:
+        print(f"held-out Dice ({result['n_test']} labelled case(s)): as given {result['given.dice_mean']:.3f}, "
+              f"adapted {result['adapted.dice_mean']:.3f}")
+    else:
+        print(f"no held-out scores: {result['reason']}")
+    if result.get("n_segmented"):
+        print(f"segmented {result['n_segmented']} unlabelled held-out case(s) into {Path(args.out) / 'predictions'}")
+    return 0
+
+
 def site_key(args: argparse.Namespace) -> int:
     from mome.common.wire import check_site_id
     from mome.deploy.certs import SITE_KEY, fingerprint, write_key_pair
@@ -99,6 +120,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="summarise what this site sent (its out-dir's audit.jsonl), run by run")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the site's out-dir, or an audit.jsonl")
     p.set_defaults(func=audit)
+
+    p = sub.add_parser("adapt", help="fit a federation's model to this site's few labelled cases (a mixture's gate is "
+                                     "personalised, a single model fine-tuned), then segment its new cases")
+    p.add_argument("--model", required=True, help="the bundle you were given (e.g. <run>/mome/model)")
+    p.add_argument("--site", required=True, help="your site folder: imagesTr/labelsTr to adapt on, imagesTs to segment")
+    p.add_argument("--out", required=True, help="folder for the adapted model/ and predictions/")
+    p.add_argument("--passes", type=int, default=None,
+                   help="passes over the cases (default: the bundle's personalise-epochs)")
+    p.set_defaults(func=adapt)
 
     p = sub.add_parser("predict", help="write NIfTI segmentations with a saved model bundle")
     p.add_argument("--model", required=True, help="bundle folder (e.g. <run>/mome/sites/<site>/model)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from mome.client.adapt import adapt
 from mome.client.predict import predictor
 from mome.client.site import Site
 from mome.common.atomic import write_json
@@ -18,7 +19,7 @@ from mome.common.config import Config, Strategy, config_from_mapping
 from mome.common.metrics import Predictor, dice_per_case
 from mome.common.wire import site_id_from_name
 from mome.sim.run_sim import DEMO_BUDGET, run_all
-from mome.sim.synth import generate_federation, site_traits
+from mome.sim.synth import generate_federation, generate_site, preset_sites, site_traits
 
 log = logging.getLogger("mome.bench")
 
@@ -62,6 +63,9 @@ def _scored_run(plan: BenchPlan, preset: str, seed: int, run_dir: Path) -> dict:
         stored = json.loads(path.read_text())
         if stored.get("stamp") == stamp:
             log.info("%s: already scored with this config, reused", run_dir)
+            if "late_join" not in stored:
+                stored["late_join"] = late_join(plan, preset, seed, run_dir)
+                write_json(path, stored)
             return stored
     site_dirs = generate_federation(run_dir / "data", sites=plan.sites, preset=preset, seed=seed, size=cfg.size,
                                     cases=plan.cases)
@@ -70,6 +74,7 @@ def _scored_run(plan: BenchPlan, preset: str, seed: int, run_dir: Path) -> dict:
               "traits": {site_id_from_name(d.name): site_traits(d) for d in site_dirs},
               "cost": {s: _cost(m) for s, m in combined["strategies"].items()},
               "scores": score_run(run_dir, site_dirs, plan.strategies)}
+    scored["late_join"] = late_join(plan, preset, seed, run_dir)
     write_json(path, scored)
     return scored
 
@@ -92,17 +97,46 @@ def score_run(run_dir: Path, site_dirs: list[Path], strategies: tuple[str, ...])
         kept = {s: b[site] for s, b in bundles.items() if b[site] is not None}
         for s in set(bundles) - set(kept):
             scores[s][site] = None
-        if not kept:
-            continue
-        reference = next(b for b in kept.values() if b != LOCAL_ENSEMBLE)
-        opened = Site.open(site_dir, reference.cfg)
         predictors = {s: _ensemble(bundles[Strategy.LOCAL].values()) if b == LOCAL_ENSEMBLE else predictor(b)
                       for s, b in kept.items()}
-        for s, predict in predictors.items():
-            with torch.no_grad():
-                per_case = [dice_per_case(predict(batch), batch["label"], opened.kind) for batch in opened.test_batches]
-            scores[s][site] = torch.cat(per_case).tolist() if per_case else []
+        if predictors:
+            reference = next(b for b in kept.values() if b != LOCAL_ENSEMBLE)
+            for s, per_case in score_site(site_dir, reference.cfg, predictors).items():
+                scores[s][site] = per_case
     return scores
+
+
+def score_site(site_dir: Path, cfg: Config, predictors: dict[str, Predictor]) -> dict[str, list]:
+    """Per-case Dice per region of each predictor on the site's labelled held-out cases."""
+    site = Site.open(site_dir, cfg)
+    out = {}
+    for name, predict in predictors.items():
+        with torch.no_grad():
+            per_case = [dice_per_case(predict(batch), batch["label"], site.kind) for batch in site.test_batches]
+        out[name] = torch.cat(per_case).tolist() if per_case else []
+    return out
+
+
+LATE_CASES = 5  # labelled cases of the hospital that joins late
+
+
+def late_join(plan: BenchPlan, preset: str, seed: int, run_dir: Path) -> dict:
+    """A hospital that took no part: the preset's next site (a scanner and convention of its own) with LATE_CASES
+    labelled cases adapts what the federation distributed (`mome adapt`: MoME's global mixture personalises its
+    gate; FedAvg's model is fine-tuned as fedavg-ft would) and is scored on its held-out cases."""
+    spec = replace(preset_sites(preset, plan.sites + 1, plan.cases)[-1], n_train=LATE_CASES)
+    site_dir = generate_site(spec, run_dir / "late", plan.config(seed).size, seed)
+    scored = {"traits": site_traits(site_dir), "cases": LATE_CASES, "scores": {}}
+    for strategy in (Strategy.MOME, Strategy.FEDAVG):
+        given = run_dir / strategy / "model"
+        if strategy not in plan.strategies or not (given / "metadata.json").exists():
+            continue
+        out = run_dir / "late-join" / strategy
+        adapt(given, site_dir, out)
+        bundles = {f"{strategy}-adapted": load_bundle(out / "model"), f"{strategy}-given": load_bundle(given)}
+        scored["scores"] |= score_site(site_dir, bundles[f"{strategy}-given"].cfg,
+                                       {name: predictor(b) for name, b in bundles.items()})
+    return scored
 
 
 def _bundle(folder: Path):

@@ -80,8 +80,25 @@ def summarise(results: dict[str, dict[int, dict]], seed: int = 0) -> dict:
             ours = [d[REFERENCE] for d in dice]
             entry["versus"] = {name: paired_interval(ours, [d[name] for d in dice], rng)
                                for name in strategies if name != REFERENCE}
+        if late := _late_join([runs[s].get("late_join") for s in seeds], rng):
+            entry["late_join"] = late
         out[preset] = entry
     return out
+
+
+LATE_REFERENCE = f"{REFERENCE}-adapted"
+
+
+def _late_join(runs: list[dict | None], rng: np.random.Generator) -> dict | None:
+    """The hospital that joined late: each model's mean Dice over seeds, and adapted MoME's paired differences."""
+    if not runs or any(r is None or LATE_REFERENCE not in r["scores"] for r in runs):
+        return None
+    names = [n for n in runs[0]["scores"] if all(n in r["scores"] for r in runs)]
+    per_case = {n: [{"late": np.asarray(r["scores"][n], dtype=float).mean(1)} for r in runs] for n in names}
+    return {"traits": runs[0]["traits"], "cases": runs[0].get("cases"), "n_test": len(per_case[LATE_REFERENCE][0]["late"]),
+            "models": {n: _mean_sd([float(d["late"].mean()) for d in per_case[n]]) for n in names},
+            "versus": {n: paired_interval(per_case[LATE_REFERENCE], per_case[n], rng)["mean"]
+                       for n in names if n != LATE_REFERENCE}}
 
 
 def _mean_sd(values: list[float]) -> list[float]:
@@ -114,6 +131,13 @@ def markdown(summary: dict, title: str) -> str:
             label = f"{site} ({trait})" if trait else site
             lines.append(f"| {label} | " + " | ".join(_pm(s["sites"][site]) for s in entry["strategies"].values())
                          + " |")
+        if late := entry.get("late_join"):
+            lines += ["", f"Late join: a hospital that took no part ({late['traits']}) adapts what it was given on its "
+                      f"{late['cases']} labelled cases (`mome adapt`), scored on its {late['n_test']} held-out cases.", "",
+                      "| model | Dice | MoME adapted − it |", "|---|---|---|"]
+            for name, value in late["models"].items():
+                versus = late["versus"].get(name)
+                lines.append(f"| {name} | {_pm(value)} | {_interval(versus) if versus else ''} |")
         lines.append("")
     return "\n".join(lines)
 

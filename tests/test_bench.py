@@ -59,6 +59,8 @@ def test_bench_scores_every_case_as_the_sites_own_evaluation_does(bench_run):
                 reported = metrics[strategy]["sites"][site]["dice_mean"]
                 assert np.mean(cases) == pytest.approx(reported, abs=1e-5)
         assert set(run["scores"]) == {"mome", "local", "local-ensemble"}
+        late = run["late_join"]["scores"]  # the hospital that joined late, before and after `mome adapt`
+        assert set(late) == {"mome-adapted", "mome-given"} and len(late["mome-adapted"]) == len(late["mome-given"]) > 0
         assert run["cost"]["mome"]["bytes"] > 0 == run["cost"]["local"]["bytes"]
 
 
@@ -85,3 +87,23 @@ def test_bench_refuses_bad_input_before_training(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
     assert mome(["bench", "--run-config", "no-such-key=1", "--out", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_adapt_personalises_only_the_gate_and_saves_before_scoring(bench_run, tmp_path, capsys):
+    """`mome adapt`: a hospital that took no part fits the distributed mixture to its few labelled cases."""
+    from mome.common.bundle import load_bundle
+
+    _, out, _ = bench_run
+    given = out / "mixed" / "seed-0" / "mome" / "model"
+    late = next((out / "mixed" / "seed-0" / "late").iterdir())
+    (late / "labelsTs" / sorted(p.name for p in (late / "labelsTs").iterdir())[0]).unlink()  # one case unlabelled
+    assert mome(["adapt", "--model", str(given), "--site", str(late), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "adapted on 5 labelled case(s)" in printed and "held-out Dice" in printed and "segmented 1" in printed
+    before, after = load_bundle(given), load_bundle(tmp_path / "model")
+    assert after.site_id == late.name and list(after.experts) == list(before.experts)
+    assert all(np.array_equal(after.experts[e][k], before.experts[e][k]) for e in before.experts
+               for k in before.experts[e])
+    assert any(not np.array_equal(after.gate[k], before.gate[k]) for k in before.gate)
+    assert len(list((tmp_path / "predictions").glob("*.nii.gz"))) == 1
+    assert mome(["adapt", "--model", str(tmp_path / "nowhere"), "--site", str(late), "--out", str(tmp_path)]) == 2
