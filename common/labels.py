@@ -56,6 +56,33 @@ class LabelSpec:
         return LabelSpec(LabelKind(d["kind"]), tuple(d["names"]), tuple(tuple(m) for m in d["members"]),
                          tuple(d["values"]), tuple(d.get("regions_class_order", ())))
 
+    @staticmethod
+    def checked(d) -> "LabelSpec":
+        """from_dict for a spec that came from elsewhere (a site's reply): every field's type and range checked;
+        ValueError says which is wrong. At most MAX_CHANNELS output channels (the model is built from it)."""
+        if not isinstance(d, dict) or d.get("kind") not in {str(k) for k in LabelKind}:
+            raise ValueError(f"kind must be one of {', '.join(LabelKind)}")
+        names, members = d.get("names"), d.get("members")
+        values, order = d.get("values"), d.get("regions_class_order", [])
+        if not (isinstance(names, list) and 0 < len(names) <= MAX_CHANNELS
+                and all(isinstance(n, str) and 0 < len(n) <= 64 for n in names)):
+            raise ValueError(f"names must be 1-{MAX_CHANNELS} names of 1-64 characters")
+        if not (isinstance(members, list) and len(members) == len(names)
+                and all(isinstance(m, list) and m and all(_label_value(v) for v in m) for m in members)):
+            raise ValueError("members must hold one non-empty list of label values (0-255) per name")
+        if not (isinstance(values, list) and all(_label_value(v) for v in values)):
+            raise ValueError("values must be a list of label values (0-255)")
+        if not (isinstance(order, list) and len(order) <= len(names) and all(_label_value(v) for v in order)):
+            raise ValueError("regions_class_order must list at most one label value (0-255) per name")
+        return LabelSpec.from_dict(d)
+
+
+MAX_CHANNELS = 32  # output channels a label spec may declare
+
+
+def _label_value(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+
 
 def label_spec_from_dataset_json(meta: dict) -> LabelSpec:
     """Parse the `labels` (and `regions_class_order`) entries; raise ValueError on malformed input."""

@@ -88,7 +88,8 @@ class Coordinator:
                 continue
             try:
                 site = self.registry.check(node, claimed_site(msg))
-                replies.append(parse_reply(msg, spec_of(expected[node]) if expected[node] else None, site))
+                replies.append(parse_reply(msg, spec_of(expected[node]) if expected[node] else None, site,
+                                           self._list_lengths()))
                 self._count(site, "up", record_bytes(msg.content))
             except (BadReply, Refused) as exc:
                 self._drop(step, self._name(node), f"reply rejected: {exc}")
@@ -97,6 +98,16 @@ class Coordinator:
         for node in set(contents) - answered:
             self._drop(step, self._name(node), "no reply before the round timeout")
         return replies
+
+    def _list_lengths(self) -> dict[str, int]:
+        """How many values each list metric of a reply holds in this federation (results and reports index them)."""
+        modalities = len(self.cfg.modality_names)
+        out = {"shapley": modalities + 1, "modality_factors": modalities}
+        if self.state.labels is not None:
+            out["dice"] = len(LabelSpec.from_dict(self.state.labels).metric_names)
+        if self.cfg.strategy == Strategy.MOME and self.state.experts:
+            out["gate_weights"] = len(self.mixture_experts())
+        return out
 
     def _name(self, node: int) -> str:
         return self.registry.site_of.get(node, f"node-{node}")

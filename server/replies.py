@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from mome.common.labels import LabelSpec
 from mome.common.schema import ERROR_REASON
 from mome.common.wire import (NUM_EXAMPLES, PACKED_DATA, PACKED_LAYOUT, SITE_ID, Key, Spec, Status, array_digests,
                          packed_layout, packed_size, reply_digest, split_packed)
@@ -65,11 +66,11 @@ def claimed_site(msg: Message) -> str:
     return value
 
 
-def parse_reply(msg: Message, expected: Spec | None, site_id: str) -> Reply:
-    """Metrics (numbers only, a non-negative integer case count, a finite loss), the model when one is expected
-    (exactly the sent layout; a site may withhold it with the `suppressed` flag, min-cases), and the final step's
-    outcome when present."""
-    metrics = _metrics(_record(msg, Key.METRICS, MetricRecord))
+def parse_reply(msg: Message, expected: Spec | None, site_id: str, lengths: dict[str, int] | None = None) -> Reply:
+    """Metrics (finite numbers; lists only where LIST_METRICS says, as long as `lengths` says; non-negative integer
+    counts), the model when one is expected (exactly the sent layout; a site may withhold it with the `suppressed`
+    flag, min-cases), and the final step's outcome when present."""
+    metrics = _metrics(_record(msg, Key.METRICS, MetricRecord), lengths or {})
     state = None
     extra = sorted(set(msg.content.array_records) - ({Key.MODEL} if expected is not None else set()))
     if extra:
@@ -89,7 +90,15 @@ def _record(msg: Message, name: str, kind: type):
     return record
 
 
-def _metrics(record: MetricRecord) -> dict:
+# metrics a site sends as lists (one value per region, expert or modality, also under a variant prefix such as
+# "mixture."); every other metric is one number
+LIST_METRICS = frozenset({"dice", "gate_weights", "shapley", "modality_factors"})
+MAX_LIST = 256
+COUNT_METRICS = frozenset({"n_train", "n_val", "n_test", "n_unlabelled", "n_gate", "n_segmented", "model_saved",
+                           "suppressed", "gate_on_train", "skipped"})
+
+
+def _metrics(record: MetricRecord, lengths: dict[str, int]) -> dict:
     metrics = {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
     count = metrics.get(NUM_EXAMPLES)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
@@ -97,7 +106,23 @@ def _metrics(record: MetricRecord) -> dict:
     loss = metrics.get("train_loss")
     if loss is not None and not (isinstance(loss, (int, float)) and math.isfinite(loss)):
         raise BadReply("train_loss is not a finite number")
+    for key, value in metrics.items():
+        _check_metric(key, value, lengths.get(key.rsplit(".", 1)[-1]))
     return metrics
+
+
+def _check_metric(key: str, value, length: int | None) -> None:
+    """A list where LIST_METRICS says (of `length` values when known), a number elsewhere; finite (an infinite DP
+    epsilon says no privacy); counts non-negative integers."""
+    is_list = key.rsplit(".", 1)[-1] in LIST_METRICS
+    if isinstance(value, list) != is_list:
+        raise BadReply(f"metric {key[:60]!r} is a {type(value).__name__}, expected {'a list' if is_list else 'a number'}")
+    if is_list and (len(value) > MAX_LIST or length is not None and len(value) != length):
+        raise BadReply(f"metric {key[:60]!r} has {len(value)} values, expected {length or f'at most {MAX_LIST}'}")
+    if not all(math.isfinite(v) or (key == "dp_epsilon" and v == math.inf) for v in (value if is_list else [value])):
+        raise BadReply(f"metric {key[:60]!r} is not finite")
+    if key in COUNT_METRICS and not (isinstance(value, int) and value >= 0):
+        raise BadReply(f"metric {key!r} must be a non-negative integer")
 
 
 def _outcome(record) -> dict[str, str]:
@@ -177,10 +202,11 @@ def claim(msg: Message) -> str:
 
 
 def description(msg: Message) -> tuple[str, dict, dict]:
-    """(site id, label spec, declared counts) of a describe reply."""
+    """(site id, label spec, declared counts) of a describe reply; the spec as the server would write it."""
     site = claimed_site(msg)
-    spec = json.loads(str(msg.content["site"]["labels"]))
-    metrics = msg.content[Key.METRICS]
-    if not isinstance(spec, dict) or not isinstance(metrics, MetricRecord):
-        raise BadReply("malformed description")
-    return site, spec, dict(metrics)
+    metrics = _record(msg, Key.METRICS, MetricRecord)
+    try:
+        spec = LabelSpec.checked(json.loads(str(msg.content["site"]["labels"]))).to_dict()
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise BadReply(f"its label spec does not parse: {str(exc)[:120]}") from None
+    return site, {**spec, "kind": str(spec["kind"])}, dict(metrics)
