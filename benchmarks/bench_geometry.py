@@ -1,14 +1,17 @@
 """Does a site's model survive how hospitals store and resample scans? And does `mome predict` fit a BraTS case?
 
-Robustness: every labelled held-out case of a finished `mome sim` run, as stored and as four variants (upsampled x4
-and back with linear interpolation: the halo; low-level background noise; another grid, the issue's 4x4x6 mm
-relative to 5 mm voxels; the same head on a BraTS-sized 240x240x155 grid), segmented with the model each site ends
-up using (`<run>/mome/sites/<site>/model`) through `mome predict`, scored on the variant's own grid.
+Robustness: labelled held-out cases of finished `mome sim` runs (several runs: one per seed, e.g. a `mome bench`
+preset's seed-N folders), as stored and as the variants of sim/perturb.py (upsampled x4 and back: the halo; background
+noise; a softer kernel; intensities x1000; another grid, the issue's 4x4x6 mm relative to 5 mm voxels; 2.5x thicker
+slices; the same head on a BraTS-sized 240x240x155 grid), segmented with the model each site ends up using
+(`<run>/mome/sites/<site>/model`) through `mome predict`, scored on the variant's own grid. --out writes the table
+(mean over seeds of each variant's difference to the original grid, and its spread) as markdown and JSON.
 
 BraTS predict: one BraTS-shaped case (4 channels, 240x240x155 at 1 mm: a synthetic head scaled to a real head's
 size) through `mome predict` with the run's 4-expert mixture, in a child process: wall time and peak RSS.
 
-    python benchmarks/bench_geometry.py RUN [--cases 4] [--skip-robustness] [--skip-predict] [--threads 2]
+    python benchmarks/bench_geometry.py RUN [RUN ...] [--cases 4] [--out docs/bench/robustness] [--skip-robustness]
+                                        [--skip-predict] [--threads 2]
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ def robustness(run: Path, cases_per_site: int, work: Path) -> dict[str, list[flo
     return scores
 
 
+def robustness_table(per_run: list[dict[str, list[float]]], runs: list[Path]) -> str:
+    """Markdown: per variant the mean Dice and its difference to the original grid (mean and sd over runs, and the
+    worst run), over the same cases."""
+    deltas = {k: [float(np.mean(s[k]) - np.mean(s["original"])) for s in per_run] for k in per_run[0]}
+    n = len(per_run[0]["original"])
+    lines = [f"Mean Dice of each site's final MoME model on {n} labelled held-out cases per run, each variant scored on "
+             f"its own grid; {len(runs)} run(s): {', '.join(str(r) for r in runs)}", "",
+             "| variant | mean Dice | − original (mean ± sd over runs) | worst run |", "|---|---|---|---|"]
+    for name in per_run[0]:
+        mean = np.mean([np.mean(s[name]) for s in per_run])
+        spread = np.std(deltas[name], ddof=1) if len(runs) > 1 else 0.0
+        lines.append(f"| {name} | {mean:.3f} | {np.mean(deltas[name]):+.3f} ± {spread:.3f} | {min(deltas[name]):+.3f} |")
+    return "\n".join(lines)
+
+
 def brats_case(run: Path, work: Path) -> Path:
     """A held-out synthetic case with its voxels taken as 5 mm (a 240 mm head), resampled to 1 mm 240x240x155."""
     from mome.sim.perturb import resampled
@@ -90,7 +108,8 @@ def timed_predict(bundle: Path, folder: Path, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
     parser.add_argument("--cases", type=int, default=4, help="labelled held-out cases per site")
     parser.add_argument("--skip-robustness", action="store_true")
     parser.add_argument("--skip-predict", action="store_true", help="no BraTS-sized predict timing")
@@ -101,17 +120,20 @@ def main() -> None:
         work = Path(tmp)
         result = {}
         if not args.skip_robustness:
-            scores = robustness(args.run, args.cases, work)
-            base = float(np.mean(scores["original"]))
-            print(f"\nmean Dice over {len(scores['original'])} held-out cases, each variant on its own grid\n")
-            print("| variant | mean Dice | vs original |\n|---|---|---|")
-            for name, values in scores.items():
-                print(f"| {name} | {np.mean(values):.3f} | {np.mean(values) - base:+.3f} |")
-            result["robustness"] = {k: float(np.mean(v)) for k, v in scores.items()}
+            per_run = [robustness(run, args.cases, work / str(i)) for i, run in enumerate(args.runs)]
+            table = robustness_table(per_run, args.runs)
+            print("\n" + table)
+            result["robustness"] = [{k: float(np.mean(v)) for k, v in scores.items()} for scores in per_run]
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.with_suffix(".md").write_text(table + "\n")
+                args.out.with_suffix(".json").write_text(json.dumps(
+                    {"runs": [str(r) for r in args.runs], "cases_per_site": args.cases,
+                     "per_run": [{k: [float(x) for x in v] for k, v in s.items()} for s in per_run]}, indent=1))
         if args.skip_predict:
             return
-        folder = brats_case(args.run, work)
-        bundle = args.model or args.run / "mome" / "model"
+        folder = brats_case(args.runs[0], work)
+        bundle = args.model or args.runs[0] / "mome" / "model"
         timing = timed_predict(bundle, folder, args.threads)
         experts = len(json.loads((bundle / "metadata.json").read_text())["experts"])
         print(f"\nmome predict, one 4-channel 240x240x155 case at 1 mm, {experts}-expert mixture, {args.threads} threads: "
