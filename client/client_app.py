@@ -121,7 +121,7 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
         site, cfg = site_for(msg, context)
         experts = _experts(msg)
         state, metrics = site.train_gate(list(experts.values()), unpack(msg.content[Key.GATE]),
-                                         step=msg.metadata.group_id)
+                                         step=msg.metadata.group_id, names=list(experts))
         return reply(msg, site, metrics, state, metrics["n_gate"])
 
     @app.evaluate()

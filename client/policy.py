@@ -30,7 +30,7 @@ class SitePolicy:
     max_gate_steps: int = 2000
     max_experts: int = 32
     max_message_mb: float = 2048.0  # weights in one request
-    allowed_strategies: str = "mome,fedavg,fedavg-ft,fedbn"
+    allowed_strategies: str = "mome,fedavg,fedavg-ft,fedbn,fedsm"
     # floors the coordinator cannot lower (0: the run config's value is accepted)
     min_cases: int = 0  # e.g. 3: refuse a run config with min-cases below it
     min_dp_noise_multiplier: float = 0.0  # > 0: refuse uploads without DP at least this noise

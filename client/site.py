@@ -15,7 +15,7 @@ from mome.client.predict import segment_cases
 from mome.client.privacy import PrivacyLedger
 from mome.common.atomic import write_json
 from mome.common.bundle import Bundle, save_bundle
-from mome.common.config import Config, Strategy
+from mome.common.config import Config, Strategy, selector_config
 from mome.common.labels import LabelKind
 from mome.common.metrics import (Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor,
                                  mixtures_predictor)
@@ -24,8 +24,8 @@ from mome.common.shapley import site_shapley
 from mome.common.patches import PatchLoader, Window
 from mome.common.cases import SiteData, load_site, split_train_val, to_batches
 from mome.common.state import State, state_to_numpy
-from mome.common.train import personalise_gate, train_expert, train_gate
-from mome.common.wire import Status
+from mome.common.train import personalise_gate, train_expert, train_gate, train_selector
+from mome.common.wire import SHARED_EXPERT, Status
 
 SHAPLEY_CASES = 4  # a modality ranking from a few held-out cases; every further case costs 2^M decoder passes
 log = logging.getLogger("mome.site")
@@ -168,32 +168,43 @@ class Site:
         return self.cfg.personalise_epochs * -(-len(self.train_cases) // self.cfg.batch_size)
 
     def train_gate(self, experts: list[State], gate_state: State, batches: list[dict] | None = None,
-                   step: str = "") -> tuple[State | None, dict]:
+                   step: str = "", names: list[str] | None = None) -> tuple[State | None, dict]:
         """The gate trained for cfg.gate_steps steps with every expert frozen, on gate_cases (batches: on others,
-        for ablations)."""
+        for ablations). FedSM's selector instead learns to name the site's own expert (names: the experts' site
+        ids), or the shared one where the site has none."""
         on_val = batches is None and self._enough(self.val_cases)
+        if batches is None and self.cfg.strategy == Strategy.FEDSM:  # telling sites apart needs no unseen cases
+            on_val, batches = False, self.batches(self.train_cases + self.val_cases)
         batches = self.gate_batches if batches is None else batches
         if not batches:
             return None, {**self.counts, "n_gate": 0, "suppressed": 1}
-        models = [self.expert(s) for s in experts]
-        gate = self.gate(len(models), gate_state)
-        history = train_gate(gate, models, batches, self.cfg, self.kind, progress=False)
+        gate = self.gate(len(experts), gate_state)
+        if self.cfg.strategy == Strategy.FEDSM:
+            names = names or []
+            own = names.index(self.site_id if self.site_id in names else SHARED_EXPERT) if names else 0
+            history = train_selector(gate, batches, own, self.cfg)
+        else:
+            history = train_gate(gate, [self.expert(s) for s in experts], batches, self.cfg, self.kind,
+                                 progress=False)
         metrics = {"train_loss": history["mean_loss"], "gate_weights": history["weights"], "n_gate": history["n"],
                    **self.counts, **({} if on_val else {"gate_on_train": 1})}
         return self._released(state_to_numpy(gate), gate_state, "gate", step, metrics), metrics
 
     def finalise_mixture(self, experts: dict[str, State], gate_state: State) -> tuple[dict, dict]:
-        """The last MoME step: personalise the gate, save the site's mixture, then evaluate and segment."""
+        """The last MoME step: personalise the gate, save the site's mixture, then evaluate and segment. FedSM keeps
+        the federation's selector, routing each case to one expert."""
         names = list(experts)
         models = [self.expert(experts[n]) for n in names]
-        gate = self.gate(len(models), gate_state)
+        cfg = selector_config(self.cfg)
+        gate = load_gate(cfg, len(models), gate_state)
         try:
-            personal = personalise_gate(gate, models, self.personal_batches, self.cfg, self.kind,
-                                        self.personalise_steps)
+            personal = gate if self.cfg.strategy == Strategy.FEDSM else personalise_gate(
+                gate, models, self.personal_batches, self.cfg, self.kind, self.personalise_steps)
         except Exception:  # the global gate is still a working mixture: keep it rather than nothing
             log.exception("site %s: personalising the gate failed; saving the global gate", self.site_id)
             personal = gate
-        bundle = Bundle(self.cfg, self.data.label_spec, experts, state_to_numpy(personal), "mome", self.site_id)
+        bundle = Bundle(cfg, self.data.label_spec, experts, state_to_numpy(personal), self.cfg.strategy,
+                        self.site_id)
         return self.finalise(bundle, mixture_predictor(models, personal, self.kind, self.window),
                              lambda: self.evaluate_mixture(names, models, gate, personal))
 

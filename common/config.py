@@ -23,12 +23,18 @@ class Strategy(StrEnum):
     FEDAVG = "fedavg"
     FEDAVG_FT = "fedavg-ft"  # FedAvg, then local fine-tuning at each site
     FEDBN = "fedbn"  # FedAvg whose normalisation layers stay at each site (FedBN, Li et al. 2021)
+    FEDSM = "fedsm"  # MoME's experts, but a selector trained to tell the sites apart picks one (FedSM, Xu et al. 2022)
     LOCAL = "local"  # each site alone
     CENTRALIZED = "centralized"  # pooled data: an upper reference, impossible in a real federation
 
     @property
     def federated(self) -> bool:
-        return self in (Strategy.MOME, Strategy.FEDAVG, Strategy.FEDAVG_FT, Strategy.FEDBN)
+        return self in (Strategy.MOME, Strategy.FEDAVG, Strategy.FEDAVG_FT, Strategy.FEDBN, Strategy.FEDSM)
+
+    @property
+    def mixes(self) -> bool:
+        """Per-site experts and a gate over them (MoME's protocol); the others share one model."""
+        return self in (Strategy.MOME, Strategy.FEDSM)
 
     @classmethod
     def parse(cls, name: str) -> "Strategy":
@@ -231,3 +237,8 @@ def parse_run_config(text: str | None) -> dict[str, Any]:
             values[key] = raw
     config_from_mapping({k: v for k, v in values.items() if k != OUT_DIR_KEY})
     return values
+
+
+def selector_config(cfg: Config) -> Config:
+    """The config a strategy's mixture is used with: FedSM's selector routes each case to one expert (top-1)."""
+    return cfg.replace(gate_top_k=1) if cfg.strategy == Strategy.FEDSM else cfg

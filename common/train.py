@@ -192,6 +192,35 @@ def train_gate(
     return history
 
 
+def train_selector(gate: GateNet, batches: Sequence[Batch], own: int, cfg: Config, steps: int | None = None) -> dict:
+    """FedSM's selector: the gate trained in place as a classifier of which site a case comes from (every case of
+    this site is labelled `own`, the index of its expert), with no expert output involved."""
+    steps = cfg.gate_steps if steps is None else steps
+    history: dict = {"mean_loss": None, "weights": None, "n": _cases(batches), "steps": 0}
+    if not batches or steps <= 0:
+        return history
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = _gate_optimizer(gate, cfg)
+    order = [i for _ in range(-(-steps // len(batches))) for i in _order(len(batches), generator)][:steps]
+    gate.train()
+    losses, seen = [], []
+    for i in order:
+        batch = batches[i]
+        summary = batch["summary"] if "summary" in batch else batch["image"]
+        logits = gate.logits(summary, batch["presence"], batch["clinical"], batch["stats"])
+        loss = F.cross_entropy(logits, torch.full((logits.shape[0],), own, dtype=torch.long))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        seen.append(torch.softmax(logits.detach(), 1))
+    last = seen[-len(batches):]
+    history.update(mean_loss=sum(losses[-len(batches):]) / len(last), weights=torch.cat(last).mean(0).tolist(),
+                   steps=len(order))
+    gate.eval()
+    return history
+
+
 def personalise_gate(
     gate: GateNet, experts: Sequence[ExpertNet], batches: Sequence[Batch], cfg: Config, kind: LabelKind, steps: int,
     progress: bool = False,

@@ -41,7 +41,7 @@ def shared_rounds(cfg: Config) -> int:
 def plan(cfg: Config) -> list[tuple[str, int]]:
     """The steps of a run: (phase, round index). Baselines get the same local training epochs."""
     strategy = Strategy.parse(cfg.strategy)
-    if strategy == Strategy.MOME:
+    if strategy.mixes:
         return ([("warmup", r) for r in range(cfg.warmup_rounds)] + [("expert", r) for r in range(cfg.expert_rounds)]
                 + [("gate", r) for r in range(cfg.gate_rounds)] + [("evaluate", 0)])
     if strategy.federated:
@@ -105,7 +105,7 @@ class Coordinator:
         out = {"shapley": modalities + 1, "modality_factors": modalities}
         if self.state.labels is not None:
             out["dice"] = len(LabelSpec.from_dict(self.state.labels).metric_names)
-        if self.cfg.strategy == Strategy.MOME and self.state.experts:
+        if Strategy(self.cfg.strategy).mixes and self.state.experts:
             out["gate_weights"] = len(self.mixture_experts())
         return out
 
@@ -311,7 +311,7 @@ class Coordinator:
         return good, lambda: self._aggregate(step, "gate", good, "n_gate", self.cfg.gate_aggregation)
 
     def _step_evaluate(self, step: int) -> Step:
-        if self.cfg.strategy == Strategy.MOME:
+        if Strategy(self.cfg.strategy).mixes:
             arrays = {Key.GATE: self.state.gate, **self._expert_records()}
         else:
             arrays = {Key.MODEL: self.state.base}

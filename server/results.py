@@ -16,7 +16,7 @@ OK, FAILED = "ok", "failed"  # a strategy's status in metrics.json
 
 def headline_variant(strategy: str) -> str:
     """Which of a site's evaluated variants its headline metrics are: the personalised mixture for MoME."""
-    return "mixture" if strategy == Strategy.MOME else "model"
+    return "mixture" if Strategy(strategy).mixes else "model"
 
 
 def site_entry(flat: dict, headline: str) -> dict:

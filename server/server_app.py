@@ -11,7 +11,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from mome.common.atomic import write_json
 from mome.common.bundle import Bundle, save_bundle
-from mome.common.config import DEFAULT_OUT_DIR, OUT_DIR_KEY, Config, Strategy, config_from_mapping
+from mome.common.config import (DEFAULT_OUT_DIR, OUT_DIR_KEY, Config, Strategy, config_from_mapping,
+                                selector_config)
 from mome.common.labels import LabelSpec
 from mome.common.logs import show_progress
 from mome.server.checkpoint import ResumeRefused, ServerState
@@ -39,9 +40,10 @@ def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
     cfg = coordinator.cfg  # with the plan the sites' geometry gave
     cfg.save(out_dir / "config.json")
     spec = LabelSpec.from_dict(state.labels)
-    mome = cfg.strategy == Strategy.MOME
-    experts = coordinator.mixture_experts() if mome else {"shared": state.base}
-    save_bundle(Bundle(cfg, spec, experts, state.gate if mome else None, cfg.strategy), out_dir / "model")
+    mixes = Strategy(cfg.strategy).mixes
+    experts = coordinator.mixture_experts() if mixes else {"shared": state.base}
+    save_bundle(Bundle(selector_config(cfg), spec, experts, state.gate if mixes else None, cfg.strategy),
+                out_dir / "model")
     metrics = strategy_metrics(cfg, spec.metric_names, final_sites(state, cfg.strategy),
                                time.perf_counter() - start, experts=list(experts), rounds=state.history,
                                dropped=state.dropped, traffic=state.traffic, bindings=state.bindings,

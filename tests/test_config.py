@@ -44,8 +44,9 @@ def test_one_run_config_syntax_for_sim_and_deployment():
 
 
 def test_strategy_names_and_the_budget_every_baseline_gets():
-    assert [s.value for s in Strategy] == ["mome", "fedavg", "fedavg-ft", "fedbn", "local", "centralized"]
-    assert [s for s in Strategy if s.federated] == ["mome", "fedavg", "fedavg-ft", "fedbn"]
+    assert [s.value for s in Strategy] == ["mome", "fedavg", "fedavg-ft", "fedbn", "fedsm", "local", "centralized"]
+    assert [s for s in Strategy if s.federated] == ["mome", "fedavg", "fedavg-ft", "fedbn", "fedsm"]
+    assert [s for s in Strategy if s.mixes] == ["mome", "fedsm"]
     with pytest.raises(ValueError, match="unknown strategy 'fedprox'"):
         Strategy.parse("fedprox")
     cfg = Config(warmup_rounds=3, warmup_epochs=2, expert_rounds=2, expert_epochs=5)

@@ -247,3 +247,20 @@ def test_fedbn_keeps_each_sites_normalisation_at_the_site(two_sites, tmp_path):
     bundles = [load_bundle(tmp_path / "fedbn" / "sites" / d.name / "model").experts["shared"] for d in two_sites]
     assert all(np.array_equal(bundles[0][k], bundles[1][k]) == (k not in keys) for k in bundles[0])
     assert all(np.array_equal(bundles[0][k], final.base[k]) for k in bundles[0] if k not in keys)
+
+
+def test_fedsm_routes_every_case_to_one_expert(two_sites, tmp_path):
+    """FedSM: MoME's experts, a selector trained to tell the sites apart (cross-entropy on the site's own expert),
+    and hard top-1 routing in every bundle."""
+    from mome.common.bundle import load_bundle
+
+    metrics = simulate("fedsm", two_sites, TINY_RUN.replace(gate_steps=10), tmp_path)
+    assert metrics["status"] == "ok"
+    gate_rounds = [r for r in metrics["rounds"] if r["phase"] == "gate"]
+    assert len(gate_rounds) == TINY_RUN.gate_rounds and all(r["sites"] for r in gate_rounds)
+    for site, entry in metrics["sites"].items():
+        weights = np.asarray(entry["gate_weights"]) * entry["n_test"]  # a mean of one-hot rows: whole cases
+        assert np.allclose(weights, np.round(weights), atol=1e-4) and weights.sum() == pytest.approx(entry["n_test"])
+        bundle = load_bundle(tmp_path / "fedsm" / "sites" / site / "model")
+        assert bundle.cfg.gate_top_k == 1 and bundle.strategy == "fedsm" and bundle.gate is not None
+    assert load_bundle(tmp_path / "fedsm" / "model").cfg.gate_top_k == 1
