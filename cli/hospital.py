@@ -69,6 +69,34 @@ def adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def site_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from mome.client.policy import PREFIX, SitePolicy
+    from mome.client.worker import SERVICE, Worker, code_hash, new_token, version
+    from mome.common.wire import site_id_from_name
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if not (Path(args.data) / "dataset.json").exists():
+            raise ValueError(f"{args.data} is not a site folder (no dataset.json)")
+        policy = SitePolicy.from_node_config({f"{PREFIX}file": args.policy} if args.policy else {})
+        site_id = args.site_id or site_id_from_name(Path(args.data).name)
+        worker = Worker(Path(args.data), site_id, Path(args.out), new_token(Path(args.token_file)), policy)
+        server = worker.serve(args.listen)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"mome site worker {version()} ({SERVICE}), code sha256 {code_hash()}\n"
+          f"site {site_id}: data {args.data} (read only), out {args.out}; listening on {args.listen}; "
+          f"token in {args.token_file}", flush=True)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(5)
+    return 0
+
+
 def site_key(args: argparse.Namespace) -> int:
     from mome.common.wire import check_site_id
     from mome.deploy.certs import SITE_KEY, fingerprint, write_key_pair
@@ -129,6 +157,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passes", type=int, default=None,
                    help="passes over the cases (default: the bundle's personalise-epochs)")
     p.set_defaults(func=adapt)
+
+    p = sub.add_parser("site", help="the site worker: `mome site serve` runs this site's steps for the relay")
+    serve = p.add_subparsers(dest="site_command", required=True).add_parser(
+        "serve", help="serve this site's steps on a local socket (the coordinator's app only relays to it)")
+    serve.add_argument("--data", required=True, help="the site folder (opened read-only)")
+    serve.add_argument("--site-id", help="default: from the folder name")
+    serve.add_argument("--out", required=True, help="the site's output folder (models, audit.jsonl, cache)")
+    serve.add_argument("--listen", default="unix:///run/mome/worker.sock",
+                       help="unix:///path or localhost:port (default unix:///run/mome/worker.sock)")
+    serve.add_argument("--token-file", default="/run/mome/worker.token",
+                       help="a fresh token is written here (0600); the SuperNode's node config names this file")
+    serve.add_argument("--policy", help="the site's policy (TOML: max-epochs, min-cases, allowed-strategies, ...)")
+    serve.set_defaults(func=site_serve)
 
     p = sub.add_parser("predict", help="write NIfTI segmentations with a saved model bundle")
     p.add_argument("--model", required=True, help="bundle folder (e.g. <run>/mome/sites/<site>/model)")

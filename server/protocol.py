@@ -22,8 +22,8 @@ from mome.server.aggregate import AggregationError, aggregate
 from mome.server.checkpoint import ServerState, check_resumable, fingerprint, load_latest, save_checkpoint
 from mome.server.identity import Refused, Registry
 from mome.server.plan import make_plan, planned_config, site_geometry
-from mome.server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, parse_reply,
-                            send_and_receive, sender)
+from mome.server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, list_lengths,
+                                 parse_reply, send_and_receive, sender)
 from mome.server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")
@@ -88,8 +88,8 @@ class Coordinator:
                 continue
             try:
                 site = self.registry.check(node, claimed_site(msg))
-                replies.append(parse_reply(msg, spec_of(expected[node]) if expected[node] else None, site,
-                                           self._list_lengths()))
+                lengths = list_lengths(self.cfg, self.state.labels, len(self.mixture_experts()))
+                replies.append(parse_reply(msg, spec_of(expected[node]) if expected[node] else None, site, lengths))
                 self._count(site, "up", record_bytes(msg.content))
             except (BadReply, Refused) as exc:
                 self._drop(step, self._name(node), f"reply rejected: {exc}")
@@ -98,16 +98,6 @@ class Coordinator:
         for node in set(contents) - answered:
             self._drop(step, self._name(node), "no reply before the round timeout")
         return replies
-
-    def _list_lengths(self) -> dict[str, int]:
-        """How many values each list metric of a reply holds in this federation (results and reports index them)."""
-        modalities = len(self.cfg.modality_names)
-        out = {"shapley": modalities + 1, "modality_factors": modalities}
-        if self.state.labels is not None:
-            out["dice"] = len(LabelSpec.from_dict(self.state.labels).metric_names)
-        if Strategy(self.cfg.strategy).mixes and self.state.experts:
-            out["gate_weights"] = len(self.mixture_experts())
-        return out
 
     def _name(self, node: int) -> str:
         return self.registry.site_of.get(node, f"node-{node}")

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from mome.common.config import Config, Strategy
 from mome.common.labels import LabelSpec
 from mome.common.schema import ERROR_REASON
 from mome.common.wire import (NUM_EXAMPLES, PACKED_DATA, PACKED_LAYOUT, SITE_ID, Key, Spec, Status, array_digests,
@@ -64,6 +65,17 @@ def claimed_site(msg: Message) -> str:
     if not isinstance(value, str):
         raise BadReply("the 'site' record has no site-id string")
     return value
+
+
+def list_lengths(cfg: Config, labels: dict | None, n_experts: int) -> dict[str, int]:
+    """How many values each list metric of a reply holds in this federation (results and reports index them)."""
+    modalities = len(cfg.modality_names)
+    out = {"shapley": modalities + 1, "modality_factors": modalities}
+    if labels is not None:
+        out["dice"] = len(LabelSpec.from_dict(labels).metric_names)
+    if Strategy(cfg.strategy).mixes and n_experts:
+        out["gate_weights"] = n_experts
+    return out
 
 
 def parse_reply(msg: Message, expected: Spec | None, site_id: str, lengths: dict[str, int] | None = None) -> Reply:

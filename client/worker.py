@@ -1,0 +1,104 @@
+"""`mome site serve`: the site worker, the long-running process a hospital installs and starts itself. It alone opens
+the data folder and the site's output folder, and runs every site-side step with the site's own guard (policy, schema,
+coded errors, audit log): the coordinator's app (the relay in client/relay.py) only hands it each message over a
+local gRPC channel. torch, MONAI, the loaded cases and the cache stay in memory between messages."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib.util
+import logging
+import os
+import secrets
+from concurrent import futures
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+from flwr.app import Context, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
+
+from mome.client import audit
+from mome.client.client_app import make_client_app
+from mome.client.guard import coded_error
+from mome.client.policy import SitePolicy
+from mome.common.wire import Action, check_site_id
+
+log = logging.getLogger("mome.worker")
+
+SERVICE = "mome.site.Worker/v1"  # the worker protocol's name and version: a relay of another version is refused
+HANDLE = f"/{SERVICE}/Handle"
+TOKEN_HEADER = "mome-worker-token"
+KINDS = frozenset({"query.describe", *(str(a) for a in Action)})  # what the worker accepts
+LAYERS = ("common", "client", "server", "sim", "deploy", "cli")
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+
+
+def code_hash() -> str:
+    """SHA-256 over the installed mome package's Python files (path and content): what a hospital approves."""
+    digest = hashlib.sha256()
+    for layer in LAYERS:  # mome is a namespace package mapped from the layer folders: ask each where it lies
+        spec = importlib.util.find_spec(f"mome.{layer}")
+        for root in sorted(Path(p) for p in (spec.submodule_search_locations or [])):
+            for path in sorted(root.rglob("*.py")):
+                digest.update(f"{layer}/{path.relative_to(root)}".encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def version() -> str:
+    try:
+        return metadata.version("mome-fl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Worker:
+    """One site's steps behind a local gRPC endpoint: every message goes through the same ClientApp (guard and
+    handlers) the simulation runs, inside this process, with this site's own node config."""
+
+    def __init__(self, data_dir: Path, site_id: str, out_dir: Path, token: str, policy: SitePolicy | None = None):
+        self.token = token
+        located = (Path(data_dir), check_site_id(site_id), Path(out_dir))
+        self.app = make_client_app(lambda context: located, policy_of=lambda context: policy or SitePolicy())
+        self.context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        self.site_id, self.out_dir = site_id, Path(out_dir)
+
+    def handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """A serialised Flower Message in, the serialised reply Message out (content, or a coded error)."""
+        sent = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), self.token.encode()):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong worker token")
+        msg = message_from_proto(ProtoMessage.FromString(request))
+        if msg.metadata.message_type not in KINDS:
+            log.warning("site %s: refused a %r request", self.site_id, msg.metadata.message_type[:60])
+            reply = coded_error(msg, "policy", f"the site worker ({SERVICE}) does not do "
+                                               f"{msg.metadata.message_type[:60]!r}")
+            audit.append(self.out_dir, audit.entry(msg, reply, self.site_id))
+        else:
+            reply = self.app(msg, self.context)
+        return message_to_proto(reply).SerializeToString()
+
+    def serve(self, address: str) -> grpc.Server:
+        """Start serving on `address` (unix:///path or localhost:port); returns the started server."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=CHANNEL_OPTIONS)
+        method = grpc.unary_unary_rpc_method_handler(self.handle)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Handle": method}),))
+        if not server.add_insecure_port(address):
+            raise OSError(f"cannot listen on {address}")
+        server.start()
+        if address.startswith("unix:"):  # the relay runs as the SuperNode's user: group, never others
+            os.chmod(address.split(":", 1)[1].removeprefix("//"), 0o660)
+        return server
+
+
+def new_token(path: Path) -> str:
+    """A fresh token for this worker, written 0600 to `path` (the SuperNode's node config passes it on)."""
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token)
+    return token
+
