@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter, defaultdict
@@ -14,6 +15,8 @@ from flwr.app import Message
 from mome.common.wire import array_digests, reply_digest
 
 AUDIT_FILE = "audit.jsonl"
+
+log = logging.getLogger("mome.audit")
 
 
 def entry(request: Message, reply: Message, site_id: str) -> dict:
@@ -43,7 +46,18 @@ def append(out_dir: Path, record: dict) -> None:
 
 
 def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The audit's entries; a last line torn by a crash mid-write is left out (and said), any other bad line is an
+    error: the log must not be silently shortened."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not a JSON entry; the audit log was altered") from None
+            log.warning("%s: the last line is torn (a write cut short) and is left out", path)
+    return entries
 
 
 def summary(path: Path) -> str:
