@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from mome.client.choice import CANDIDATES, site_choice
 from mome.client.fedbn import keep_own_norms, with_own_norms
 from mome.client.predict import segment_cases
 from mome.client.privacy import PrivacyLedger
@@ -203,10 +204,21 @@ class Site:
         except Exception:  # the global gate is still a working mixture: keep it rather than nothing
             log.exception("site %s: personalising the gate failed; saving the global gate", self.site_id)
             personal = gate
-        bundle = Bundle(cfg, self.data.label_spec, experts, state_to_numpy(personal), self.cfg.strategy,
-                        self.site_id)
-        return self.finalise(bundle, mixture_predictor(models, personal, self.kind, self.window),
-                             lambda: self.evaluate_mixture(names, models, gate, personal))
+        choice = site_choice(self, models, gate, names)
+        own = names.index(self.site_id) if choice == "expert" else None
+        kept = {"personal": personal, "global": gate}.get(choice)
+        if own is not None:
+            bundle = Bundle(cfg, self.data.label_spec, {self.site_id: experts[self.site_id]}, None,
+                            self.cfg.strategy, self.site_id)
+            predict = expert_predictor(models[own], self.kind, self.window)
+        else:
+            bundle = Bundle(cfg, self.data.label_spec, experts, state_to_numpy(kept), self.cfg.strategy,
+                            self.site_id)
+            predict = mixture_predictor(models, kept, self.kind, self.window)
+        metrics, outcome = self.finalise(bundle, predict,
+                                         lambda: self.evaluate_mixture(names, models, gate, personal, choice))
+        return {**metrics, **({"final_choice": CANDIDATES.index(choice)} if choice != "personal" else {})}, outcome
+
 
     def finalise_shared(self, state: State, finetune_epochs: int, strategy: str) -> tuple[dict, dict]:
         """The last step of a shared-model strategy: fine-tune (fedavg-ft), save, then evaluate and segment."""
@@ -264,13 +276,18 @@ class Site:
             return f"{len(self.unlabelled)} held-out case(s), none with a label file in labelsTs/"
         return "the site has no held-out cases (imagesTs/ empty or absent)"
 
-    def evaluate_mixture(self, names: list[str], models: list[ExpertNet], gate: GateNet, personal: GateNet) -> dict:
-        """Personalised mixture, global-gate mixture and own expert on the labelled held-out cases."""
+    def evaluate_mixture(self, names: list[str], models: list[ExpertNet], gate: GateNet, personal: GateNet,
+                         choice: str = "personal") -> dict:
+        """Personalised mixture, global-gate mixture and own expert on the labelled held-out cases; "mixture" is the
+        one the site keeps (the personalised one unless it chose another: then also "mixture_personal")."""
         test = self.test_batches
         alone = {"expert": names.index(self.site_id)} if self.site_id in names else {}
         predict = mixtures_predictor(models, {"mixture": personal, "mixture_global": gate}, self.kind, self.window,
                                      alone)
         results = evaluate_each(predict, test, self.kind)
+        if choice != "personal":
+            results["mixture_personal"] = results["mixture"]
+            results["mixture"] = results[{"global": "mixture_global", "expert": "expert"}[choice]]
         if alone:
             results["shapley"] = self._shapley(models[alone["expert"]], test)
         results["gate_weights"] = self._mean_gate_weights(personal, test)

@@ -44,6 +44,9 @@ class Strategy(StrEnum):
             raise ValueError(f"unknown strategy {name!r}; choose from {' | '.join(cls)}") from None
 
 
+FINAL_MIXTURES = ("personal", "validated")  # the personalised gate's mixture; or chosen on validation cases
+
+
 class GateAggregation(StrEnum):
     """How the server combines the sites' gate updates."""
 
@@ -91,6 +94,7 @@ class Config:
     gate_steps: int = 30  # gate optimiser steps per gate round, on the site's held-out split
     gate_prior_lr: float = 3e-2  # lr of the gate's output bias, its case-independent preference over experts
     personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
+    final_mixture: str = "personal"  # what a MoME site keeps: "personal", or "validated" (client/choice.py)
     # federation
     strategy: str = "mome"  # a Strategy
     warmup_rounds: int = 8
@@ -122,6 +126,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.gate_aggregation not in set(GateAggregation):
             raise ValueError(f"gate-aggregation {self.gate_aggregation!r}; choose from {' | '.join(GateAggregation)}")
+        if self.final_mixture not in FINAL_MIXTURES:
+            raise ValueError(f"final-mixture {self.final_mixture!r}; choose from {' | '.join(FINAL_MIXTURES)}")
         if not 0.0 <= self.gate_trim_fraction < 0.5:  # Flower's trimmed mean cuts this share from each tail
             raise ValueError(f"gate-trim-fraction {self.gate_trim_fraction} must be in [0, 0.5)")
         for value, prop in ((self.target_spacing, "spacing"), (self.patch_size, "patch")):

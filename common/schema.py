@@ -28,7 +28,8 @@ XYZ = "xyz"  # three values, RAS axis order
 COUNTS = {"n_train": INT, "n_val": INT, "n_test": INT, "n_unlabelled": INT, NUM_EXAMPLES: INT}
 PRIVACY = {"dp_epsilon": FLOAT, "dp_delta": FLOAT}  # privacy spent so far (the pre-noise norm stays local)
 SUPPRESSION = {"suppressed": INT, "gate_on_train": INT}  # flags: what min-cases withheld, or how the gate learned
-EVALUATED = ("mixture", "mixture_global", "expert", "model")  # variants a site scores on its held-out cases
+# variants a site scores on its held-out cases ("mixture" is the one it keeps; "mixture_personal" when it chose another)
+EVALUATED = ("mixture", "mixture_global", "mixture_personal", "expert", "model")
 
 DESCRIBE = {"n_train": INT, "n_val": INT, "n_gate": INT, "n_test": INT, "n_unlabelled": INT, "skipped": INT}
 # aggregate geometry for the plan, over >= min-cases cases (common.cases): medians of spacing and head extent
@@ -39,7 +40,7 @@ TRAIN = {**COUNTS, **PRIVACY, **SUPPRESSION, "train_loss": FLOAT, "val_dice": FL
          "modality_factors": PER_MODALITY}
 GATE = {**COUNTS, **PRIVACY, **SUPPRESSION, "train_loss": FLOAT, "n_gate": INT, "gate_weights": PER_EXPERT}
 EVALUATE = {**COUNTS, **SUPPRESSION, **PRIVACY, "model_saved": INT,
-            "n_segmented": INT, "shapley": PER_MODALITY_AND_CLINICAL, "gate_weights": PER_EXPERT,
+            "n_segmented": INT, "shapley": PER_MODALITY_AND_CLINICAL, "gate_weights": PER_EXPERT, "final_choice": INT,
             **{f"{v}.{m}": kind for v in EVALUATED for m, kind in
                (("dice", PER_REGION), ("dice_mean", FLOAT), ("hd95", FLOAT))}}
 

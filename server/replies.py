@@ -107,7 +107,7 @@ def _record(msg: Message, name: str, kind: type):
 LIST_METRICS = frozenset({"dice", "gate_weights", "shapley", "modality_factors"})
 MAX_LIST = 256
 COUNT_METRICS = frozenset({"n_train", "n_val", "n_test", "n_unlabelled", "n_gate", "n_segmented", "model_saved",
-                           "suppressed", "gate_on_train", "skipped"})
+                           "suppressed", "gate_on_train", "skipped", "final_choice"})
 
 
 def _metrics(record: MetricRecord, lengths: dict[str, int]) -> dict:

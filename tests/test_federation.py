@@ -264,3 +264,21 @@ def test_fedsm_routes_every_case_to_one_expert(two_sites, tmp_path):
         bundle = load_bundle(tmp_path / "fedsm" / "sites" / site / "model")
         assert bundle.cfg.gate_top_k == 1 and bundle.strategy == "fedsm" and bundle.gate is not None
     assert load_bundle(tmp_path / "fedsm" / "model").cfg.gate_top_k == 1
+
+
+def test_a_validated_final_mixture_is_the_one_saved_and_scored(two_sites, tmp_path):
+    """final-mixture=validated: each site keeps the candidate its validation cases chose; "mixture" is that one."""
+    from mome.client.choice import CANDIDATES
+    from mome.common.bundle import load_bundle
+
+    metrics = simulate("mome", two_sites, TINY_RUN.replace(final_mixture="validated"), tmp_path)
+    assert metrics["status"] == "ok"
+    for site, entry in metrics["sites"].items():
+        choice = CANDIDATES[int(entry.get("final_choice", 0))]
+        bundle = load_bundle(tmp_path / "mome" / "sites" / site / "model")
+        assert (bundle.gate is None) == (choice == "expert")
+        variants = entry["variants"]
+        assert ("mixture_personal" in variants) == (choice != "personal")
+        if choice != "personal":
+            kept = variants["mixture_global" if choice == "global" else "expert"]
+            assert entry["dice_mean"] == kept["dice_mean"]

@@ -168,3 +168,12 @@ def test_gate_trains_on_the_mixed_logits_with_the_experts_own_loss(kind):
     expected = segmentation_loss(kind)(mixture_logits(experts, gate, batch, kind)[0], batch["label"]).item()
     history = train_gate(gate, experts, [batch], cfg, kind, steps=1, progress=False)
     assert history["loss"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_final_choice_leans_on_the_personalised_mixture_with_few_cases():
+    from mome.client.choice import pick
+
+    assert pick({"personal": [0.6], "global": [0.7], "expert": [0.5]}) == "global"  # one case: that case decides
+    assert pick({"personal": [0.6, 0.6, 0.6], "global": [0.9, 0.55, 0.55]}) == "personal"  # a mean won by one case
+    assert pick({"personal": [0.6, 0.6, 0.6], "global": [0.7, 0.7, 0.5], "expert": [0.8, 0.8, 0.5]}) == "expert"
+    assert pick({"personal": [0.5, 0.5], "global": [0.5, 0.5]}) == "personal"  # a tie keeps the default
