@@ -227,7 +227,7 @@ class Site:
         if finetune_epochs > 0:
             try:
                 train_expert(model, self.patches("finetune"), self.val_batches, self.cfg, self.kind,
-                             epochs=finetune_epochs, progress=False)
+                             epochs=finetune_epochs, progress=False, keep_best=False)
             except Exception:  # the shared model it was sent still works: keep it rather than nothing
                 log.exception("site %s: fine-tuning failed; saving the shared model", self.site_id)
                 model = self.expert(state)

@@ -16,18 +16,18 @@ Splits = tuple[Iterable[Batch], Sequence[Batch]]  # a site's (train patches, val
 
 
 def train_local(sites: Sequence[Splits], cfg: Config, kind: LabelKind, n_out: int) -> list[ExpertNet]:
-    """Each site trains its own expert (same seed, same epochs) on its own data only."""
+    """Each site trains its own expert (same seed, same epochs) on its own data only; the last epoch is kept."""
     models = []
     for train, val in sites:
         model = load_expert(cfg, n_out)
-        train_expert(model, train, list(val), cfg, kind, progress=False)
+        train_expert(model, train, list(val), cfg, kind, progress=False, keep_best=False)
         models.append(model)
     return models
 
 
 def train_centralized(train: Iterable[Batch], val: Sequence[Batch], cfg: Config, kind: LabelKind,
                       n_out: int) -> ExpertNet:
-    """One expert on the pooled training data of all sites (pooled validation picks its best epoch)."""
+    """One expert on the pooled training data of all sites (its last epoch, as every strategy's)."""
     model = load_expert(cfg, n_out)
-    train_expert(model, train, val, cfg, kind, progress=False)
+    train_expert(model, train, val, cfg, kind, progress=False, keep_best=False)
     return model
