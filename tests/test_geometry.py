@@ -22,8 +22,10 @@ from mome.sim.perturb import VARIANTS, grid, resampled, write_case
 from mome.sim.scanner import reorient, save_scan
 from mome.sim.synth import SiteSpec, generate_site
 
+# the small model of these tests: no modality dropout and no blur augmentation (both slow a model this small; the
+# tests are about geometry, and this recipe was measured at 0.78-0.85 whole-tumour Dice, every region found)
 SMALL = Config(channels="8,16,32", stem_channels=4, target_spacing="3,3,3", patch_size="32,32,32", batch_size=2,
-               min_cases=1, modality_dropout=0.0)
+               min_cases=1, modality_dropout=0.0, aug_blur=0.0)
 TRAIN_CASES, SCHEDULE = 16, ((0.01, 20), (0.002, 10))  # (lr, epochs) in turn
 WHOLE_TUMOUR_FLOOR = 0.5  # a model that finds the whole tumour: the orientation and perturbation checks mean something
 
