@@ -115,7 +115,8 @@ def markdown(summary: dict, title: str) -> str:
              "Mean over sites and worst site of each site's mean Dice on its labelled held-out cases (mean ± sd over "
              "seeds). MoME − strategy: the paired difference, [95 % bootstrap interval] over cases and seeds.", ""]
     for preset, entry in summary.items():
-        lines += [f"## {preset} ({len(entry['seeds'])} seeds: {', '.join(map(str, entry['seeds']))})", "",
+        n = len(entry["seeds"])
+        lines += [f"## {preset} ({n} seed{'s' * (n != 1)}: {', '.join(map(str, entry['seeds']))})", "",
                   "| strategy | mean | worst site | MoME − it, mean | MoME − it, worst site | wall s | MB sent |",
                   "|---|---|---|---|---|---|---|"]
         for name, s in entry["strategies"].items():

@@ -237,7 +237,7 @@ def test_fedbn_keeps_each_sites_normalisation_at_the_site(two_sites, tmp_path):
     from mome.common.bundle import load_bundle
     from mome.common.model import ExpertNet, norm_keys
 
-    metrics = simulate("fedbn", two_sites, TINY_RUN.replace(warmup_rounds=2), tmp_path)
+    metrics = simulate("fedbn", two_sites, TINY_RUN, tmp_path)
     assert metrics["status"] == "ok"
     keys = norm_keys(ExpertNet.from_config(TINY_RUN, 5, 3))
     assert keys and all(".weight" in k or ".bias" in k for k in keys)
