@@ -73,7 +73,8 @@ def site_serve(args: argparse.Namespace) -> int:
     import logging
 
     from mome.client.policy import PREFIX, SitePolicy
-    from mome.client.worker import SERVICE, Worker, code_hash, new_token, version
+    from mome.client.worker import SERVICE, Worker, code_hash, new_token
+    from mome.common.config import package_version
     from mome.common.wire import site_id_from_name
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -87,7 +88,7 @@ def site_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"mome site worker {version()} ({SERVICE}), code sha256 {code_hash()}\n"
+    print(f"mome site worker {package_version()} ({SERVICE}), code sha256 {code_hash()}\n"
           f"site {site_id}: data {args.data} (read only), out {args.out}; listening on {args.listen}; "
           f"token in {args.token_file}", flush=True)
     try:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import metadata
 
 from mome.cli import coordinator, developer, hospital
+from mome.common.config import package_version
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mome", description="Federated Mixture of Multicenter Experts.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for user in (hospital, coordinator, developer):
         user.add_commands(sub)
@@ -27,13 +27,6 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             for command in action.choices.values():
                 command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
                 _show_defaults(command)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("mome-fl")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 from concurrent import futures
-from importlib import metadata
 from pathlib import Path
 
 import grpc
@@ -29,7 +28,6 @@ from mome.common.wire import Action, check_site_id
 log = logging.getLogger("mome.worker")
 
 SERVICE = "mome.site.Worker/v1"  # the worker protocol's name and version: a relay of another version is refused
-HANDLE = f"/{SERVICE}/Handle"
 TOKEN_HEADER = "mome-worker-token"
 KINDS = frozenset({"query.describe", *(str(a) for a in Action)})  # what the worker accepts
 LAYERS = ("common", "client", "server", "sim", "deploy", "cli")
@@ -45,13 +43,6 @@ def code_hash() -> str:
             for path in sorted(root.rglob("*.py")):
                 digest.update(f"{layer}/{path.relative_to(root)}".encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-def version() -> str:
-    try:
-        return metadata.version("mome-fl")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class Worker:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import tomllib
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from enum import StrEnum
@@ -243,6 +244,14 @@ def parse_run_config(text: str | None) -> dict[str, Any]:
             values[key] = raw
     config_from_mapping({k: v for k, v in values.items() if k != OUT_DIR_KEY})
     return values
+
+
+def package_version() -> str:
+    """The installed mome-fl version ("unknown" from a bare checkout)."""
+    try:
+        return metadata.version("mome-fl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def selector_config(cfg: Config) -> Config:

@@ -90,14 +90,16 @@ def score_run(run_dir: Path, site_dirs: list[Path], strategies: tuple[str, ...])
     held-out cases, with the model the site ended with (MoME: its personalised mixture)."""
     site_ids = [site_id_from_name(d.name) for d in site_dirs]
     bundles = {s: {site: _bundle(run_dir / s / "sites" / site / "model") for site in site_ids} for s in strategies}
+    ensemble = None
     if Strategy.LOCAL in strategies and all(bundles[Strategy.LOCAL].values()):
         bundles[LOCAL_ENSEMBLE] = {site: LOCAL_ENSEMBLE for site in site_ids}
+        ensemble = _ensemble(bundles[Strategy.LOCAL].values())  # the same models at every site: built once
     scores: dict[str, dict[str, list]] = {s: {} for s in bundles}
     for site_dir, site in zip(site_dirs, site_ids):
         kept = {s: b[site] for s, b in bundles.items() if b[site] is not None}
         for s in set(bundles) - set(kept):
             scores[s][site] = None
-        predictors = {s: _ensemble(bundles[Strategy.LOCAL].values()) if b == LOCAL_ENSEMBLE else predictor(b)
+        predictors = {s: ensemble if b == LOCAL_ENSEMBLE else predictor(b)
                       for s, b in kept.items()}
         if predictors:
             reference = next(b for b in kept.values() if b != LOCAL_ENSEMBLE)
