@@ -39,10 +39,10 @@ def choose_final(experts: Sequence[ExpertNet], gate: GateNet, cases: Sequence[di
     logits = [expert_logits(experts, case, kind, window) for case in cases]
     folds = [list(range(k, len(cases), min(len(cases), MAX_FOLDS))) for k in range(min(len(cases), MAX_FOLDS))]
     scores: dict[str, list[float]] = {name: [] for name in CANDIDATES if name != "expert" or own is not None}
-    with torch.no_grad():
-        for fold in folds:
-            rest = [case for i, case in enumerate(cases) if i not in fold]
-            personal = personalise_gate(gate, experts, rest, cfg, kind, steps) if rest else gate
+    for fold in folds:
+        rest = [case for i, case in enumerate(cases) if i not in fold]
+        personal = personalise_gate(gate, experts, rest, cfg, kind, steps) if rest else gate  # trains: with grads
+        with torch.no_grad():
             for i in fold:
                 label = cases[i]["label"]
                 for name, g in (("personal", personal), ("global", gate)):

@@ -177,3 +177,20 @@ def test_the_final_choice_leans_on_the_personalised_mixture_with_few_cases():
     assert pick({"personal": [0.6, 0.6, 0.6], "global": [0.9, 0.55, 0.55]}) == "personal"  # a mean won by one case
     assert pick({"personal": [0.6, 0.6, 0.6], "global": [0.7, 0.7, 0.5], "expert": [0.8, 0.8, 0.5]}) == "expert"
     assert pick({"personal": [0.5, 0.5], "global": [0.5, 0.5]}) == "personal"  # a tie keeps the default
+
+
+def test_the_final_choice_personalises_out_of_fold_and_scores_every_candidate():
+    """With several validation cases each fold's gate is personalised on the others (a gate that trains needs its
+    gradients: a choice that silently failed would fall back to the default and hide it)."""
+    from mome.client.choice import CANDIDATES, choose_final
+
+    batches = blob_cases(4, 16, seed=5)
+    cases = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(2)]
+    cfg = CFG.replace(gate_pool=4)
+    experts = [build_expert(cfg, F, n_out=2, seed=s) for s in (0, 1)]
+    gate = build_gate(cfg, F, n_experts=2)
+    before = [p.detach().clone() for p in gate.parameters()]
+    choice, means = choose_final(experts, gate, cases, cfg, "regions", steps=3, own=1)
+    assert choice in CANDIDATES and set(means) == set(CANDIDATES)
+    assert all(0.0 <= v <= 1.0 for v in means.values())
+    assert all(torch.equal(a, p) for a, p in zip(before, gate.parameters())), "the global gate is untouched"
