@@ -23,10 +23,11 @@ RUN pip install /app
 
 # The non-root user every service runs as (uid 10001 = deploy/topology.py IMAGE_UID; compose may pick another
 # uid with MOME_UID, so the folders a service writes are open to any uid: one service per container).
-# /state seeds the SuperLink's named volume with these permissions; /flwr holds the Flower CLI's config.
+# /state and /run/mome seed the named volumes (SuperLink state; a site worker's socket) with these permissions;
+# /flwr holds the Flower CLI's config.
 RUN groupadd --gid 10001 mome \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mome \
-    && install -d -m 1777 /state /flwr /outputs /site-out
+    && install -d -m 1777 /state /flwr /outputs /site-out /run/mome
 USER 10001:10001
 
 # SuperLink: Fleet API (hospitals connect here), Control API (coordinator CLI), health

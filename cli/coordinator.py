@@ -76,7 +76,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="docker-compose.yml", help="file to write (default docker-compose.yml)")
     p.set_defaults(func=compose)
 
-    p = sub.add_parser("health", help="exit 0 if a SuperLink/SuperNode gRPC health service answers SERVING")
-    p.add_argument("--address", required=True, help="host:port of --health-server-address (required)")
+    p = sub.add_parser("health", help="exit 0 if a SuperLink/SuperNode/site worker gRPC health service answers SERVING")
+    p.add_argument("--address", required=True,
+                   help="host:port of a --health-server-address, or unix:///path of a site worker's socket")
     p.add_argument("--timeout", type=float, default=3.0)
     p.set_defaults(func=health)

@@ -11,10 +11,12 @@ import importlib.util
 import logging
 import os
 import secrets
+import threading
 from concurrent import futures
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from flwr.app import Context, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
@@ -55,6 +57,7 @@ class Worker:
         self.app = make_client_app(lambda context: located, policy_of=lambda context: policy or SitePolicy())
         self.context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.site_id, self.out_dir = site_id, Path(out_dir)
+        self.one_at_a_time = threading.Lock()  # steps run in turn; the second thread answers health probes
 
     def handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         """A serialised Flower Message in, the serialised reply Message out (content, or a coded error)."""
@@ -68,14 +71,18 @@ class Worker:
                                                f"{msg.metadata.message_type[:60]!r}")
             audit.append(self.out_dir, audit.entry(msg, reply, self.site_id))
         else:
-            reply = self.app(msg, self.context)
+            with self.one_at_a_time:
+                reply = self.app(msg, self.context)
         return message_to_proto(reply).SerializeToString()
 
     def serve(self, address: str) -> grpc.Server:
         """Start serving on `address` (unix:///path or localhost:port); returns the started server."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=CHANNEL_OPTIONS)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=CHANNEL_OPTIONS)
         method = grpc.unary_unary_rpc_method_handler(self.handle)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Handle": method}),))
+        probe = health.HealthServicer()  # liveness for deploy-local and compose (`mome health`); carries no data
+        probe.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(probe, server)
         if not server.add_insecure_port(address):
             raise OSError(f"cannot listen on {address}")
         server.start()

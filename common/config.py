@@ -90,6 +90,7 @@ class Config:
     # training
     seed: int = 0
     lr: float = 3e-3
+    lr_decay: bool = False  # anneal each training call's lr to 0 (nnU-Net's poly): the kept last epoch settles
     batch_size: int = 2
     expert_epochs: int = 8
     gate_steps: int = 30  # gate optimiser steps per gate round, on the site's held-out split

@@ -72,6 +72,11 @@ def _expert_loss(model: ExpertNet, batch: Batch, presence: torch.Tensor, loss_fn
     return loss, aux_scores(aux, aux_label, present, kind)
 
 
+def _poly_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """nnU-Net's poly decay, lr x (1 - step/steps)^0.9, over one training call's optimiser steps."""
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(steps, 1), power=0.9)
+
+
 def _validate(model: ExpertNet, val_batches: Sequence[Batch], kind: LabelKind, cfg: Config) -> float | None:
     if not val_batches:
         return None
@@ -101,6 +106,7 @@ def train_expert(
     balancer = ModalityBalancer(names, alpha=cfg.balance_alpha)
     loss_fn = segmentation_loss(kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scheduler = _poly_schedule(optimizer, epochs * len(train_batches)) if cfg.lr_decay else None
     history: dict = {"loss": [], "val_dice": [], "factors": [], "seconds": [], "n_train": getattr(train_batches, "n_cases", None) or _cases(train_batches)}
     best_dice, best_state, best_epoch = -1.0, None, epochs - 1
     for epoch in range(epochs):
@@ -114,6 +120,8 @@ def train_expert(
             loss.backward()
             balancer.scale_gradients(model.stems)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             balancer.update(scores)
             model_losses.append(loss.item())
             bar.set_postfix(loss=f"{model_losses[-1]:.3f}")

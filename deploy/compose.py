@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import yaml
 
 from mome.deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE, STATE_VOLUME, SUPERLINK, Confinement, Service, \
-    Topology
+    Topology, worker_name
 
 ENV_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -58,7 +58,8 @@ def compose_dict(top: Topology) -> dict[str, Any]:
         entry: dict[str, Any] = {"image": f"${{MOME_IMAGE:-{IMAGE}}}", "build": dict(build),
                                  "user": top.confinement.user,  # the image's non-root user, or the host's
                                  "command": list(svc.command), "environment": dict(svc.env),
-                                 "volumes": _volumes(svc), "networks": list(svc.networks)}
+                                 "volumes": _volumes(svc)}
+        entry.update({"networks": list(svc.networks)} if svc.networks else {"network_mode": "none"})
         if svc.health:
             entry["healthcheck"] = {"test": ["CMD", *svc.health], **check}
         if svc.role == "superlink":
@@ -66,15 +67,19 @@ def compose_dict(top: Topology) -> dict[str, Any]:
                               f"127.0.0.1:${{MOME_CONTROL_PORT:-{top.ports.control}}}:{top.ports.control}"]
             entry["restart"] = "unless-stopped"
         elif svc.role == "site":
-            entry["depends_on"] = dict(healthy)
+            entry["depends_on"] = {**healthy, worker_name(svc.site_id): {"condition": "service_healthy"}}
             entry["restart"] = "unless-stopped"  # also retries until the coordinator has enrolled the key
+            entry.update(_confined(top.confinement))
+        elif svc.role == "worker":  # the hospital's own process: no network at all, only its socket volume
+            entry["restart"] = "unless-stopped"
             entry.update(_confined(top.confinement))
         else:  # enrol / run: one-shot coordinator commands
             entry["depends_on"] = dict(healthy)
             entry["restart"] = "no"
         services[svc.name] = entry
     # sites share only FLEET with the SuperLink; the Control API's clients (run, enrol-*) are on CONTROL
-    return {"services": services, "networks": {FLEET_NETWORK: {}, CONTROL_NETWORK: {}}, "volumes": {STATE_VOLUME: {}}}
+    volumes = {STATE_VOLUME: {}, **{worker_name(site): {} for site in top.site_ids}}
+    return {"services": services, "networks": {FLEET_NETWORK: {}, CONTROL_NETWORK: {}}, "volumes": volumes}
 
 
 def render_compose(top: Topology) -> str:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from mome.common.wire import check_site_id
 from mome.deploy.app import _app_config, app_for_run
 from mome.deploy.certs import write_certificates
 from mome.deploy.health import check_health, port_open
-from mome.deploy.processes import DeployError, Proc, descendants, entry_point, free_ports, stop_tree
-from mome.deploy.topology import RUN, SUPERLINK, Ports, Service, Topology, format_node_config
+from mome.deploy.processes import DeployError, Proc, descendants, entry_point, free_ports, stop_tree, tee
+from mome.deploy.topology import RUN, SUPERLINK, Ports, Service, Topology, format_node_config, worker_name
 
 log = logging.getLogger("mome.deploy")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ class LocalDeployment:
                             certs_dir=str(run_dir / "certs"), out_dir=str(run_dir),
                             strategy=str(overrides.get("strategy", _app_config(project).get("strategy", "mome"))),
                             secure=secure, containers=False, state_dir=str(run_dir / "state"),
+                            worker_root=_short_folder(run_dir / "state" / "workers"),
                             ports=Ports(ports[0], ports[1], ports[2],
                                         tuple((ports[3 + 2 * i], ports[4 + 2 * i]) for i in range(n))))
         for site in topology.site_ids:
@@ -80,7 +82,7 @@ class LocalDeployment:
         env.update(service.env)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec
         env["PYTHONUNBUFFERED"] = "1"
-        if service.role == "site" and "OMP_NUM_THREADS" not in os.environ:
+        if service.role == "worker" and "OMP_NUM_THREADS" not in os.environ:
             # every site trains on this one machine: share the cores instead of oversubscribing them
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.topology.site_ids)))
         Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ class LocalDeployment:
                                  start_new_session=True)  # its own group: stopped as a unit, not by Ctrl-C
         proc = Proc(service.name, popen, log_path, list(service.command))
         if pipe:
-            proc.echo_thread = threading.Thread(target=_tee, args=(popen, out, self.echo), daemon=True)
+            proc.echo_thread = threading.Thread(target=tee, args=(popen, out, self.echo), daemon=True)
             proc.echo_thread.start()
         else:
             out.close()
@@ -152,11 +154,23 @@ class LocalDeployment:
             self.enrolled.append(site)
             self._event("enrolled", site)
 
+    def start_worker(self, site: str, timeout: float = 120.0) -> Proc:
+        """The site's own worker (`mome site serve`), ready once its health service answers on its socket."""
+        top = self.topology
+        service = top.worker(top.site_ids.index(site))
+        Path(top.site_out(site)).mkdir(parents=True, exist_ok=True)
+        Path(top.worker_dir(site)).mkdir(parents=True, exist_ok=True, mode=0o700)
+        proc = self._start(service)
+        self._wait_until(proc, lambda: check_health(f"unix://{top.worker_dir(site)}/worker.sock", 1.0), timeout,
+                         "readiness")
+        return proc
+
     def start_site(self, site: str, timeout: float = 60.0) -> Proc:
         top = self.topology
         index = top.site_ids.index(site)
         service = top.site(index)
-        Path(top.site_out(site)).mkdir(parents=True, exist_ok=True)
+        if worker_name(site) not in self.procs:
+            self.start_worker(site)
         proc = self._start(service)
         # liveness only: a SuperNode whose key is refused exits by itself, the run goes on without it
         health = f"127.0.0.1:{top.ports.site(index)[1]}"
@@ -166,9 +180,11 @@ class LocalDeployment:
         return proc
 
     def up(self, enrol: Iterable[str] | None = None) -> None:
-        """SuperLink, enrolment of `enrol` (default: every site), then every site's SuperNode."""
+        """SuperLink, enrolment of `enrol` (default: every site), then every site's worker and SuperNode."""
         self.start_superlink()
         self.enrol(enrol)
+        for site in self.topology.site_ids:
+            self.start_worker(site)
         for site in self.topology.site_ids:
             self.start_site(site)
 
@@ -205,7 +221,7 @@ class LocalDeployment:
         return run.returncode
 
     def _note_exits(self) -> None:
-        """Log a SuperNode that stopped on its own (refused key, crash) once; the run goes on without it."""
+        """Log a SuperNode or worker that stopped on its own (refused key, crash) once; the run goes on without it."""
         for proc in self.procs.values():
             if proc.returncode is not None and not proc.stopped_by_us and proc.name != RUN and \
                     not any(e["process"] == proc.name and e["event"] == "exited" for e in self.events):
@@ -260,17 +276,6 @@ class LocalDeployment:
         return combined
 
 
-def _tee(popen: subprocess.Popen, out, echo: bool) -> None:
-    """Copy a process's output to its log (and to our stdout when echo)."""
-    with out:
-        for line in iter(popen.stdout.readline, b""):
-            out.write(line)
-            out.flush()
-            if echo:
-                sys.stdout.write(line.decode(errors="replace"))
-                sys.stdout.flush()
-
-
 def site_folders(data_dir: Path, n_sites: int) -> list[Path]:
     """The first n site folders (those holding a dataset.json) of a data folder, by name."""
     try:
@@ -317,6 +322,17 @@ def _sigterm_as_interrupt():
         raise KeyboardInterrupt(f"signal {signum}")
 
     return signal.signal(signal.SIGTERM, interrupt)
+
+
+SOCKET_PATH_MAX = 100  # a Unix socket path longer than about 107 bytes cannot be bound
+
+
+def _short_folder(folder: Path) -> str:
+    """Where the workers' sockets go: under the run folder, or a fresh private folder in /tmp where that path would
+    be too long for a socket."""
+    if len(f"{folder}/site-a-long-name/worker.sock") <= SOCKET_PATH_MAX:
+        return str(folder)
+    return tempfile.mkdtemp(prefix="mome-workers-")
 
 
 def _site_id(folder_name: str) -> str:

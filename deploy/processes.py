@@ -148,3 +148,12 @@ class Proc:
                 "stopped_by_deploy": self.stopped_by_us}
 
 
+def tee(popen: subprocess.Popen, out, echo: bool) -> None:
+    """Copy a process's output to its log (and to our stdout when echo)."""
+    with out:
+        for line in iter(popen.stdout.readline, b""):
+            out.write(line)
+            out.flush()
+            if echo:
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()

@@ -17,7 +17,7 @@ IMAGE = "mome-fl:0.1.0"
 DEFAULT_DATA, DEFAULT_CERTS, DEFAULT_OUTPUTS = "./data", "./certs", "./runs/compose"
 # What a process sees inside its container; local processes see the host paths themselves.
 IN_CONTAINER = {"data": "/data", "site_out": "/site-out", "certs": "/certs", "outputs": "/outputs",
-                "state": "/state", "app": "/app"}
+                "state": "/state", "app": "/app", "worker": "/run/mome"}
 STATE_VOLUME = "superlink-state"
 # Compose networks: sites reach the SuperLink only on FLEET; the Control API's clients (run, enrol-*) on CONTROL
 FLEET_NETWORK, CONTROL_NETWORK = "fleet", "control"
@@ -94,6 +94,8 @@ class Topology:
     containers: bool = True
     ports: Ports = Ports()
     state_dir: str = ""  # local view: SuperLink database and Flower homes ("" = <out_dir>)
+    worker_root: str = ""  # local view: the workers' socket folders ("" = <state_dir>/workers; a socket path has
+    # to stay under ~100 characters)
     confinement: Confinement = Confinement()
 
     @classmethod
@@ -120,6 +122,11 @@ class Topology:
         """Where a site writes its own final model bundle (never sent anywhere)."""
         return f"{self.out_dir}/{self.strategy}/sites/{site}"
 
+    def worker_dir(self, site: str) -> str:
+        """The folder the site worker and its SuperNode share: the worker's socket and token, nothing else (compose:
+        a named volume per site, named like the worker)."""
+        return self._see("worker", f"{self.worker_root or (self.state_dir or self.out_dir) + '/workers'}/{site}")
+
     def cert(self, name: str) -> str:
         return f"{self.certs_dir}/{name}"
 
@@ -143,9 +150,10 @@ class Topology:
 
     # -- what runs --------------------------------------------------------------------------
     def node_config(self, site: str) -> dict[str, str]:
-        """The SuperNode's --node-config: site identity and folders (read by client/client_app.py)."""
-        return {"site-id": site, "data-dir": self._see("data", self.site_data(site)),
-                "out-dir": self._see("site_out", self.site_out(site))}
+        """The SuperNode's --node-config: the site id and where its worker listens (read by client/relay.py, the
+        coordinator's app at the site, which learns nothing else about the site)."""
+        folder = self.worker_dir(site)
+        return {"site-id": site, "worker": f"unix://{folder}/worker.sock", "worker-token-file": f"{folder}/worker.token"}
 
     def run_config(self) -> dict[str, Any]:
         """Run-config overrides the deployment itself sets: where the coordinator writes, how many sites."""
@@ -200,7 +208,7 @@ class Topology:
         if self.containers:  # a hospital's own machine points its service at the coordinator's public address
             fleet = f"${{MOME_SUPERLINK:-{fleet}}}"
         cmd = ["flower-supernode", "--superlink", fleet]
-        mounts = (Mount(self.site_data(site), self._see("data", self.site_data(site))),)
+        mounts = (self._worker_mount(site),)  # the coordinator's app runs here: no site data, no site outputs
         if self.secure:
             key = f"{certs}/{SITE_KEY}" if self.containers else self.site_key(site)
             cmd += ["--root-certificates", f"{certs}/{CA_CERT}", "--auth-supernode-private-key", key]
@@ -210,9 +218,25 @@ class Topology:
         config = self.node_config(site)
         cmd += ["--host", "127.0.0.1", "--port", str(runtime), "--health-server-address", f"127.0.0.1:{health}",
                 "--node-config", format_node_config(config)]
-        mounts += (Mount(self.site_out(site), config["out-dir"], read_only=False),)
         return Service(site, "site", tuple(cmd), self._env(site), mounts, _health(f"127.0.0.1:{health}"),
                        site_id=site, node_config=config, networks=(FLEET_NETWORK,))
+
+    def worker(self, index: int) -> Service:
+        """The site worker (`mome site serve`): the hospital's own installed code, the only process that opens the
+        site's data (read-only) and writes its outputs; no network, only the socket its SuperNode's relay uses."""
+        site = self.site_ids[index]
+        folder, data, out = self.worker_dir(site), self._see("data", self.site_data(site)), self._see(
+            "site_out", self.site_out(site))
+        cmd = ("mome", "site", "serve", "--data", data, "--site-id", site, "--out", out,
+               "--listen", f"unix://{folder}/worker.sock", "--token-file", f"{folder}/worker.token")
+        mounts = (Mount(self.site_data(site), data), Mount(self.site_out(site), out, read_only=False),
+                  self._worker_mount(site))
+        return Service(worker_name(site), "worker", cmd, self._env(worker_name(site)), mounts,
+                       _health(f"unix://{folder}/worker.sock"), site_id=site)
+
+    def _worker_mount(self, site: str) -> Mount:
+        source = worker_name(site) if self.containers else self.worker_dir(site)
+        return Mount(source, self.worker_dir(site), read_only=False)
 
     def enrol(self, index: int) -> Service:
         """Coordinator side: register a site's public key so the SuperLink accepts that SuperNode."""
@@ -236,10 +260,14 @@ class Topology:
         return (Mount(f"{self.certs_dir}/flwr/config.toml", "/flwr/config.toml"),)
 
     def services(self) -> list[Service]:
-        """In start order: SuperLink, enrolments (secure only), sites, then the run."""
+        """In start order: SuperLink, enrolments (secure only), site workers, sites, then the run."""
         n = range(len(self.site_ids))
         enrol = [self.enrol(i) for i in n] if self.secure else []
-        return [self.superlink(), *enrol, *(self.site(i) for i in n), self.run()]
+        return [self.superlink(), *enrol, *(self.worker(i) for i in n), *(self.site(i) for i in n), self.run()]
+
+
+def worker_name(site: str) -> str:
+    return f"worker-{site}"
 
 
 def format_node_config(config: Mapping[str, str]) -> str:

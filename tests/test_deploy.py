@@ -99,6 +99,9 @@ def test_enrolled_sites_complete_a_federation_over_tls_with_node_auth(secure_run
         assert {"--root-certificates", "--auth-supernode-private-key"} <= set(procs[site]["argv"])
     assert not any("--insecure" in p["argv"] for p in procs.values())
     assert record["run_config"]["start-sites"] == 2
+    # the SuperNodes (and the coordinator's app they run) were told only where their worker listens
+    assert all(set(c) == {"site-id", "worker", "worker-token-file"} for c in record["node_configs"].values())
+    assert "code sha256" in (run_dir / "logs" / "worker-site-a.log").read_text()
     for name in (SUPERLINK, "site-a", "site-b", "site-c", RUN, "enrol-site-a", "enrol-site-b"):
         assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
     # every process (and the SuperExec/ClientApp children Flower detaches) is gone
@@ -178,25 +181,41 @@ def test_compose_and_deploy_local_share_services_sites_node_configs_and_mounts(t
                      out_dir=str(tmp_path / "run"), containers=False)
     services = {s.name: s for s in local.services()}
     assert set(compose) == set(services) == {SUPERLINK, RUN, *(f"enrol-site-{c}" for c in "abc"),
-                                             *(f"site-{c}" for c in "abc")}
+                                             *(f"site-{c}" for c in "abc"), *(f"worker-site-{c}" for c in "abc")}
     for name, svc in services.items():
         assert compose[name]["command"][0] == svc.command[0]
         assert _flags(compose[name]["command"]) == _flags(svc.command), name  # same options, own paths/ports
     for site in ("site-a", "site-b", "site-c"):
         command = compose[site]["command"]
         node = parse_config_args([command[command.index("--node-config") + 1]])  # as flower-supernode reads it
-        assert node == {"site-id": site, "data-dir": "/data", "out-dir": "/site-out"}
+        assert node == {"site-id": site, "worker": "unix:///run/mome/worker.sock",
+                        "worker-token-file": "/run/mome/worker.token"}
         assert set(node) == set(services[site].node_config) and services[site].node_config["site-id"] == site
-        # each site mounts exactly one data folder, its own, read-only -- in both renderings
-        data = [_volume(v) for v in compose[site]["volumes"] if _volume(v)[1] == node["data-dir"]]
-        assert data == [(f"${{MOME_DATA:-./data}}/{site}", "/data", True)]
-        assert expand(data[0][0]) == f"./data/{site}"
-        local_data = [m for m in services[site].mounts if m.target == services[site].node_config["data-dir"]]
+        # only the site's own worker mounts a data folder, its own, read-only -- in both renderings
+        worker = compose[f"worker-{site}"]
+        data = [_volume(v) for v in worker["volumes"] if "MOME_DATA" in v]
+        assert data == [(f"${{MOME_DATA:-./data}}/{site}", "/data", True)] and expand(data[0][0]) == f"./data/{site}"
+        local_data = [m for m in services[f"worker-{site}"].mounts if m.source == str(tmp_path / "data" / site)]
         assert len(local_data) == 1 and local_data[0].read_only
-        assert Path(local_data[0].source) == tmp_path / "data" / site
-        assert [_volume(v) for v in compose[site]["volumes"] if "MOME_DATA" in v] == data
         assert not any("sites/" in v and site not in v for v in compose[site]["volumes"])  # no other site's key
-        assert "ports" not in compose[site]  # a hospital opens no inbound port
+        assert "ports" not in compose[site] and "ports" not in worker  # a hospital opens no inbound port
+
+
+def test_the_coordinators_app_runs_where_there_is_no_site_data_and_the_worker_has_no_network():
+    """The SuperNode container runs the FAB's ClientApp (the relay): it holds no data folder, no site outputs and
+    no worker-side key, only its Flower node key and its worker's socket volume; the worker joins no network."""
+    compose = _compose()
+    services = compose["services"]
+    for site in ("site-a", "site-b", "site-c"):
+        relay = [_volume(v) for v in services[site]["volumes"]]
+        assert {target for _, target, _ in relay} == {"/run/mome", "/certs/ca.crt", "/certs/auth.key"}, relay
+        assert not any("MOME_DATA" in source or "MOME_OUTPUTS" in source for source, _, _ in relay)
+        worker = services[f"worker-{site}"]
+        assert worker["network_mode"] == "none" and "networks" not in worker
+        assert (f"worker-{site}", "/run/mome", False) in [_volume(v) for v in worker["volumes"]]
+        assert not any("certs" in v for v in worker["volumes"])
+        assert services[site]["depends_on"][f"worker-{site}"] == {"condition": "service_healthy"}
+        assert f"worker-{site}" in compose["volumes"]
 
 
 def test_every_compose_command_is_a_real_entry_point():
