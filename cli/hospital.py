@@ -75,6 +75,7 @@ def site_serve(args: argparse.Namespace) -> int:
     from mome.client.policy import PREFIX, SitePolicy
     from mome.client.worker import SERVICE, Worker, code_hash, new_token
     from mome.common.config import package_version
+    from mome.common.signing import load_signing_key
     from mome.common.wire import site_id_from_name
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -83,14 +84,16 @@ def site_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.data} is not a site folder (no dataset.json)")
         policy = SitePolicy.from_node_config({f"{PREFIX}file": args.policy} if args.policy else {})
         site_id = args.site_id or site_id_from_name(Path(args.data).name)
-        worker = Worker(Path(args.data), site_id, Path(args.out), new_token(Path(args.token_file)), policy)
+        key = load_signing_key(Path(args.signing_key)) if args.signing_key else None
+        worker = Worker(Path(args.data), site_id, Path(args.out), new_token(Path(args.token_file)), policy, key)
         server = worker.serve(args.listen)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"mome site worker {package_version()} ({SERVICE}), code sha256 {code_hash()}\n"
           f"site {site_id}: data {args.data} (read only), out {args.out}; listening on {args.listen}; "
-          f"token in {args.token_file}", flush=True)
+          f"token in {args.token_file}; replies {'signed with ' + args.signing_key if key else 'unsigned'}",
+          flush=True)
     try:
         server.wait_for_termination()
     except KeyboardInterrupt:
@@ -99,12 +102,16 @@ def site_serve(args: argparse.Namespace) -> int:
 
 
 def site_key(args: argparse.Namespace) -> int:
+    from mome.common.signing import write_signing_key
     from mome.common.wire import check_site_id
-    from mome.deploy.certs import SITE_KEY, fingerprint, write_key_pair
+    from mome.deploy.certs import ENROLLED_SIGNING, SIGNING_KEY, SITE_KEY, fingerprint, write_key_pair
 
     try:
         comment = f"mome-{check_site_id(args.site_id)}" if args.site_id else "mome-site"
+        if not args.overwrite and (Path(args.out) / SIGNING_KEY).exists():
+            raise FileExistsError(f"{Path(args.out) / SIGNING_KEY} exists")
         key, public = write_key_pair(Path(args.out) / SITE_KEY, comment, overwrite=args.overwrite)
+        signing, signing_public = write_signing_key(Path(args.out) / SIGNING_KEY, overwrite=True)
     except (FileExistsError, ValueError) as exc:
         hint = " (--overwrite replaces it; the coordinator must then enrol the new key)" \
             if isinstance(exc, FileExistsError) else ""
@@ -115,7 +122,11 @@ def site_key(args: argparse.Namespace) -> int:
           f"send the coordinator only {public} (fingerprint {fingerprint(public)}; confirm it by phone);\n"
           f"  it goes to certs/sites/{site}/auth.key.pub and is enrolled with `flwr supernode register`\n"
           f"start the SuperNode with: --auth-supernode-private-key {key} "
-          f"(in a container: mount it at /certs/auth.key)")
+          f"(in a container: mount it at /certs/auth.key)\n"
+          f"wrote {signing} (private, 0600: the site worker's, `mome site serve --signing-key {signing}`) and "
+          f"{signing_public}\n"
+          f"send the coordinator {signing_public} too (fingerprint {fingerprint(signing_public)}); it goes to "
+          f"certs/{ENROLLED_SIGNING}/{site}.pub: every reply the coordinator accepts from {site} is signed by it")
     return 0
 
 
@@ -170,6 +181,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--token-file", default="/run/mome/worker.token",
                        help="a fresh token is written here (0600); the SuperNode's node config names this file")
     serve.add_argument("--policy", help="the site's policy (TOML: max-epochs, min-cases, allowed-strategies, ...)")
+    serve.add_argument("--signing-key", help="sign every reply with this key (`mome site-key` writes sign.key; "
+                                             "the coordinator enrols sign.key.pub)")
     serve.set_defaults(func=site_serve)
 
     p = sub.add_parser("predict", help="write NIfTI segmentations with a saved model bundle")

@@ -25,6 +25,7 @@ from mome.client import audit
 from mome.client.client_app import make_client_app
 from mome.client.guard import coded_error
 from mome.client.policy import SitePolicy
+from mome.common.signing import sign
 from mome.common.wire import Action, check_site_id
 
 log = logging.getLogger("mome.worker")
@@ -51,8 +52,9 @@ class Worker:
     """One site's steps behind a local gRPC endpoint: every message goes through the same ClientApp (guard and
     handlers) the simulation runs, inside this process, with this site's own node config."""
 
-    def __init__(self, data_dir: Path, site_id: str, out_dir: Path, token: str, policy: SitePolicy | None = None):
-        self.token = token
+    def __init__(self, data_dir: Path, site_id: str, out_dir: Path, token: str, policy: SitePolicy | None = None,
+                 signing_key=None):
+        self.token, self.signing_key = token, signing_key  # the key signs every reply (an Ed25519PrivateKey)
         located = (Path(data_dir), check_site_id(site_id), Path(out_dir))
         self.app = make_client_app(lambda context: located, policy_of=lambda context: policy or SitePolicy())
         self.context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -73,6 +75,8 @@ class Worker:
         else:
             with self.one_at_a_time:
                 reply = self.app(msg, self.context)
+        if self.signing_key is not None:
+            sign(reply, self.signing_key)
         return message_to_proto(reply).SerializeToString()
 
     def serve(self, address: str) -> grpc.Server:

@@ -13,7 +13,8 @@ from enum import StrEnum
 from typing import Any, Mapping
 
 OUT_DIR_KEY = "out-dir"  # run-config key for where the coordinator writes; not a training setting
-DEFAULT_OUT_DIR = "runs/coordinator"  # its value when the run config does not set it
+SITE_KEYS_KEY = "site-keys"  # the coordinator's folder of enrolled signing keys, <site-id>.pub ("" = unsigned)
+COORDINATOR_KEYS = {OUT_DIR_KEY: "runs/coordinator", SITE_KEYS_KEY: ""}  # run-config keys sites are never sent
 MAX_SIDE = 160  # no training patch side above this (a site's default policy-max-size)
 
 
@@ -243,7 +244,7 @@ def parse_run_config(text: str | None) -> dict[str, Any]:
             values[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             values[key] = raw
-    config_from_mapping({k: v for k, v in values.items() if k != OUT_DIR_KEY})
+    config_from_mapping({k: v for k, v in values.items() if k not in COORDINATOR_KEYS})
     return values
 
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import tomli_w
 
-from mome.common.config import DEFAULT_OUT_DIR, OUT_DIR_KEY, Config
+from mome.common.config import COORDINATOR_KEYS, Config
 
 log = logging.getLogger("mome.deploy")
 
@@ -51,7 +51,7 @@ def app_for_run(project_dir: Path, keys: Iterable[str], stage_dir: Path, private
             shutil.copy2(project_dir / name, stage_dir / name)
     doc = tomllib.loads((project_dir / "pyproject.toml").read_text())
     table = doc.setdefault("tool", {}).setdefault("flwr", {}).setdefault("app", {}).setdefault("config", {})
-    for key, value in {**Config().to_run_config(), OUT_DIR_KEY: DEFAULT_OUT_DIR}.items():
+    for key, value in {**Config().to_run_config(), **COORDINATOR_KEYS}.items():
         table.setdefault(key, value)
     (stage_dir / "pyproject.toml").write_text(tomli_w.dumps(doc))
     return stage_dir

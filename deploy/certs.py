@@ -9,6 +9,7 @@ import base64
 import datetime
 import hashlib
 import ipaddress
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mome.common.atomic import atomic_write_bytes
+from mome.common.signing import write_signing_key
 
 # Names the SuperLink answers to: loopback for local deployment, the compose service for containers.
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "superlink")
@@ -26,6 +28,8 @@ SERVER_CERT, SERVER_KEY = "superlink.crt", "superlink.key"
 # ssh-keygen's names (`ssh-keygen -f auth.key` writes auth.key.pub): a hospital may make its key either way
 SITE_KEY = "auth.key"
 SITE_PUBLIC_KEY = f"{SITE_KEY}.pub"
+SIGNING_KEY = "sign.key"  # the site worker's reply-signing key (Ed25519), made at the site like auth.key
+ENROLLED_SIGNING = "signing"  # the coordinator's folder of sites' signing public keys, <site-id>.pub (site-keys)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,14 @@ class CertPaths:
     def site_public_key(self, site_id: str) -> Path:
         """OpenSSH public key: what the coordinator enrols (`flwr supernode register`); a hospital's own goes here."""
         return self.root / "sites" / site_id / SITE_PUBLIC_KEY
+
+    def signing_key(self, site_id: str) -> Path:
+        """The site worker's private signing key (`mome site serve --signing-key`); stays at the site."""
+        return self.root / "sites" / site_id / SIGNING_KEY
+
+    def enrolled_signing_key(self, site_id: str) -> Path:
+        """Where the coordinator keeps a site's signing public key: the ServerApp's `site-keys` folder."""
+        return self.root / ENROLLED_SIGNING / f"{site_id}.pub"
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -172,6 +184,10 @@ def write_certificates(out: Path, site_ids: list[str], server_names: tuple[str, 
     for site_id in site_ids if site_keys else ():
         if overwrite or not (paths.site_key(site_id).exists() or paths.site_public_key(site_id).exists()):
             write_site_key(paths, site_id, overwrite=True)
+        if overwrite or not paths.enrolled_signing_key(site_id).exists():
+            _, public = write_signing_key(paths.signing_key(site_id), overwrite=True)
+            paths.enrolled_signing_key(site_id).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(public, paths.enrolled_signing_key(site_id))
     return paths
 
 

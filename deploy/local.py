@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import tomli_w
 
 from mome.common.atomic import write_json
-from mome.common.config import OUT_DIR_KEY, parse_run_config
+from mome.common.config import COORDINATOR_KEYS, parse_run_config
 from mome.common.sitedata import SiteDataError, find_site_dirs
 from mome.common.wire import check_site_id
 from mome.deploy.app import _app_config, app_for_run
@@ -192,7 +192,7 @@ class LocalDeployment:
         """The deployment's own overrides (out-dir, start-sites = enrolled sites) plus the caller's."""
         expected = len(self.enrolled) if self.topology.secure else len(self.topology.site_ids)
         return {**self.topology.run_config(), "start-sites": expected,
-                **{k: v for k, v in self.overrides.items() if k != OUT_DIR_KEY}}
+                **{k: v for k, v in self.overrides.items() if k not in COORDINATOR_KEYS}}
 
     def submit(self) -> Proc:
         """`flwr run <app> coordinator --stream --run-config <run>/run-config.toml`."""

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from mome.common.config import OUT_DIR_KEY
+from mome.common.config import OUT_DIR_KEY, SITE_KEYS_KEY
 from mome.common.sitedata import site_id
-from mome.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SITE_KEY, SITE_PUBLIC_KEY
+from mome.deploy.certs import CA_CERT, ENROLLED_SIGNING, SERVER_CERT, SERVER_KEY, SIGNING_KEY, SITE_KEY, SITE_PUBLIC_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
 RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink
@@ -130,6 +130,9 @@ class Topology:
     def cert(self, name: str) -> str:
         return f"{self.certs_dir}/{name}"
 
+    def signing_key(self, site: str) -> str:
+        return f"{self.certs_dir}/sites/{site}/{SIGNING_KEY}"
+
     def site_key(self, site: str, public: bool = False) -> str:
         return f"{self.certs_dir}/sites/{site}/{SITE_PUBLIC_KEY if public else SITE_KEY}"
 
@@ -157,7 +160,8 @@ class Topology:
 
     def run_config(self) -> dict[str, Any]:
         """Run-config overrides the deployment itself sets: where the coordinator writes, how many sites."""
-        return {OUT_DIR_KEY: self._see("outputs", self.out_dir), "start-sites": len(self.site_ids)}
+        signing = {SITE_KEYS_KEY: self._see("certs", self.certs_dir) + f"/{ENROLLED_SIGNING}"} if self.secure else {}
+        return {OUT_DIR_KEY: self._see("outputs", self.out_dir), "start-sites": len(self.site_ids), **signing}
 
     def flower_config(self) -> str:
         """The Flower CLI's config.toml: how `flwr run` / `flwr supernode register` reach the SuperLink."""
@@ -193,7 +197,7 @@ class Topology:
             cmd += ["--insecure"]
         cmd += ["--disable-runtime-dependency-installation", "--database", f"{state}/superlink.db",
                 "--health-server-address", f"{self.bind}:{self.ports.health}"]
-        mounts = self._cert_mounts(CA_CERT, SERVER_CERT, SERVER_KEY) if self.secure else ()
+        mounts = self._cert_mounts(CA_CERT, SERVER_CERT, SERVER_KEY, ENROLLED_SIGNING) if self.secure else ()
         mounts += (Mount(self.out_dir, self._see("outputs", self.out_dir), read_only=False),)
         if self.containers:
             mounts += (Mount(STATE_VOLUME, IN_CONTAINER["state"], read_only=False),)
@@ -231,6 +235,10 @@ class Topology:
                "--listen", f"unix://{folder}/worker.sock", "--token-file", f"{folder}/worker.token")
         mounts = (Mount(self.site_data(site), data), Mount(self.site_out(site), out, read_only=False),
                   self._worker_mount(site))
+        if self.secure:  # it signs every reply with the site's own key; the SuperNode never holds this one
+            key = f"{IN_CONTAINER['certs']}/{SIGNING_KEY}" if self.containers else self.signing_key(site)
+            cmd += ("--signing-key", key)
+            mounts += (Mount(self.signing_key(site), key),)
         return Service(worker_name(site), "worker", cmd, self._env(worker_name(site)), mounts,
                        _health(f"unix://{folder}/worker.sock"), site_id=site)
 

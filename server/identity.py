@@ -1,12 +1,16 @@
 """Which node speaks for which site: a site id is bound to one node when the site identifies itself, and every
-later reply must come from that node under that id. Each site's declared case counts live here too: they, not
-what a reply says, weigh its updates."""
+later reply must come from that node under that id. Where the coordinator enrolled signing keys, every reply must
+also carry a valid signature by its site's key: the id belongs to the key, not to the first node that claims it.
+Each site's declared case counts live here too: they, not what a reply says, weigh its updates."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
+from flwr.app import Message
+
+from mome.common.signing import verify
 from mome.common.wire import SITE_ID_PATTERN
 
 log = logging.getLogger("mome.server")
@@ -33,17 +37,30 @@ class Registry:
     declared: dict[str, dict[str, int]] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)  # node -> why it was not bound (asked once per node)
     events: list[dict] = field(default_factory=list)  # kept in the server state, so it survives a resume
+    keys: dict = field(default_factory=dict)  # site id -> enrolled Ed25519 public key (empty: replies unsigned)
 
-    def bind(self, node: int, site: str, counts: dict, alive: set[int], step: int) -> None:
+    def authenticate(self, msg: Message, site: str) -> bool:
+        """True when the reply is signed by the key enrolled for `site`; False when this federation enrolled no
+        keys. Raises Refused for an id without an enrolled key and for a missing or wrong signature."""
+        if not self.keys:
+            return False
+        if site not in self.keys:
+            raise Refused(f"no signing key is enrolled for {site[:70]!r}")
+        if not verify(msg, self.keys[site]):
+            raise Refused(f"the reply is not signed by the key enrolled for {site}")
+        return True
+
+    def bind(self, node: int, site: str, counts: dict, alive: set[int], step: int, signed: bool = False) -> None:
         """Bind a node that identified itself (describe, or a late join). Refuses ids outside the pattern, a node
-        re-binding to another id, an id held by another node that is still connected, and bad counts."""
+        re-binding to another id, an id held by another node that is still connected (unless the claim is signed
+        by the site's key: the site itself, back under a new node), and bad counts."""
         try:
             if not SITE_ID_PATTERN.fullmatch(site):
                 raise Refused(f"site id {site[:70]!r} is not of the form {SITE_ID_PATTERN.pattern}")
             if self.site_of.get(node, site) != site:
                 raise Refused(f"node {node} is bound to {self.site_of[node]}, now claims {site!r}")
             holder = self.node_of.get(site)
-            if holder is not None and holder != node and holder in alive:
+            if holder is not None and holder != node and holder in alive and not signed:
                 raise Refused(f"{site} is bound to node {holder}, which is still connected", lasting=False)
             declared = self._counts(counts)
         except Refused as exc:

@@ -53,7 +53,7 @@ class Coordinator:
     """Holds the server state (base model, experts by site id, gate), binds nodes to site ids, and runs the plan
     step by step: each step checked reply by reply, retried below quorum, checkpointed, resumable."""
 
-    def __init__(self, grid: Grid, cfg: Config, out_dir: Path):
+    def __init__(self, grid: Grid, cfg: Config, out_dir: Path, site_keys: dict | None = None):
         self.grid, self.cfg, self.out_dir = grid, cfg, out_dir
         self.ckpt_dir = out_dir / "checkpoints"
         self.steps = plan(cfg)
@@ -67,7 +67,7 @@ class Coordinator:
             log.info("resuming %s from checkpoint after step %d", cfg.strategy, saved.step)
         self.state = saved if saved and saved.step else ServerState()
         self.state.fingerprint = self.fingerprint
-        self.registry = Registry(cfg.max_site_cases, events=self.state.identity)
+        self.registry = Registry(cfg.max_site_cases, events=self.state.identity, keys=dict(site_keys or {}))
         self.geometry: dict[str, dict | None] = {}  # site -> what it reported for the plan
 
     # -- messaging ---------------------------------------------------------------------------
@@ -88,6 +88,7 @@ class Coordinator:
                 continue
             try:
                 site = self.registry.check(node, claimed_site(msg))
+                self.registry.authenticate(msg, site)
                 lengths = list_lengths(self.cfg, self.state.labels, len(self.mixture_experts()))
                 replies.append(parse_reply(msg, spec_of(expected[node]) if expected[node] else None, site, lengths))
                 self._count(site, "up", record_bytes(msg.content))
@@ -133,10 +134,20 @@ class Coordinator:
         alive = set(self.grid.get_node_ids())
         specs = {}
         replies = list(send_and_receive(self.grid, messages, self.cfg.round_timeout))
-        claimed = [claim(msg) for msg in replies]
+        claimed, signed = [], []
+        for msg in replies:
+            try:  # a claim not signed by the id's enrolled key is refused before it can compete for the id
+                signed.append(self.registry.authenticate(msg, claim(msg)) if claim(msg) else False)
+                claimed.append(claim(msg))
+            except Refused as exc:
+                self.registry.refuse(sender(messages, msg), str(exc), step)
+                signed.append(False)
+                claimed.append(None)
         claims = Counter(claimed)
-        for msg, site_id in zip(replies, claimed):
+        for msg, site_id, authentic in zip(replies, claimed, signed):
             node = sender(messages, msg)
+            if site_id is None:
+                continue
             if site_id and claims[site_id] > 1:  # first come must not win: neither is bound this round
                 self.registry.refuse(node, f"{site_id[:70]!r} claimed by {claims[site_id]} nodes at once", step,
                                      lasting=False)
@@ -152,7 +163,7 @@ class Coordinator:
                 self.registry.refuse(node, f"unusable description: {reason}", step)
                 continue
             try:
-                self.registry.bind(node, site, counts, alive, step)  # records its own refusals
+                self.registry.bind(node, site, counts, alive, step, authentic)  # records its own refusals
                 specs[site] = spec
                 self.geometry[site] = site_geometry(counts)
             except Refused:

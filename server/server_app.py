@@ -11,10 +11,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from mome.common.atomic import write_json
 from mome.common.bundle import Bundle, save_bundle
-from mome.common.config import (DEFAULT_OUT_DIR, OUT_DIR_KEY, Config, Strategy, config_from_mapping,
+from mome.common.config import (COORDINATOR_KEYS, OUT_DIR_KEY, SITE_KEYS_KEY, Config, Strategy, config_from_mapping,
                                 selector_config)
 from mome.common.labels import LabelSpec
 from mome.common.logs import show_progress
+from mome.common.signing import enrolled_keys
 from mome.server.checkpoint import ResumeRefused, ServerState
 from mome.server.protocol import Coordinator, QuorumLost
 from mome.server.results import final_sites, headline, strategy_metrics
@@ -22,14 +23,15 @@ from mome.server.results import final_sites, headline, strategy_metrics
 log = logging.getLogger("mome.server")
 
 
-def run_strategy(grid: Grid, cfg: Config, out_dir: Path) -> dict:
-    """Run one federated strategy end to end; write <out_dir>/metrics.json and the final model bundle."""
+def run_strategy(grid: Grid, cfg: Config, out_dir: Path, site_keys: dict | None = None) -> dict:
+    """Run one federated strategy end to end; write <out_dir>/metrics.json and the final model bundle. With
+    site_keys ({site id: enrolled public key}) every reply must be signed by its site's key."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.json")
     coordinator = None
     try:
-        coordinator = Coordinator(grid, cfg, out_dir)
+        coordinator = Coordinator(grid, cfg, out_dir, site_keys)
         state = coordinator.run()
     except (QuorumLost, ResumeRefused) as exc:  # stop with the reason on record, never a hollow success
         state = coordinator.state if coordinator else ServerState()
@@ -61,10 +63,11 @@ def make_server_app(cfg: Config | None = None, out_dir: Path | None = None) -> S
     def main(grid: Grid, context: Context) -> None:
         show_progress()
         run_config = dict(context.run_config)
-        target = out_dir or Path(str(run_config.pop(OUT_DIR_KEY, DEFAULT_OUT_DIR)))
-        run_config.pop(OUT_DIR_KEY, None)
+        own = {key: str(run_config.pop(key, default)) for key, default in COORDINATOR_KEYS.items()}
+        target = out_dir or Path(own[OUT_DIR_KEY])
         resolved = cfg or config_from_mapping(run_config)
-        run_strategy(grid, resolved, target / resolved.strategy if cfg is None else target)
+        run_strategy(grid, resolved, target / resolved.strategy if cfg is None else target,
+                     enrolled_keys(own[SITE_KEYS_KEY]))
 
     return app
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from mome.common.config import DEFAULT_OUT_DIR, OUT_DIR_KEY, Config, Strategy, config_from_mapping, parse_run_config
+from mome.common.config import COORDINATOR_KEYS, Config, Strategy, config_from_mapping, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_run_config_matches_config_defaults():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared.pop(OUT_DIR_KEY) == DEFAULT_OUT_DIR
+    assert {key: declared.pop(key) for key in COORDINATOR_KEYS} == COORDINATOR_KEYS
     assert declared == Config().to_run_config()
 
 

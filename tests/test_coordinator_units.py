@@ -12,10 +12,12 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from mome.common.bundle import Bundle, load_bundle, save_bundle
 from mome.common.labels import label_spec_from_dataset_json
+from mome.common.signing import sign, verify
 from mome.common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
 from mome.server.aggregate import AggregationError, aggregate, cap_weights, site_weights
 from mome.server.checkpoint import ResumeRefused, check_resumable, fingerprint
@@ -189,3 +191,65 @@ def test_a_bad_site_policy_is_named_as_the_hospital_wrote_it():
     with pytest.raises(ValueError, match="site policy key 'policy-max-size': cannot read 'big' as int"):
         SitePolicy.from_node_config({"policy-max-size": "big"})
     assert SitePolicy.from_node_config({"policy-max-epochs": "20"}).max_epochs == 20
+
+
+class SigningGrid(ScriptedGrid):
+    """A ScriptedGrid whose nodes sign their replies, each with the key it holds (None: unsigned)."""
+
+    def __init__(self, nodes: dict[int, str], labels: dict, keys: dict[int, object]):
+        super().__init__(nodes, labels)
+        self.keys = keys
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for msg, reply in zip(messages, self.replies):
+            key = self.keys.get(msg.metadata.dst_node_id)
+            if key is not None:
+                sign(reply, key)
+        return ids
+
+
+def test_a_site_id_belongs_to_its_enrolled_signing_key(labels, tmp_path):
+    """A forged id (another site's, from a valid node) is refused by its signature, an offline site's id cannot be
+    taken, a tampered reply is dropped, and the site itself, back under a new node, keeps its id by its signature."""
+    key_a, key_b, key_m = (Ed25519PrivateKey.generate() for _ in range(3))
+    enrolled = {"site-a": key_a.public_key(), "site-b": key_b.public_key()}
+    cfg = TINY_RUN.replace(warmup_rounds=1, expert_rounds=2, gate_rounds=1)
+    # node 3 claims site-a (still connected) and node 4 an id nobody enrolled, each with a key of its own
+    grid = SigningGrid({1: "site-a", 2: "site-b", 3: "site-a", 4: "site-m"}, labels, {1: key_a, 2: key_b, 3: key_m,
+                                                                                      4: key_m})
+    coordinator = Coordinator(grid, cfg, tmp_path, site_keys=enrolled)
+    coordinator.describe()
+    assert coordinator.registry.bindings() == {"site-a": 1, "site-b": 2}  # not "claimed by 2 nodes": 3 is forged
+    reasons = {e["node"]: e["reason"] for e in coordinator.state.identity if e["event"] == "refused"}
+    assert reasons[3] == "the reply is not signed by the key enrolled for site-a"
+    assert reasons[4] == "no signing key is enrolled for 'site-m'"
+    coordinator.state.base = {"w": np.ones(3, np.float32)}
+    coordinator._run_step(0, "warmup")
+    del grid.nodes[2]  # site-b goes offline; a new node claims its id with another key...
+    grid.nodes[5], grid.keys[5] = "site-b", key_m
+    coordinator._run_step(1, "expert")
+    assert coordinator.registry.bindings()["site-b"] == 2 and 5 in coordinator.registry.refused  # not taken
+    grid.nodes[6], grid.keys[6] = "site-b", key_b  # ...then site-b itself returns under a new node
+    grid.keys[1] = None  # and site-a's node stops signing (a relay that drops the worker's signature)
+    coordinator._run_step(2, "expert")
+    assert coordinator.registry.bindings() == {"site-a": 1, "site-b": 6}
+    dropped = [d for d in coordinator.state.dropped if d["step"] == 2]
+    assert dropped == [{"step": 2, "site": "site-a",
+                        "reason": "reply rejected: the reply is not signed by the key enrolled for site-a"}]
+
+
+def test_a_signature_covers_the_request_and_every_value():
+    key = Ed25519PrivateKey.generate()
+    request = Message(RecordDict(), dst_node_id=1, message_type="train.expert")
+    request.metadata.__dict__["_message_id"] = str(uuid4())
+    content = RecordDict({"site": ConfigRecord({"site-id": "site-a"}), Key.METRICS: metric_record({"n_train": 4}),
+                          Key.MODEL: pack({"w": np.ones(3, np.float32)})})
+    reply = sign(Message(content, reply_to=request), key)
+    assert verify(reply, key.public_key()) and not verify(reply, Ed25519PrivateKey.generate().public_key())
+    other = Message(RecordDict(), dst_node_id=1, message_type="train.expert")
+    other.metadata.__dict__["_message_id"] = str(uuid4())
+    moved = Message(reply.content, reply_to=other)  # the same signed content as the answer to another request
+    assert not verify(moved, key.public_key())
+    reply.content[Key.METRICS]["n_train"] = 400  # inflated on the way
+    assert not verify(reply, key.public_key())

@@ -15,6 +15,7 @@ import yaml
 from flwr.common.config import parse_config_args
 
 from mome.common.config import parse_run_config
+from mome.common.signing import enrolled_keys, load_signing_key
 from mome.common.wire import SHARED_EXPERT
 from mome.deploy.certs import write_certificates
 from mome.deploy.compose import expand, render_compose
@@ -102,6 +103,9 @@ def test_enrolled_sites_complete_a_federation_over_tls_with_node_auth(secure_run
     # the SuperNodes (and the coordinator's app they run) were told only where their worker listens
     assert all(set(c) == {"site-id", "worker", "worker-token-file"} for c in record["node_configs"].values())
     assert "code sha256" in (run_dir / "logs" / "worker-site-a.log").read_text()
+    # every reply the coordinator accepted was signed by a worker's key enrolled under run_dir/certs/signing
+    assert record["run_config"]["site-keys"] == str(run_dir / "certs" / "signing")
+    assert "replies signed with" in (run_dir / "logs" / "worker-site-b.log").read_text()
     for name in (SUPERLINK, "site-a", "site-b", "site-c", RUN, "enrol-site-a", "enrol-site-b"):
         assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
     # every process (and the SuperExec/ClientApp children Flower detaches) is gone
@@ -203,7 +207,8 @@ def test_compose_and_deploy_local_share_services_sites_node_configs_and_mounts(t
 
 def test_the_coordinators_app_runs_where_there_is_no_site_data_and_the_worker_has_no_network():
     """The SuperNode container runs the FAB's ClientApp (the relay): it holds no data folder, no site outputs and
-    no worker-side key, only its Flower node key and its worker's socket volume; the worker joins no network."""
+    no signing key, only its Flower node key and its worker's socket volume; the worker joins no network. The
+    ServerApp reads the enrolled signing keys (public) from the coordinator's certs."""
     compose = _compose()
     services = compose["services"]
     for site in ("site-a", "site-b", "site-c"):
@@ -213,9 +218,14 @@ def test_the_coordinators_app_runs_where_there_is_no_site_data_and_the_worker_ha
         worker = services[f"worker-{site}"]
         assert worker["network_mode"] == "none" and "networks" not in worker
         assert (f"worker-{site}", "/run/mome", False) in [_volume(v) for v in worker["volumes"]]
-        assert not any("certs" in v for v in worker["volumes"])
+        certs = [_volume(v) for v in worker["volumes"] if "MOME_CERTS" in v]  # only its own signing key
+        assert certs == [(f"${{MOME_CERTS:-./certs}}/sites/{site}/sign.key", "/certs/sign.key", True)]
         assert services[site]["depends_on"][f"worker-{site}"] == {"condition": "service_healthy"}
         assert f"worker-{site}" in compose["volumes"]
+    superlink = services[SUPERLINK]
+    assert ("${MOME_CERTS:-./certs}/signing", "/certs/signing", True) in [_volume(v) for v in superlink["volumes"]]
+    run = services[RUN]["command"]
+    assert 'site-keys="/certs/signing"' in run[run.index("--run-config") + 1]
 
 
 def test_every_compose_command_is_a_real_entry_point():
@@ -251,6 +261,10 @@ def test_certificates_and_site_keys_are_what_flower_reads(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
 
     paths = write_certificates(tmp_path, ["site-a", "site-b"], site_keys=True)  # a one-machine trial's keys
+    for site in ("site-a", "site-b"):  # each worker's signing key, and its public half where the ServerApp reads it
+        enrolled = enrolled_keys(tmp_path / "signing")[site].public_bytes_raw()
+        assert load_signing_key(paths.signing_key(site)).public_key().public_bytes_raw() == enrolled
+        assert paths.signing_key(site).stat().st_mode & 0o777 == 0o600
     cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"localhost", "superlink"} <= set(san.get_values_for_type(x509.DNSName))

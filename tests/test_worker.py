@@ -10,10 +10,12 @@ from uuid import uuid4
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from mome.client.relay import forward
 from mome.client.worker import SERVICE, Worker, code_hash, new_token
+from mome.common.signing import verify
 from mome.common.wire import Key, config_record
 from tests.conftest import TINY_RUN
 from tests.test_coordinator_units import serverapp_identity  # noqa: F401  (autouse: Messages outside a run)
@@ -77,3 +79,19 @@ def test_the_relay_imports_neither_torch_nor_monai_and_the_code_hash_is_stable()
     assert out.strip() == "[]"
     empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     assert code_hash() == code_hash() != empty and len(code_hash()) == 64
+
+
+def test_the_worker_signs_each_reply_and_the_relay_passes_the_signature_on(two_sites, tmp_path):
+    key = Ed25519PrivateKey.generate()
+    token_file = tmp_path / "worker.token"
+    worker = Worker(two_sites[0], "site-a", tmp_path / "out", new_token(token_file), signing_key=key)
+    address = f"unix://{tmp_path / 'worker.sock'}"
+    server = worker.serve(address)
+    try:
+        request = _request("query.describe")
+        reply = forward(request, _context({"worker": address, "worker-token-file": str(token_file)}))
+    finally:
+        server.stop(None)
+    assert reply.metadata.reply_to_message_id == request.metadata.message_id
+    assert verify(reply, key.public_key())  # what the coordinator checks against the enrolled key
+    assert not verify(reply, Ed25519PrivateKey.generate().public_key())
