@@ -48,7 +48,10 @@ class SitePolicy:
         content = msg.content
         if Key.CONFIG not in content.config_records:
             return
-        cfg = config_from_mapping(dict(content[Key.CONFIG]))
+        try:  # only the config keys (and values) of this protocol version
+            cfg = config_from_mapping(dict(content[Key.CONFIG]))
+        except ValueError as exc:
+            raise PolicyRefusal(f"request config: {str(exc)[:200]}") from None
         phase = content.config_records.get("phase", {})
         epochs = max([int(phase.get("epochs", 0)), int(phase.get("finetune-epochs", 0)), cfg.personalise_epochs])
         asked = {"patch side": (max(cfg.patch) if cfg.patch_size else 0, self.max_size), "channels": (max(cfg.channel_list), self.max_channels),

@@ -5,6 +5,7 @@ local gRPC channel. torch, MONAI, the loaded cases and the cache stay in memory 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import importlib.util
@@ -12,6 +13,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -79,11 +81,22 @@ class Worker:
             sign(reply, self.signing_key)
         return message_to_proto(reply).SerializeToString()
 
+    def refuse_method(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """A call to another protocol version (or any method but Handle): audited, then refused."""
+        sent = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), self.token.encode()):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong worker token")
+        reason = f"policy: this worker speaks {SERVICE} only"
+        log.warning("site %s: refused a call to %r", self.site_id, method[:80])
+        audit.append(self.out_dir, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "site": self.site_id,
+                                    "action": f"rpc {method[:80]}", "error": {"code": 0, "reason": reason},
+                                    "bytes": 0})
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, reason)
+
     def serve(self, address: str) -> grpc.Server:
         """Start serving on `address` (unix:///path or localhost:port); returns the started server."""
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=CHANNEL_OPTIONS)
-        method = grpc.unary_unary_rpc_method_handler(self.handle)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Handle": method}),))
+        server.add_generic_rpc_handlers((_Routes(self),))
         probe = health.HealthServicer()  # liveness for deploy-local and compose (`mome health`); carries no data
         probe.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(probe, server)
@@ -93,6 +106,22 @@ class Worker:
         if address.startswith("unix:"):  # the relay runs as the SuperNode's user: group, never others
             os.chmod(address.split(":", 1)[1].removeprefix("//"), 0o660)
         return server
+
+
+class _Routes(grpc.GenericRpcHandler):
+    """Handle for this protocol version; any other method of the worker's service name, another version included,
+    is audited and refused; everything else (the health service) is left to its own handler."""
+
+    def __init__(self, worker: Worker):
+        self.handle = grpc.unary_unary_rpc_method_handler(worker.handle)
+        self.worker = worker
+
+    def service(self, details):
+        if details.method == f"/{SERVICE}/Handle":
+            return self.handle
+        if details.method.startswith(f"/{SERVICE.split('/')[0]}"):
+            return grpc.unary_unary_rpc_method_handler(functools.partial(self.worker.refuse_method, details.method))
+        return None
 
 
 def new_token(path: Path) -> str:

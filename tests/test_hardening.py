@@ -210,8 +210,8 @@ def _compose() -> dict:
 
 def test_site_containers_run_confined_as_the_images_non_root_user():
     services = _compose()["services"]
-    sites = {name: svc for name, svc in services.items() if name.startswith("site-")}
-    assert sorted(sites) == ["site-a", "site-b", "site-c"]
+    sites = {name: svc for name, svc in services.items() if name.startswith(("site-", "worker-site-"))}
+    assert sorted(sites) == ["site-a", "site-b", "site-c", "worker-site-a", "worker-site-b", "worker-site-c"]
     for name, svc in sites.items():
         uid, gid = expand(svc["user"]).split(":")
         assert int(uid) == int(gid) == IMAGE_UID != 0, name
@@ -219,7 +219,9 @@ def test_site_containers_run_confined_as_the_images_non_root_user():
         assert any(t.split(":")[0] == "/tmp" for t in svc["tmpfs"]), name
         assert svc["environment"]["HOME"] == "/tmp" and svc["environment"]["FLWR_HOME"].startswith("/tmp/")
         writable = [v for v in svc["volumes"] if not v.endswith(":ro")]
-        assert [v.split(":")[-1] for v in writable] == ["/site-out"], name  # and nothing else is writable
+        # nothing else is writable: the worker writes the site's outputs, the SuperNode only reaches the socket
+        assert [v.split(":")[-1] for v in writable] == (["/site-out", "/run/mome"] if name.startswith("worker")
+                                                        else ["/run/mome"]), name
         assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
         assert expand(svc["mem_limit"]) == Confinement().memory and float(expand(svc["cpus"])) > 0
     assert all(expand(svc["user"]).split(":")[0] != "0" for svc in services.values())  # no service as root
@@ -233,7 +235,7 @@ def test_sites_share_only_the_fleet_network_never_the_control_apis():
     services = compose["services"]
     assert set(compose["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK}
     control_clients = {name for name in services if name == RUN or name.startswith("enrol-")}
-    on_control = {name for name, svc in services.items() if CONTROL_NETWORK in svc["networks"]}
+    on_control = {name for name, svc in services.items() if CONTROL_NETWORK in svc.get("networks", [])}
     assert on_control == control_clients | {SUPERLINK}
     for name, svc in services.items():
         if name.startswith("site-"):

@@ -13,8 +13,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from mome.client.policy import SitePolicy
 from mome.client.relay import forward
 from mome.client.worker import SERVICE, Worker, code_hash, new_token
+from mome.common.schema import ERROR_REASON, Sizes, violations
 from mome.common.signing import verify
 from mome.common.wire import Key, config_record
 from tests.conftest import TINY_RUN
@@ -95,3 +97,47 @@ def test_the_worker_signs_each_reply_and_the_relay_passes_the_signature_on(two_s
     assert reply.metadata.reply_to_message_id == request.metadata.message_id
     assert verify(reply, key.public_key())  # what the coordinator checks against the enrolled key
     assert not verify(reply, Ed25519PrivateKey.generate().public_key())
+
+
+def test_a_hostile_app_at_the_site_gets_only_refusals_and_schema_replies(two_sites, tmp_path):
+    """The coordinator's app replaced by a hostile one (it runs where the relay runs, with the relay's node config):
+    it asks the worker for raw images, per-case values, a metric from fewer cases than the site's floor, a config
+    beyond the site's policy, another protocol version, and tries to rewrite the audit log. Each is refused and
+    audited; everything it could pass on to the SuperLink is a coded error or a reply inside the schema."""
+    policy = SitePolicy(min_cases=2)  # TINY_RUN's min-cases is 1: the site's floor says 2
+    token_file = tmp_path / "worker.token"
+    worker = Worker(two_sites[0], "site-a", tmp_path / "out", new_token(token_file), policy)
+    address = f"unix://{tmp_path / 'worker.sock'}"
+    server = worker.serve(address)
+    node = {"worker": address, "worker-token-file": str(token_file)}
+    honest = TINY_RUN.replace(min_cases=2).to_run_config()
+
+    def ask(kind: str, **config) -> Message:
+        return _request(kind, RecordDict({Key.CONFIG: config_record({**honest, **config})}))
+
+    attempts = {
+        "raw images": ask("query.images"),
+        "per-case values": ask("query.describe", **{"per-case-dice": True}),
+        "a metric from fewer cases": ask("query.describe", **{"min-cases": 1}),
+        "beyond the policy": ask("train.gate", **{"gate-steps": 10**6}),
+        "rewrite the audit log": ask("query.audit", **{"out-dir": str(tmp_path / "elsewhere")}),
+        "a config path for the audit": ask("query.describe", **{"out-dir": str(tmp_path / "elsewhere")}),
+    }
+    sent_on = {what: forward(msg, _context(node)) for what, msg in attempts.items()}
+    with grpc.insecure_channel(address) as channel:  # another protocol version, with the right token
+        with pytest.raises(grpc.RpcError) as other_version:
+            channel.unary_unary("/mome.site.Worker/v2/Handle")(b"", metadata=(("mome-worker-token",
+                                                                                 token_file.read_text()),))
+    control = forward(ask("query.describe"), _context(node))
+    server.stop(None)
+    assert other_version.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    for what, reply in sent_on.items():
+        assert reply.has_error() and reply.error.reason.startswith("policy: "), what
+        assert ERROR_REASON.fullmatch(reply.error.reason) and str(tmp_path) not in reply.error.reason, what
+    assert not control.has_error()  # the honest request still works, and its reply is inside the schema
+    assert violations("query.describe", control.content, attempts["raw images"].content, Sizes(4, 3, 0)) == []
+    entries = [json.loads(line) for line in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
+    assert [e["action"] for e in entries] == [m.metadata.message_type for m in attempts.values()] + [
+        "rpc /mome.site.Worker/v2/Handle", "query.describe"]
+    assert all(e["error"]["reason"].startswith("policy") for e in entries[:-1])
+    assert not (tmp_path / "elsewhere").exists()
