@@ -1,9 +1,14 @@
 """What deployment costs per step over the simulation, on the same sites and config.
 
-In deployment every message starts a fresh ClientApp process, which must read the site again; with the
-preprocessed-case cache under the site's out-dir it reads the cache instead of preprocessing. This runs the same
-MoME federation through `mome sim` (Flower's simulation engine) and `mome deploy-local` (SuperLink, SuperNodes,
-gRPC over loopback, TLS) and compares the seconds per protocol step recorded in each run's metrics.json.
+In deployment Flower starts a fresh `flwr-clientapp` process for every message; the app bundle's ClientApp there is
+only the relay (client/relay.py), which hands the message to the site's long-running worker (`mome site serve`),
+where torch, the loaded cases and the cache stay in memory. This runs the same MoME federation through `mome sim`
+(Flower's simulation engine) and `mome deploy-local` (SuperLink, SuperNodes, site workers, gRPC over loopback,
+TLS, signed replies) and reports:
+- the seconds per protocol step of each (from each run's metrics.json) and their ratio;
+- what the project adds to each message's process beyond Flower's own: a fresh interpreter importing the relay
+  against one importing only Flower's ClientApp (the baseline, measured in the same run);
+- each worker's resident memory at every step (it must stay flat: nothing grows per message).
 
     python benchmarks/bench_deploy_overhead.py [--sites 3] [--size 32] [--cases 6]
 """
@@ -12,29 +17,69 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from mome.common.config import parse_run_config
+from mome.common.config import config_from_mapping, parse_run_config
 from mome.sim.run_sim import simulate
 from mome.sim.synth import generate_federation
 
 RUN_CONFIG = ('channels="8,16,32" stem-channels=4 warmup-rounds=2 warmup-epochs=1 expert-epochs=1 gate-steps=4 '
               'gate-rounds=2 personalise-epochs=1 min-cases=1 round-timeout=600')
+IMPORT_REPS = 5
 
 
 def step_seconds(metrics: dict) -> list[tuple[str, float]]:
     return [(r["phase"], r["seconds"]) for r in metrics["rounds"]]
 
 
-def startup_seconds(log_dir: Path) -> tuple[list[float], list[float]]:
-    """From the sites' logs: how long each ClientApp process ran before its handler began (imports), and how long it
-    took to open the site (the preprocessed-case cache)."""
-    text = "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("site-*.log")))
-    return ([float(s) for s in re.findall(r"starts ([\d.]+) s after its process", text)],
-            [float(s) for s in re.findall(r": loaded \S+ in ([\d.]+) s", text)])
+def import_seconds(module: str) -> float:
+    """Median wall time of a fresh interpreter that imports `module` (what each message's process pays)."""
+    times = []
+    for _ in range(IMPORT_REPS):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker_rss_mb() -> dict[int, float]:
+    """Resident memory of every running site worker (`mome site serve`), by pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"site\0serve" in (entry / "cmdline").read_bytes():
+                rss = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("VmRSS"))
+                found[int(entry.name)] = int(rss.split()[1]) / 1024
+        except (OSError, StopIteration):
+            continue
+    return found
+
+
+class MemorySampler(threading.Thread):
+    """Samples the workers' memory twice a second and the coordinator's finished steps (its checkpoints)."""
+
+    def __init__(self, checkpoints: Path):
+        super().__init__(daemon=True)
+        self.checkpoints, self.samples, self.done = checkpoints, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            steps = len(list(self.checkpoints.glob("step_*.npz"))) if self.checkpoints.exists() else 0
+            if rss := worker_rss_mb():
+                self.samples.append((steps, sum(rss.values()) / len(rss)))
+
+    def per_step(self) -> list[tuple[int, float]]:
+        """The workers' mean RSS (MB) when each step finished (the last sample taken during it)."""
+        last: dict[int, float] = {}
+        for steps, mb in self.samples:
+            last[steps] = mb
+        return sorted(last.items())
 
 
 def main() -> None:
@@ -43,30 +88,38 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--cases", type=int, default=6)
     args = parser.parse_args()
-    from mome.common.config import config_from_mapping
     from mome.deploy.local import deploy_local
 
+    flower, relay = import_seconds("flwr.clientapp"), import_seconds("mome.client.relay")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sites = generate_federation(root / "data", sites=args.sites, preset="mixed", seed=0, size=args.size,
                                     cases=args.cases, test_cases=2)
         overrides = parse_run_config(RUN_CONFIG)
+        start = time.perf_counter()
         sim = simulate("mome", sites, config_from_mapping(overrides), root / "sim")
+        sim_wall = time.perf_counter() - start
+        sampler = MemorySampler(root / "deploy" / "mome" / "checkpoints")
+        sampler.start()
+        start = time.perf_counter()
         deployed = deploy_local(args.sites, root / "deploy", root / "data", run_config=overrides)
+        deploy_wall = time.perf_counter() - start
+        sampler.done.set()
         deployed = deployed["strategies"]["mome"]
-        started, opened = startup_seconds(root / "deploy" / "logs")
     rows = list(zip(step_seconds(sim), step_seconds(deployed)))
     print("| step | mome sim (s) | deploy-local (s) | ratio |\n|---|---|---|---|")
     for (phase, s), (_, d) in rows:
         print(f"| {phase} | {s:.1f} | {d:.1f} | {d / s:.2f} |")
-    later = rows[1:]  # the first step also fills the cache (and the simulation's in-memory copy)
-    sim_mean, dep_mean = statistics.mean(s for (_, s), _ in later), statistics.mean(d for _, (_, d) in later)
-    print(f"\nsteps 2..{len(rows)}: {sim_mean:.1f} s simulated, {dep_mean:.1f} s deployed, "
-          f"ratio {dep_mean / sim_mean:.2f}, overhead {dep_mean - sim_mean:+.1f} s per step")
-    if started:
-        print(f"each ClientApp process ({len(started)}): {statistics.median(started):.1f} s (median) from its start to "
-              f"its handler, then {statistics.median(opened):.1f} s to open the site's cached cases")
-    print(json.dumps({"sim": step_seconds(sim), "deploy": step_seconds(deployed)}))
+    sim_steps, dep_steps = sum(s for (_, s), _ in rows), sum(d for _, (_, d) in rows)
+    print(f"\nall steps: {sim_steps:.1f} s simulated, {dep_steps:.1f} s deployed, ratio {dep_steps / sim_steps:.2f}; "
+          f"whole run (start-up included): {sim_wall:.0f} s simulated, {deploy_wall:.0f} s deployed")
+    print(f"per message, a fresh interpreter importing Flower's ClientApp: {flower:.2f} s (Flower's own cost); "
+          f"importing the relay: {relay:.2f} s; the project adds {relay - flower:+.2f} s (median of {IMPORT_REPS})")
+    memory = sampler.per_step()
+    print("worker RSS (MB, mean over sites) after each finished step: "
+          + ", ".join(f"{steps}: {mb:.0f}" for steps, mb in memory))
+    print(json.dumps({"sim": step_seconds(sim), "deploy": step_seconds(deployed), "import_s": [flower, relay],
+                      "worker_rss_mb": memory, "wall_s": [sim_wall, deploy_wall]}))
 
 
 if __name__ == "__main__":
