@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import yaml
 
 from mome.deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE, STATE_VOLUME, SUPERLINK, Confinement, Service, \
-    Topology, worker_name
+    Topology, exec_network, worker_name
 
 ENV_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -73,13 +73,19 @@ def compose_dict(top: Topology) -> dict[str, Any]:
         elif svc.role == "worker":  # the hospital's own process: no network at all, only its socket volume
             entry["restart"] = "unless-stopped"
             entry.update(_confined(top.confinement))
+        elif svc.role == "superexec":  # runs the coordinator's app: its SuperNode's runtime API, the socket
+            entry["depends_on"] = {svc.site_id: {"condition": "service_healthy"}}
+            entry["restart"] = "unless-stopped"
+            entry.update(_confined(top.confinement))
         else:  # enrol / run: one-shot coordinator commands
             entry["depends_on"] = dict(healthy)
             entry["restart"] = "no"
         services[svc.name] = entry
     # sites share only FLEET with the SuperLink; the Control API's clients (run, enrol-*) are on CONTROL
     volumes = {STATE_VOLUME: {}, **{worker_name(site): {} for site in top.site_ids}}
-    return {"services": services, "networks": {FLEET_NETWORK: {}, CONTROL_NETWORK: {}}, "volumes": volumes}
+    # a SuperExec's network reaches its SuperNode only: `internal`, no route out of the host
+    networks = {FLEET_NETWORK: {}, CONTROL_NETWORK: {}, **{exec_network(s): {"internal": True} for s in top.site_ids}}
+    return {"services": services, "networks": networks, "volumes": volumes}
 
 
 def render_compose(top: Topology) -> str:

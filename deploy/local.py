@@ -177,6 +177,8 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         while not check_health(health, 1.0) and proc.returncode is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        if proc.returncode is None:  # the SuperExec that runs the coordinator's app for this SuperNode
+            self._start(top.superexec(index))
         return proc
 
     def up(self, enrol: Iterable[str] | None = None) -> None:

@@ -156,7 +156,8 @@ class Topology:
         """The SuperNode's --node-config: the site id and where its worker listens (read by client/relay.py, the
         coordinator's app at the site, which learns nothing else about the site)."""
         folder = self.worker_dir(site)
-        return {"site-id": site, "worker": f"unix://{folder}/worker.sock", "worker-token-file": f"{folder}/worker.token"}
+        return {"site-id": site, "worker": f"unix://{folder}/worker.sock",
+                "worker-token-file": f"{folder}/worker.token"}
 
     def run_config(self) -> dict[str, Any]:
         """Run-config overrides the deployment itself sets: where the coordinator writes, how many sites."""
@@ -212,7 +213,7 @@ class Topology:
         if self.containers:  # a hospital's own machine points its service at the coordinator's public address
             fleet = f"${{MOME_SUPERLINK:-{fleet}}}"
         cmd = ["flower-supernode", "--superlink", fleet]
-        mounts = (self._worker_mount(site),)  # the coordinator's app runs here: no site data, no site outputs
+        mounts: tuple[Mount, ...] = ()  # no site data, no site outputs, no signing key: only the Flower node key
         if self.secure:
             key = f"{certs}/{SITE_KEY}" if self.containers else self.site_key(site)
             cmd += ["--root-certificates", f"{certs}/{CA_CERT}", "--auth-supernode-private-key", key]
@@ -220,10 +221,21 @@ class Topology:
         else:
             cmd += ["--insecure"]
         config = self.node_config(site)
-        cmd += ["--host", "127.0.0.1", "--port", str(runtime), "--health-server-address", f"127.0.0.1:{health}",
-                "--node-config", format_node_config(config)]
+        # the coordinator's app runs in the SuperExec beside it (process isolation), not next to the node key
+        cmd += ["--isolation", "process", "--host", self.bind, "--port", str(runtime),
+                "--health-server-address", f"127.0.0.1:{health}", "--node-config", format_node_config(config)]
         return Service(site, "site", tuple(cmd), self._env(site), mounts, _health(f"127.0.0.1:{health}"),
-                       site_id=site, node_config=config, networks=(FLEET_NETWORK,))
+                       site_id=site, node_config=config, networks=(FLEET_NETWORK, exec_network(site)))
+
+    def superexec(self, index: int) -> Service:
+        """Flower's SuperExec for one site: it starts the per-message `flwr-clientapp` processes that run the
+        coordinator's app (the relay), with no data, no outputs and no key: only the worker's socket. It reaches
+        its SuperNode's runtime API over a network of their own, and nothing else."""
+        site = self.site_ids[index]
+        host = site if self.containers else "127.0.0.1"
+        cmd = ("flower-superexec", "--runtime-api-address", f"{host}:{self.ports.site(index)[0]}", "--insecure")
+        return Service(superexec_name(site), "superexec", cmd, self._env(superexec_name(site)),
+                       (self._worker_mount(site),), site_id=site, networks=(exec_network(site),))
 
     def worker(self, index: int) -> Service:
         """The site worker (`mome site serve`): the hospital's own installed code, the only process that opens the
@@ -268,14 +280,24 @@ class Topology:
         return (Mount(f"{self.certs_dir}/flwr/config.toml", "/flwr/config.toml"),)
 
     def services(self) -> list[Service]:
-        """In start order: SuperLink, enrolments (secure only), site workers, sites, then the run."""
+        """In start order: SuperLink, enrolments (secure only), site workers, sites, their SuperExecs, the run."""
         n = range(len(self.site_ids))
         enrol = [self.enrol(i) for i in n] if self.secure else []
-        return [self.superlink(), *enrol, *(self.worker(i) for i in n), *(self.site(i) for i in n), self.run()]
+        return [self.superlink(), *enrol, *(self.worker(i) for i in n), *(self.site(i) for i in n),
+                *(self.superexec(i) for i in n), self.run()]
 
 
 def worker_name(site: str) -> str:
     return f"worker-{site}"
+
+
+def superexec_name(site: str) -> str:
+    return f"superexec-{site}"
+
+
+def exec_network(site: str) -> str:
+    """Compose network of one site's SuperNode and its SuperExec (the runtime API), which nothing else joins."""
+    return f"exec-{site}"
 
 
 def format_node_config(config: Mapping[str, str]) -> str:

@@ -98,7 +98,9 @@ def test_enrolled_sites_complete_a_federation_over_tls_with_node_auth(secure_run
     assert {"--enable-supernode-auth", "--ssl-certfile", "--ssl-keyfile"} <= set(procs[SUPERLINK]["argv"])
     for site in ("site-a", "site-b", "site-c"):
         assert {"--root-certificates", "--auth-supernode-private-key"} <= set(procs[site]["argv"])
-    assert not any("--insecure" in p["argv"] for p in procs.values())
+    # no --insecure on any link between machines; a SuperExec reaches its own SuperNode's runtime API, at the site
+    assert not any("--insecure" in p["argv"] for name, p in procs.items() if not name.startswith("superexec-"))
+    assert all(procs[f"superexec-{s}"]["argv"][2].startswith("127.0.0.1:") for s in ("site-a", "site-b"))
     assert record["run_config"]["start-sites"] == 2
     # the SuperNodes (and the coordinator's app they run) were told only where their worker listens
     assert all(set(c) == {"site-id", "worker", "worker-token-file"} for c in record["node_configs"].values())
@@ -185,7 +187,8 @@ def test_compose_and_deploy_local_share_services_sites_node_configs_and_mounts(t
                      out_dir=str(tmp_path / "run"), containers=False)
     services = {s.name: s for s in local.services()}
     assert set(compose) == set(services) == {SUPERLINK, RUN, *(f"enrol-site-{c}" for c in "abc"),
-                                             *(f"site-{c}" for c in "abc"), *(f"worker-site-{c}" for c in "abc")}
+                                             *(f"{kind}site-{c}" for c in "abc"
+                                               for kind in ("", "worker-", "superexec-"))}
     for name, svc in services.items():
         assert compose[name]["command"][0] == svc.command[0]
         assert _flags(compose[name]["command"]) == _flags(svc.command), name  # same options, own paths/ports
@@ -206,15 +209,20 @@ def test_compose_and_deploy_local_share_services_sites_node_configs_and_mounts(t
 
 
 def test_the_coordinators_app_runs_where_there_is_no_site_data_and_the_worker_has_no_network():
-    """The SuperNode container runs the FAB's ClientApp (the relay): it holds no data folder, no site outputs and
-    no signing key, only its Flower node key and its worker's socket volume; the worker joins no network. The
-    ServerApp reads the enrolled signing keys (public) from the coordinator's certs."""
+    """The FAB's ClientApp (the relay) runs in the site's SuperExec container (process isolation): no data folder,
+    no site outputs, no key of any kind, only the worker's socket volume and a network to its own SuperNode. The
+    SuperNode holds only its Flower node key; the worker joins no network. The ServerApp reads the enrolled
+    signing keys (public) from the coordinator's certs."""
     compose = _compose()
     services = compose["services"]
     for site in ("site-a", "site-b", "site-c"):
-        relay = [_volume(v) for v in services[site]["volumes"]]
-        assert {target for _, target, _ in relay} == {"/run/mome", "/certs/ca.crt", "/certs/auth.key"}, relay
-        assert not any("MOME_DATA" in source or "MOME_OUTPUTS" in source for source, _, _ in relay)
+        relay = services[f"superexec-{site}"]
+        assert [_volume(v) for v in relay["volumes"]] == [(f"worker-{site}", "/run/mome", False)]
+        assert relay["networks"] == [f"exec-{site}"] and relay["command"][0] == "flower-superexec"
+        node = services[site]
+        assert {_volume(v)[1] for v in node["volumes"]} == {"/certs/ca.crt", "/certs/auth.key"}
+        assert node["networks"] == ["fleet", f"exec-{site}"] and "--isolation" in node["command"]
+        assert node["command"][node["command"].index("--isolation") + 1] == "process"
         worker = services[f"worker-{site}"]
         assert worker["network_mode"] == "none" and "networks" not in worker
         assert (f"worker-{site}", "/run/mome", False) in [_volume(v) for v in worker["volumes"]]

@@ -210,8 +210,8 @@ def _compose() -> dict:
 
 def test_site_containers_run_confined_as_the_images_non_root_user():
     services = _compose()["services"]
-    sites = {name: svc for name, svc in services.items() if name.startswith(("site-", "worker-site-"))}
-    assert sorted(sites) == ["site-a", "site-b", "site-c", "worker-site-a", "worker-site-b", "worker-site-c"]
+    sites = {name: svc for name, svc in services.items() if name.startswith(("site-", "worker-", "superexec-"))}
+    assert sorted(sites) == sorted(f"{kind}site-{c}" for c in "abc" for kind in ("", "worker-", "superexec-"))
     for name, svc in sites.items():
         uid, gid = expand(svc["user"]).split(":")
         assert int(uid) == int(gid) == IMAGE_UID != 0, name
@@ -219,9 +219,9 @@ def test_site_containers_run_confined_as_the_images_non_root_user():
         assert any(t.split(":")[0] == "/tmp" for t in svc["tmpfs"]), name
         assert svc["environment"]["HOME"] == "/tmp" and svc["environment"]["FLWR_HOME"].startswith("/tmp/")
         writable = [v for v in svc["volumes"] if not v.endswith(":ro")]
-        # nothing else is writable: the worker writes the site's outputs, the SuperNode only reaches the socket
-        assert [v.split(":")[-1] for v in writable] == (["/site-out", "/run/mome"] if name.startswith("worker")
-                                                        else ["/run/mome"]), name
+        # nothing else is writable: the worker writes the site's outputs, the SuperExec only reaches the socket
+        assert [v.split(":")[-1] for v in writable] == {"worker": ["/site-out", "/run/mome"], "superexec": [
+            "/run/mome"]}.get(name.split("-")[0], []), name
         assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
         assert expand(svc["mem_limit"]) == Confinement().memory and float(expand(svc["cpus"])) > 0
     assert all(expand(svc["user"]).split(":")[0] != "0" for svc in services.values())  # no service as root
@@ -233,13 +233,13 @@ def test_site_containers_run_confined_as_the_images_non_root_user():
 def test_sites_share_only_the_fleet_network_never_the_control_apis():
     compose = _compose()
     services = compose["services"]
-    assert set(compose["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK}
+    assert set(compose["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK, *(f"exec-site-{c}" for c in "abc")}
     control_clients = {name for name in services if name == RUN or name.startswith("enrol-")}
     on_control = {name for name, svc in services.items() if CONTROL_NETWORK in svc.get("networks", [])}
     assert on_control == control_clients | {SUPERLINK}
     for name, svc in services.items():
         if name.startswith("site-"):
-            assert svc["networks"] == [FLEET_NETWORK], name
+            assert svc["networks"] == [FLEET_NETWORK, f"exec-{name}"], name
             assert not set(svc["networks"]) & {n for c in control_clients for n in services[c]["networks"]}
     assert set(services[SUPERLINK]["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK}
 
