@@ -104,6 +104,7 @@ class Config:
     warmup_epochs: int = 4  # local epochs per warm-up (and matching FedAvg) round
     expert_rounds: int = 1
     shared_expert: bool = True  # the mixture also holds the federation's shared warm-up model (a generalist)
+    experts_update_shared: bool = False  # the first expert round is also a FedAvg round of the shared model
     gate_rounds: int = 2
     gate_aggregation: str = "fedavg"  # a GateAggregation
     dro_temperature: float = 1.0

@@ -281,8 +281,12 @@ class Coordinator:
                                  str(Action.TRAIN_EXPERT), step, sent)
         good = self._checked(step, replies, lambda r: experts.get(r.site_id, base))
 
+        fresh = [r for r in good if r.site_id not in experts]  # trained from the shared model this round
+
         def commit() -> dict:
             experts.update({r.site_id: r.state for r in good if r.state is not None})  # never averaged
+            if self.cfg.experts_update_shared and fresh:  # the same round, read as FedAvg: the shared model moves on
+                return self._aggregate(step, "base", fresh, "n_train", GateAggregation.FEDAVG)
             return {}
         return good, commit
 

@@ -253,3 +253,20 @@ def test_a_signature_covers_the_request_and_every_value():
     assert not verify(moved, key.public_key())
     reply.content[Key.METRICS]["n_train"] = 400  # inflated on the way
     assert not verify(reply, key.public_key())
+
+
+@pytest.mark.parametrize("moves", [False, True])
+def test_the_expert_round_moves_the_shared_model_only_when_asked(labels, tmp_path, moves):
+    """experts-update-shared: the first expert round, read as a FedAvg round, also averages the experts into the
+    shared model (the mixture's generalist gets the FedAvg budget); by default the shared model stays as warm-up left
+    it. The experts themselves are never averaged."""
+    cfg = TINY_RUN.replace(warmup_rounds=1, expert_rounds=1, gate_rounds=1, experts_update_shared=moves)
+    coordinator = Coordinator(ScriptedGrid({1: "site-a", 2: "site-b"}, labels), cfg, tmp_path)
+    coordinator.describe()
+    coordinator.state.base = {"w": np.ones(3, np.float32)}
+    coordinator._run_step(0, "warmup")
+    warm = coordinator.state.base["w"].copy()
+    coordinator._run_step(1, "expert")
+    experts = coordinator.state.experts
+    assert np.allclose(experts["site-a"]["w"], warm + 1e-3) and np.allclose(experts["site-b"]["w"], warm + 2e-3)
+    assert np.allclose(coordinator.state.base["w"], warm + 1.5e-3 if moves else warm)
