@@ -118,5 +118,29 @@ def load_bundle(folder: Path, max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> Bun
                                     npz[key] for key in npz.files})
     experts = {name: weights["experts"][name] for name in meta["experts"]}
     gate = weights.get("gate", {}) if meta["has_gate"] else None
-    return Bundle(config_from_mapping(meta["config"]), LabelSpec.from_dict(meta["labels"]), experts,
-                  gate, meta["strategy"], meta.get("site_id", ""))
+    bundle = Bundle(config_from_mapping(meta["config"]), LabelSpec.from_dict(meta["labels"]), experts,
+                    gate, meta["strategy"], meta.get("site_id", ""))
+    check_shapes(bundle, folder)
+    return bundle
+
+
+def check_shapes(bundle: Bundle, folder: Path) -> None:
+    """The weights must be exactly those of the networks the config describes. Checked on networks built on torch's
+    meta device (shapes only, nothing allocated): a config that declares a huge network costs nothing here."""
+    import torch
+
+    from mome.common.model import load_expert, load_gate
+
+    with torch.device("meta"):
+        wanted = {"expert": load_expert(bundle.cfg, bundle.label_spec.n_out).state_dict()}
+        if bundle.gate is not None:
+            wanted["gate"] = load_gate(bundle.cfg, len(bundle.experts)).state_dict()
+    states = [("expert", name, state) for name, state in bundle.experts.items()]
+    states += [("gate", "gate", bundle.gate)] if bundle.gate is not None else []
+    for kind, name, state in states:
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        want = {k: tuple(v.shape) for k, v in wanted[kind].items()}
+        if got != want:
+            diff = sorted(set(got.items()) ^ set(want.items()))[:2]
+            raise ValueError(f"{folder}: the weights of {name} do not match the network its config describes "
+                             f"(e.g. {diff})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import json
 import os
 import re
 import zipfile
@@ -20,6 +21,8 @@ from mome.cli.main import main as mome
 from mome.common.bundle import Bundle, check_weights_size, load_bundle, save_bundle
 from mome.common.config import Config
 from mome.common.labels import label_spec_from_dataset_json
+from mome.common.model import load_expert
+from mome.common.state import state_to_numpy
 from mome.common.cases import load_site
 from mome.common.sitedata import BadCase, SiteLayout, read_case
 from mome.deploy.certs import CertPaths, write_certificates
@@ -159,7 +162,8 @@ def test_the_voxel_cap_is_the_configured_one_for_loose_prediction_inputs(tmp_pat
 @pytest.fixture
 def bundle_folder(tmp_path) -> Path:
     spec = label_spec_from_dataset_json({"labels": {"background": 0, "tumour": 1}})
-    return save_bundle(Bundle(Config(), spec, {"shared": {"w": np.ones(1000, np.float32)}}), tmp_path / "model")
+    return save_bundle(Bundle(Config(), spec, {"shared": state_to_numpy(load_expert(Config(), spec.n_out))}),
+                       tmp_path / "model")
 
 
 @pytest.fixture
@@ -171,10 +175,20 @@ def no_unpacking(monkeypatch):
 
 
 def test_a_bundle_over_the_size_cap_is_refused_before_it_is_unpacked(bundle_folder, monkeypatch):
-    assert load_bundle(bundle_folder).experts["shared"]["w"].sum() == 1000
+    expected = state_to_numpy(load_expert(Config(), 2))
+    assert all(np.array_equal(v, expected[k]) for k, v in load_bundle(bundle_folder).experts["shared"].items())
     monkeypatch.setattr("mome.common.bundle.np.load", lambda *a, **k: pytest.fail("np.load ran before the size check"))
     with pytest.raises(ValueError, match=r"members declare \d+ bytes uncompressed, above the limit of 1000 bytes"):
         load_bundle(bundle_folder, max_weights_bytes=1000)
+
+
+def test_a_config_declaring_a_huge_network_is_refused_before_one_is_built(bundle_folder):
+    """The weights are checked against the config on torch's meta device: 8192 channels would be ~85 GB."""
+    meta = json.loads((bundle_folder / "metadata.json").read_text())
+    meta["config"]["channels"] = "8192,8192,8192"
+    (bundle_folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="the weights of shared do not match the network its config describes"):
+        load_bundle(bundle_folder)
 
 
 def test_a_zip_declaring_huge_members_is_refused_by_the_default_cap(bundle_folder, no_unpacking):
