@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup sim test bench bench-core bench-gate bench-heldout bench-geometry bench-deploy
+.PHONY: setup sim test bench bench-core bench-gate bench-heldout bench-geometry bench-deploy bench-membership
 setup: $(STAMP)
 
 sim: $(STAMP)
@@ -36,3 +36,6 @@ bench-geometry: $(STAMP)
 
 bench-deploy: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_deploy_overhead.py $(ARGS)
+
+bench-membership: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_membership.py $(ARGS)
