@@ -29,6 +29,8 @@ def check_data(args: argparse.Namespace) -> int:
         if not data.train:
             print("  unusable: no training case passed validation")
             worst = 1
+        if data.report.contract:  # usable, but what the federation expects is not what the site holds
+            worst = 1
     return worst
 
 

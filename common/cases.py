@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mome.common.clinical import ClinicalSchema, parse_schema, read_clinical_csv
+from mome.common.clinical import ClinicalSchema, missing_columns, parse_schema, read_clinical_csv
 from mome.common.config import Config
 from mome.common.labels import LabelSpec
 from mome.common.preprocess import canonical, case_geometry, voxel_spacing
@@ -172,6 +172,7 @@ def load_site(site_dir: Path | str, cfg: Config, cache_dir: Path | None = None) 
     layout = read_layout(site_dir, cfg, report)
     schema = parse_schema(cfg.clinical_fields)
     rows = _read_clinical(site_dir, report)
+    report.contract += [f"{site_dir / 'clinical.csv'}: {m}" for m in (missing_columns(schema, rows) if rows else [])]
     splits: dict[str, list[dict]] = {"Tr": [], "Ts": []}
     geometries: list[dict] = []
     for split in splits:

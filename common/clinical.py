@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,21 @@ def parse_schema(text: str) -> ClinicalSchema:
         else:
             raise ValueError(f"clinical field {item!r}: expected name=num:SCALE or name=cat:A|B")
     return ClinicalSchema(tuple(fields))
+
+
+def missing_columns(schema: ClinicalSchema, rows: dict[str, dict[str, str]]) -> list[str]:
+    """One line per field of the schema that no row of clinical.csv has as a column (a misspelled or absent
+    header): every case would encode it as zeros. Names the closest column when there is one."""
+    columns = sorted({c for row in rows.values() for c in row if c is not None})
+    out = []
+    for f in schema.fields:
+        if f.name not in columns:
+            lower = {c.lower(): c for c in columns}
+            close = [c for c in columns if f.name.lower() in c.lower()] or [
+                lower[m] for m in difflib.get_close_matches(f.name.lower(), list(lower), n=1)]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"column {f.name!r} of the clinical contract is missing{hint}; columns: {', '.join(columns)}")
+    return out
 
 
 def read_clinical_csv(path: Path) -> dict[str, dict[str, str]]:

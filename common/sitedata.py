@@ -54,6 +54,7 @@ class SiteReport:
     unlabelled: list[str] = field(default_factory=list)  # held-out cases without a label file
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (case, file, reason)
     warnings: list[str] = field(default_factory=list)
+    contract: list[str] = field(default_factory=list)  # where the site breaks the federation's data contract
     modalities: list[str] = field(default_factory=list)
     clinical: bool = False
 
@@ -72,6 +73,7 @@ class SiteReport:
                  f"({self.n_labelled_test} labelled, {len(self.unlabelled)} unlabelled)",
                  f"  skipped: {len(self.skipped)}"]
         lines += [f"    {case}: {path}: {reason}" for case, path, reason in self.skipped]
+        lines += [f"  contract: {c}" for c in self.contract]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 

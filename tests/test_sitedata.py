@@ -176,3 +176,14 @@ def test_split_and_batches_are_deterministic(tiny_federation):
     assert batches[0]["image"].shape[0] == min(2, len(a[0]))
     assert all(s % 8 == 0 for s in batches[0]["image"].shape[2:])  # padded to what the expert takes
     assert batches[0]["label"].shape[1:] == (data.label_spec.n_out, *batches[0]["image"].shape[2:])
+
+
+def test_a_misspelled_clinical_column_is_named_and_check_data_fails(site_copy, capsys):
+    path = site_copy / "clinical.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0].replace("age", "Age_years"), *lines[1:]]) + "\n")
+    data = load_site(site_copy, TINY)
+    assert data.report.contract == [f"{path}: column 'age' of the clinical contract is missing (did you mean "
+                                    f"'Age_years'?); columns: Age_years, case_id, risk, sex"]
+    assert mome(["check-data", str(site_copy)]) == 1
+    assert "contract: " in capsys.readouterr().out
