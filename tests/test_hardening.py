@@ -22,6 +22,7 @@ from mome.common.bundle import Bundle, check_weights_size, load_bundle, save_bun
 from mome.common.config import Config
 from mome.common.labels import label_spec_from_dataset_json
 from mome.common.model import load_expert
+from mome.common.signing import load_public_key, load_signing_key
 from mome.common.state import state_to_numpy
 from mome.common.cases import load_site
 from mome.common.sitedata import BadCase, SiteLayout, read_case
@@ -86,6 +87,9 @@ def test_site_key_makes_a_pair_flower_reads_and_keeps_an_existing_one(tmp_path, 
     said = capsys.readouterr().out
     assert str(pub_path) in said and f"--auth-supernode-private-key {key_path}" in said
     assert "PRIVATE KEY" not in said
+    signing = load_signing_key(out / "sign.key")  # the worker's, written beside it; its public half to enrol
+    assert load_public_key(out / "sign.key.pub").public_bytes_raw() == signing.public_key().public_bytes_raw()
+    assert (out / "sign.key").stat().st_mode & 0o777 == 0o600 and "sign.key.pub" in said
 
     before = key_path.read_bytes()
     assert mome(["site-key", "--out", str(out)]) == 1  # an existing (maybe enrolled) key is kept
