@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: setup sim test bench bench-core bench-gate bench-heldout bench-geometry bench-deploy bench-membership
+.PHONY: setup sim test bench bench-core bench-gate bench-heldout bench-geometry bench-deploy bench-membership compose-check
 setup: $(STAMP)
 
 sim: $(STAMP)
@@ -39,3 +39,10 @@ bench-deploy: $(STAMP)
 
 bench-membership: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_membership.py $(ARGS)
+
+# the committed docker-compose.yml for real: a container engine (../shared/containers/engine.sh on this project's
+# machines), the image, a 3-site federation in containers, and what the container running the coordinator's app holds
+ENGINE ?= ../shared/containers/engine.sh
+compose-check: $(STAMP)
+	bash $(ENGINE) up
+	$(VENV)/bin/python -m pytest -q -rs -s tests/test_compose_run.py

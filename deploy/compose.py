@@ -96,6 +96,7 @@ def render_compose(top: Topology) -> str:
               "a hospital on its own machine\n"
               "# sets MOME_SUPERLINK=<coordinator>:9092. Containers run as MOME_UID:MOME_GID (default the image's "
               f"{top.confinement.uid}),\n# who must read the 0600 keys and write MOME_OUTPUTS; sites are capped by "
-              "MOME_SITE_MEMORY and MOME_SITE_CPUS.\n# Set them in an .env file next to this one.\n")
+              "MOME_SITE_MEMORY and MOME_SITE_CPUS.\n# MOME_RUN_CONFIG adds run-config settings to the run (e.g. "
+              "'warmup-rounds=2 size=32').\n# Set them in an .env file next to this one.\n")
     body = yaml.dump(compose_dict(top), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
     return header + body.replace("'no'", '"no"')

@@ -270,6 +270,8 @@ class Topology:
     def run(self, app: str | None = None, overrides: str | None = None) -> Service:
         """Submit the federation; `overrides` replaces the inline run config (e.g. a TOML file path)."""
         config = overrides or " ".join(f"{k}={_toml_value(v)}" for k, v in self.run_config().items())
+        if self.containers and not overrides:  # the coordinator's own settings, from .env (e.g. a smaller budget)
+            config += " ${MOME_RUN_CONFIG:-}"
         cmd = ("flwr", "run", app or IN_CONTAINER["app"], CONNECTION, "--stream", "--run-config", config)
         mounts = self._cert_mounts(CA_CERT) if self.secure else ()
         return Service(RUN, "run", cmd, self._env(RUN), mounts + self._cli_config_mount(), networks=(CONTROL_NETWORK,))
