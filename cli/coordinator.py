@@ -29,13 +29,14 @@ def certs(args: argparse.Namespace) -> int:
 
 def _site_key_status(paths: CertPaths, site: str, made_here: bool) -> str:
     """What the coordinator still has to do for one site's key."""
-    public = paths.site_public_key(site)
+    public, signing = paths.site_public_key(site), paths.enrolled_signing_key(site)
     if made_here and paths.site_key(site).exists():
-        return f"  {site}: one-machine trial key {paths.site_key(site)} (keep it secret); enrol {public}"
-    if public.exists():
-        return f"  {site}: enrols {public}"
-    return (f"  {site}: waiting for the hospital's public key: it runs `mome site-key --out DIR --site-id {site}` "
-            f"and sends DIR/auth.key.pub; put it at {public}")
+        return (f"  {site}: one-machine trial keys {paths.site_key(site)} and {paths.signing_key(site)} (keep them "
+                f"secret); enrol {public}; its replies are checked against {signing}")
+    if public.exists() and signing.exists():
+        return f"  {site}: enrols {public}; its replies are checked against {signing}"
+    return (f"  {site}: waiting for the hospital's public keys: it runs `mome site-key --out DIR --site-id {site}` "
+            f"and sends DIR/auth.key.pub and DIR/sign.key.pub; put them at {public} and {signing}")
 
 
 def compose(args: argparse.Namespace) -> int:

@@ -57,8 +57,8 @@ def compose_run(tmp_path_factory):
         run = f"{PROJECT}_run_1"
         code = subprocess.run([DOCKER, "wait", run], capture_output=True, text=True, timeout=900).stdout.strip()
         took = time.perf_counter() - started
-        inside = {name: subprocess.run([DOCKER, "exec", f"{PROJECT}_{name}_1", "sh", "-c",
-                                        "ls -d /data /certs /site-out 2>/dev/null; ls /run/mome 2>/dev/null; true"],
+        look = "awk '$2 ~ /^\\/(data|certs|site-out|run)/ {print $2}' /proc/mounts | sort; ls /run/mome; true"
+        inside = {name: subprocess.run([DOCKER, "exec", f"{PROJECT}_{name}_1", "sh", "-c", look],
                                        capture_output=True, text=True).stdout.split()
                   for name in ("superexec-site-a", "site-a", "worker-site-a")}
         logs = subprocess.run([DOCKER, "logs", run], capture_output=True, text=True).stdout
@@ -80,6 +80,8 @@ def test_the_compose_federation_runs_to_the_end(compose_run):
 
 def test_the_container_running_the_coordinators_app_holds_no_data_and_no_key(compose_run):
     _, _, inside, *_ = compose_run
-    assert inside["superexec-site-a"] == ["worker.sock", "worker.token"]  # no /data, /certs or /site-out
-    assert inside["site-a"] == ["/certs"]  # the SuperNode: its Flower key and the CA, nothing of the site's
-    assert inside["worker-site-a"][:3] == ["/certs", "/data", "/site-out"]
+    # mounts, then what /run/mome holds: the SuperExec has the worker's socket and nothing else
+    assert inside["superexec-site-a"] == ["/run/mome", "worker.sock", "worker.token"]
+    assert inside["site-a"] == ["/certs/auth.key", "/certs/ca.crt"]  # the SuperNode: its Flower key and the CA
+    assert inside["worker-site-a"] == ["/certs/sign.key", "/data", "/run/mome", "/site-out", "worker.sock",
+                                       "worker.token"]
