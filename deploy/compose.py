@@ -7,8 +7,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from mome.deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE, STATE_VOLUME, SUPERLINK, Confinement, Service, \
-    Topology, exec_network, worker_name
+from mome.deploy.topology import CONTROL_NAMESPACE, FLEET_NETWORK, IMAGE, STATE_VOLUME, SUPERLINK, Confinement, \
+    Service, Topology, exec_network, worker_name
 
 ENV_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -59,12 +59,14 @@ def compose_dict(top: Topology) -> dict[str, Any]:
                                  "user": top.confinement.user,  # the image's non-root user, or the host's
                                  "command": list(svc.command), "environment": dict(svc.env),
                                  "volumes": _volumes(svc)}
-        entry.update({"networks": list(svc.networks)} if svc.networks else {"network_mode": "none"})
+        if svc.networks == (CONTROL_NAMESPACE,):  # the Control API's clients: the SuperLink's own loopback
+            entry["network_mode"] = CONTROL_NAMESPACE
+        else:
+            entry.update({"networks": list(svc.networks)} if svc.networks else {"network_mode": "none"})
         if svc.health:
             entry["healthcheck"] = {"test": ["CMD", *svc.health], **check}
         if svc.role == "superlink":
-            entry["ports"] = [f"${{MOME_FLEET_PORT:-{top.ports.fleet}}}:{top.ports.fleet}",  # hospitals connect here
-                              f"127.0.0.1:${{MOME_CONTROL_PORT:-{top.ports.control}}}:{top.ports.control}"]
+            entry["ports"] = [f"${{MOME_FLEET_PORT:-{top.ports.fleet}}}:{top.ports.fleet}"]  # hospitals connect here
             entry["restart"] = "unless-stopped"
         elif svc.role == "site":
             entry["depends_on"] = {**healthy, worker_name(svc.site_id): {"condition": "service_healthy"}}
@@ -81,10 +83,10 @@ def compose_dict(top: Topology) -> dict[str, Any]:
             entry["depends_on"] = dict(healthy)
             entry["restart"] = "no"
         services[svc.name] = entry
-    # sites share only FLEET with the SuperLink; the Control API's clients (run, enrol-*) are on CONTROL
+    # sites share only FLEET with the SuperLink; the Control API's clients (run, enrol-*) its network namespace
     volumes = {STATE_VOLUME: {}, **{worker_name(site): {} for site in top.site_ids}}
     # a SuperExec's network reaches its SuperNode only: `internal`, no route out of the host
-    networks = {FLEET_NETWORK: {}, CONTROL_NETWORK: {}, **{exec_network(s): {"internal": True} for s in top.site_ids}}
+    networks = {FLEET_NETWORK: {}, **{exec_network(s): {"internal": True} for s in top.site_ids}}
     return {"services": services, "networks": networks, "volumes": volumes}
 
 

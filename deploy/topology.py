@@ -19,8 +19,12 @@ DEFAULT_DATA, DEFAULT_CERTS, DEFAULT_OUTPUTS = "./data", "./certs", "./runs/comp
 IN_CONTAINER = {"data": "/data", "site_out": "/site-out", "certs": "/certs", "outputs": "/outputs",
                 "state": "/state", "app": "/app", "worker": "/run/mome"}
 STATE_VOLUME = "superlink-state"
-# Compose networks: sites reach the SuperLink only on FLEET; the Control API's clients (run, enrol-*) on CONTROL
-FLEET_NETWORK, CONTROL_NETWORK = "fleet", "control"
+# Compose networks: sites reach the SuperLink only on FLEET (its Fleet API, the one port hospitals connect to).
+FLEET_NETWORK = "fleet"
+# The Control API (and the ServerApp's runtime API) listens on the SuperLink's loopback only: its clients (run,
+# enrol-*) share the SuperLink's network namespace in compose (network_mode service:superlink), so no site can reach
+# it on any network, and nothing publishes it on the host
+CONTROL_NAMESPACE = "service:superlink"
 IMAGE_UID = 10001  # the image's non-root user (Dockerfile `useradd --uid`)
 
 
@@ -168,7 +172,7 @@ class Topology:
         """The Flower CLI's config.toml: how `flwr run` / `flwr supernode register` reach the SuperLink."""
         lines = ["# Flower CLI connection to the MoME SuperLink (written by mome; see README, Deployment)",
                  "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{self.superlink_host}:{self.ports.control}"']
+                 f'address = "127.0.0.1:{self.ports.control}"']
         if self.secure:
             lines.append(f'root-certificates = "{self._see("certs", self.certs_dir)}/{CA_CERT}"')
         else:
@@ -190,7 +194,7 @@ class Topology:
         certs = self._see("certs", self.certs_dir)
         state = self._see("state", self.state_dir or self.out_dir)
         cmd = ["flower-superlink", "--fleet-api-address", f"{self.bind}:{self.ports.fleet}",
-               "--host", self.bind, "--port", str(self.ports.control)]
+               "--host", "127.0.0.1", "--port", str(self.ports.control)]
         if self.secure:
             cmd += ["--ssl-ca-certfile", f"{certs}/{CA_CERT}", "--ssl-certfile", f"{certs}/{SERVER_CERT}",
                     "--ssl-keyfile", f"{certs}/{SERVER_KEY}", "--enable-supernode-auth"]
@@ -203,7 +207,7 @@ class Topology:
         if self.containers:
             mounts += (Mount(STATE_VOLUME, IN_CONTAINER["state"], read_only=False),)
         return Service(SUPERLINK, "superlink", tuple(cmd), self._env(SUPERLINK), mounts,
-                       _health(f"127.0.0.1:{self.ports.health}"), networks=(FLEET_NETWORK, CONTROL_NETWORK))
+                       _health(f"127.0.0.1:{self.ports.health}"), networks=(FLEET_NETWORK,))
 
     def site(self, index: int) -> Service:
         site = self.site_ids[index]
@@ -265,7 +269,8 @@ class Topology:
         pub = f"{self._see('certs', self.certs_dir)}/{site}.pub" if self.containers else self.site_key(site, True)
         mounts = (Mount(self.site_key(site, public=True), pub),) + self._cert_mounts(CA_CERT)
         return Service(name, "enrol", ("flwr", "supernode", "register", pub, CONNECTION, "--name", site),
-                       self._env(name), mounts + self._cli_config_mount(), site_id=site, networks=(CONTROL_NETWORK,))
+                       self._env(name), mounts + self._cli_config_mount(), site_id=site,
+                       networks=(CONTROL_NAMESPACE,))
 
     def run(self, app: str | None = None, overrides: str | None = None) -> Service:
         """Submit the federation; `overrides` replaces the inline run config (e.g. a TOML file path)."""
@@ -274,7 +279,8 @@ class Topology:
             config += " ${MOME_RUN_CONFIG:-}"
         cmd = ("flwr", "run", app or IN_CONTAINER["app"], CONNECTION, "--stream", "--run-config", config)
         mounts = self._cert_mounts(CA_CERT) if self.secure else ()
-        return Service(RUN, "run", cmd, self._env(RUN), mounts + self._cli_config_mount(), networks=(CONTROL_NETWORK,))
+        return Service(RUN, "run", cmd, self._env(RUN), mounts + self._cli_config_mount(),
+                       networks=(CONTROL_NAMESPACE,))
 
     def _cli_config_mount(self) -> tuple[Mount, ...]:
         if not self.containers:

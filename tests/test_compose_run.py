@@ -61,6 +61,10 @@ def compose_run(tmp_path_factory):
         inside = {name: subprocess.run([DOCKER, "exec", f"{PROJECT}_{name}_1", "sh", "-c", look],
                                        capture_output=True, text=True).stdout.split()
                   for name in ("superexec-site-a", "site-a", "worker-site-a")}
+        probe = ("import socket\nfor port in (9092, 9093):\n    try:\n        socket.create_connection(('superlink', "
+                 "port), timeout=3).close(); print(port, 'open')\n    except OSError: print(port, 'closed')")
+        inside["control from site-a"] = subprocess.run([DOCKER, "exec", f"{PROJECT}_site-a_1", "python3", "-c", probe],
+                                                       capture_output=True, text=True).stdout.split()
         logs = subprocess.run([DOCKER, "logs", run], capture_output=True, text=True).stdout
         yield root, int(code), inside, logs, built, took
     finally:
@@ -85,3 +89,8 @@ def test_the_container_running_the_coordinators_app_holds_no_data_and_no_key(com
     assert inside["site-a"] == ["/certs/auth.key", "/certs/ca.crt"]  # the SuperNode: its Flower key and the CA
     assert inside["worker-site-a"] == ["/certs/sign.key", "/data", "/run/mome", "/site-out", "worker.sock",
                                        "worker.token"]
+
+
+def test_a_site_reaches_the_fleet_api_but_not_the_control_api(compose_run):
+    _, _, inside, *_ = compose_run
+    assert inside["control from site-a"] == ["9092", "open", "9093", "closed"]

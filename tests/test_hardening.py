@@ -28,7 +28,7 @@ from mome.common.cases import load_site
 from mome.common.sitedata import BadCase, SiteLayout, read_case
 from mome.deploy.certs import CertPaths, write_certificates
 from mome.deploy.compose import compose_dict, expand
-from mome.deploy.topology import CONTROL_NETWORK, FLEET_NETWORK, IMAGE_UID, RUN, SUPERLINK, Confinement, Topology
+from mome.deploy.topology import FLEET_NETWORK, IMAGE_UID, RUN, SUPERLINK, Confinement, Topology
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,18 +248,24 @@ def test_site_containers_run_confined_as_the_images_non_root_user():
     assert re.findall(r"^USER (\S+)", dockerfile, re.M)[-1] == f"{IMAGE_UID}:{IMAGE_UID}"  # the image's default
 
 
-def test_sites_share_only_the_fleet_network_never_the_control_apis():
+def test_the_control_api_listens_on_the_superlinks_loopback_only():
+    """No site can reach the Control API (no login in Flower OSS: submit a ServerApp, stop or list runs): the
+    SuperLink binds it to 127.0.0.1, nothing publishes it, and only its own clients (run, enrol-*) share the
+    SuperLink's network namespace. Sites share only the fleet network with the SuperLink."""
     compose = _compose()
     services = compose["services"]
-    assert set(compose["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK, *(f"exec-site-{c}" for c in "abc")}
-    control_clients = {name for name in services if name == RUN or name.startswith("enrol-")}
-    on_control = {name for name, svc in services.items() if CONTROL_NETWORK in svc.get("networks", [])}
-    assert on_control == control_clients | {SUPERLINK}
+    superlink = services[SUPERLINK]["command"]
+    assert superlink[superlink.index("--host") + 1] == "127.0.0.1"
+    assert services[SUPERLINK]["ports"] == ["${MOME_FLEET_PORT:-9092}:9092"] and services[SUPERLINK]["networks"] == [
+        FLEET_NETWORK]
+    assert set(compose["networks"]) == {FLEET_NETWORK, *(f"exec-site-{c}" for c in "abc")}
+    in_namespace = {name for name, svc in services.items() if svc.get("network_mode") == f"service:{SUPERLINK}"}
+    assert in_namespace == {name for name in services if name == RUN or name.startswith("enrol-")}
     for name, svc in services.items():
         if name.startswith("site-"):
             assert svc["networks"] == [FLEET_NETWORK, f"exec-{name}"], name
-            assert not set(svc["networks"]) & {n for c in control_clients for n in services[c]["networks"]}
-    assert set(services[SUPERLINK]["networks"]) == {FLEET_NETWORK, CONTROL_NETWORK}
+    local = Topology(("site-a",), containers=False)  # deploy-local: loopback for everything
+    assert local.superlink().command[local.superlink().command.index("--host") + 1] == "127.0.0.1"
 
 
 def test_container_limits_are_topology_settings():
