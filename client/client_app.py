@@ -58,10 +58,10 @@ def node_policy(context: Context) -> SitePolicy:
 
 
 def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None = None,
-                    policy_of: Callable[[Context], SitePolicy] = node_policy) -> ClientApp:
+                    policy_of: Callable[[Context], SitePolicy] = node_policy, worker: str = "") -> ClientApp:
     """A ClientApp whose sites are found by `locate` (node config, or a simulation's partition map). Every handler
     runs inside the site's guard (policy, schema, coded errors, audit log); `mods` wrap around it (tests play a
-    misbehaving site with them)."""
+    misbehaving site with them). `worker`: the site worker's version and code hash, told at describe."""
     app = ClientApp(mods=[*(mods or []), guard(locate, policy_of)])
     opened: dict[tuple, tuple[tuple, Site]] = {}  # per site: the one loaded copy of its data, and what it was for
 
@@ -99,8 +99,9 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
     def describe(msg: Message, context: Context) -> Message:
         site, _ = site_for(msg, context)
         facts = site.describe()
-        content = RecordDict({"site": ConfigRecord({SITE_ID: site.site_id, "labels": json.dumps(facts["labels"]),
-                                                    "modalities": ",".join(facts["modalities"])}),
+        told = {SITE_ID: site.site_id, "labels": json.dumps(facts["labels"]),
+                "modalities": ",".join(facts["modalities"]), **({"worker": worker} if worker else {})}
+        content = RecordDict({"site": ConfigRecord(told),
                               Key.METRICS: metric_record({k: facts[k] for k in (*DESCRIBE, *GEOMETRY)
                                                                          if k in facts})})
         return Message(content, reply_to=msg)

@@ -27,6 +27,7 @@ from mome.client import audit
 from mome.client.client_app import make_client_app
 from mome.client.guard import coded_error
 from mome.client.policy import SitePolicy
+from mome.common.config import package_version
 from mome.common.signing import sign
 from mome.common.wire import Action, check_site_id
 
@@ -58,7 +59,8 @@ class Worker:
                  signing_key=None):
         self.token, self.signing_key = token, signing_key  # the key signs every reply (an Ed25519PrivateKey)
         located = (Path(data_dir), check_site_id(site_id), Path(out_dir))
-        self.app = make_client_app(lambda context: located, policy_of=lambda context: policy or SitePolicy())
+        self.app = make_client_app(lambda context: located, policy_of=lambda context: policy or SitePolicy(),
+                                   worker=f"{package_version()} {SERVICE} sha256:{code_hash()}")
         self.context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         self.site_id, self.out_dir = site_id, Path(out_dir)
         self.one_at_a_time = threading.Lock()  # steps run in turn; the second thread answers health probes

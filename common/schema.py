@@ -45,7 +45,7 @@ EVALUATE = {**COUNTS, **SUPPRESSION, **PRIVACY, "model_saved": INT,
                (("dice", PER_REGION), ("dice_mean", FLOAT), ("hd95", FLOAT))}}
 
 CONFIGS = {  # per action: record -> the keys it may carry (all strings)
-    "query.describe": {"site": {"site-id", "labels", "modalities"}},
+    "query.describe": {"site": {"site-id", "labels", "modalities", "worker"}},  # worker: its version and code hash
     str(Action.TRAIN_SHARED): {"site": {"site-id"}},
     str(Action.TRAIN_EXPERT): {"site": {"site-id"}},
     str(Action.TRAIN_GATE): {"site": {"site-id"}},

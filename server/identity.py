@@ -71,7 +71,8 @@ class Registry:
             self.events.append({"step": step, "node": node, "site": site, "event": "rebound",
                                 "reason": f"node {holder} is gone; {site} rejoined"})
         elif holder is None:
-            self.events.append({"step": step, "node": node, "site": site, "event": "bound"})
+            worker = {"worker": counts["worker"]} if "worker" in counts else {}  # what the site runs, as it says
+            self.events.append({"step": step, "node": node, "site": site, "event": "bound", **worker})
         capped = sorted(k for k in COUNT_KEYS if counts[k] > declared[k])
         if capped:
             self.events.append({"step": step, "node": node, "site": site, "event": "counts capped",

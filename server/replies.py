@@ -214,11 +214,14 @@ def claim(msg: Message) -> str:
 
 
 def description(msg: Message) -> tuple[str, dict, dict]:
-    """(site id, label spec, declared counts) of a describe reply; the spec as the server would write it."""
+    """(site id, label spec, declared counts) of a describe reply; the spec as the server would write it. The
+    counts also carry `worker` (the site worker's version and code hash) when the site told it."""
     site = claimed_site(msg)
     metrics = _record(msg, Key.METRICS, MetricRecord)
     try:
         spec = LabelSpec.checked(json.loads(str(msg.content["site"]["labels"]))).to_dict()
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise BadReply(f"its label spec does not parse: {str(exc)[:120]}") from None
-    return site, {**spec, "kind": str(spec["kind"])}, dict(metrics)
+    worker = msg.content["site"].get("worker")
+    told = {"worker": worker[:200]} if isinstance(worker, str) else {}
+    return site, {**spec, "kind": str(spec["kind"])}, {**dict(metrics), **told}

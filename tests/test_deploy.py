@@ -105,6 +105,8 @@ def test_enrolled_sites_complete_a_federation_over_tls_with_node_auth(secure_run
     # the SuperNodes (and the coordinator's app they run) were told only where their worker listens
     assert all(set(c) == {"site-id", "worker", "worker-token-file"} for c in record["node_configs"].values())
     assert "code sha256" in (run_dir / "logs" / "worker-site-a.log").read_text()
+    bound = [e for e in metrics["identity"] if e["event"] == "bound"]  # each site's worker, as it told the server
+    assert len(bound) == 2 and all("mome.site.Worker/v1 sha256:" in e["worker"] for e in bound)
     # every reply the coordinator accepted was signed by a worker's key enrolled under run_dir/certs/signing
     assert record["run_config"]["site-keys"] == str(run_dir / "certs" / "signing")
     assert "replies signed with" in (run_dir / "logs" / "worker-site-b.log").read_text()

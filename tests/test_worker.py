@@ -50,6 +50,7 @@ def test_the_relay_gets_the_workers_reply_and_the_worker_audits_it(served):
     reply = forward(_request("query.describe"), _context(node_config))
     assert not reply.has_error()
     assert reply.content["site"]["site-id"] == "site-a" and reply.content[Key.METRICS]["n_train"] > 0
+    assert reply.content["site"]["worker"].endswith(f"{SERVICE} sha256:{code_hash()}")  # what the hospital approved
     entries = [json.loads(line) for line in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
     assert [e["action"] for e in entries] == ["query.describe"] and entries[0]["site"] == "site-a"
 
