@@ -105,6 +105,7 @@ class Config:
     expert_rounds: int = 1
     shared_expert: bool = True  # the mixture also holds the federation's shared warm-up model (a generalist)
     experts_update_shared: bool = False  # the first expert round is also a FedAvg round of the shared model
+    refresh_own_expert: bool = False  # at the end a site's own expert is the shared model fine-tuned as fedavg-ft's
     gate_rounds: int = 2
     gate_aggregation: str = "fedavg"  # a GateAggregation
     dro_temperature: float = 1.0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from mome.common.wire import Key, Status, unpack
+from mome.common.wire import SHARED_EXPERT, Key, Status, unpack
 from mome.server.checkpoint import ServerState, load_checkpoint
 from mome.server.protocol import plan
 from mome.server.report import write_report
@@ -282,3 +282,23 @@ def test_a_validated_final_mixture_is_the_one_saved_and_scored(two_sites, tmp_pa
         if choice != "personal":
             kept = variants["mixture_global" if choice == "global" else "expert"]
             assert entry["dice_mean"] == kept["dice_mean"]
+
+
+def test_a_refreshed_own_expert_is_the_shared_model_fine_tuned_at_the_site(two_sites, tmp_path):
+    """refresh-own-expert (with experts-update-shared): a site's final mixture holds, in its own slot, the
+    federation's final shared model fine-tuned on its cases (fedavg-ft's step), not the expert it sent; the
+    other experts and the shared model are the federation's."""
+    from mome.common.bundle import load_bundle
+
+    cfg = TINY_RUN.replace(refresh_own_expert=True, experts_update_shared=True)
+    metrics = simulate("mome", two_sites, cfg, tmp_path)
+    assert metrics["status"] == "ok"
+    final = load_checkpoint(sorted((tmp_path / "mome" / "checkpoints").glob("step_*.npz"))[-1])
+    for site in metrics["sites"]:
+        kept = load_bundle(tmp_path / "mome" / "sites" / site / "model").experts
+        assert set(kept) == {*final.experts, SHARED_EXPERT}
+        assert all(np.array_equal(kept[SHARED_EXPERT][k], final.base[k]) for k in final.base)
+        other = next(s for s in final.experts if s != site)
+        assert all(np.array_equal(kept[other][k], final.experts[other][k]) for k in final.base)
+        assert any(not np.array_equal(kept[site][k], final.base[k]) for k in final.base)  # fine-tuned...
+        assert any(not np.array_equal(kept[site][k], final.experts[site][k]) for k in final.base)  # ...not sent
