@@ -93,19 +93,19 @@ class Config:
     lr: float = 3e-3
     lr_decay: bool = False  # anneal each training call's lr to 0 (nnU-Net's poly): the kept last epoch settles
     batch_size: int = 2
-    expert_epochs: int = 8
+    expert_epochs: int = 4  # = warmup-epochs: the expert round is also the last FedAvg round (experts-update-shared)
     gate_steps: int = 30  # gate optimiser steps per gate round, on the site's held-out split
     gate_prior_lr: float = 3e-2  # lr of the gate's output bias, its case-independent preference over experts
     personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
     final_mixture: str = "personal"  # what a MoME site keeps: "personal", or "validated" (client/choice.py)
     # federation
     strategy: str = "mome"  # a Strategy
-    warmup_rounds: int = 8
+    warmup_rounds: int = 9
     warmup_epochs: int = 4  # local epochs per warm-up (and matching FedAvg) round
     expert_rounds: int = 1
     shared_expert: bool = True  # the mixture also holds the federation's shared warm-up model (a generalist)
-    experts_update_shared: bool = False  # the first expert round is also a FedAvg round of the shared model
-    refresh_own_expert: bool = False  # at the end a site's own expert is the shared model fine-tuned as fedavg-ft's
+    experts_update_shared: bool = True  # the first expert round is also a FedAvg round of the shared model
+    refresh_own_expert: bool = True  # at the end a site's own expert is the shared model fine-tuned as fedavg-ft's
     gate_rounds: int = 2
     gate_aggregation: str = "fedavg"  # a GateAggregation
     dro_temperature: float = 1.0
