@@ -50,8 +50,10 @@ def main() -> None:
     parser.add_argument("base", type=Path)
     parser.add_argument("variant", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--title", help="what the variant is (default: the folders' names)")
     args = parser.parse_args()
-    text = markdown(summarise(merged(args.base, args.variant)), f"{args.variant.name} against {args.base.name}")
+    title = args.title or f"{args.variant.name} against {args.base.name}"
+    text = markdown(summarise(merged(args.base, args.variant)), title)
     text += "\n\nOwn expert (E), global-gate mixture (G), personalised mixture (P) per site, held-out Dice:\n\n"
     text += "\n".join(diagnostics(args.variant)) + "\n"
     if args.out:
