@@ -1,5 +1,6 @@
-"""A site's last word on the model it keeps (`final-mixture=validated`): its personalised mixture, the federation's
-global-gate mixture or its own expert, chosen on its own validation cases.
+"""A site's last word on the model it keeps: its own slot refreshed from the final shared model
+(`refresh-own-expert`), and (`final-mixture=validated`) its personalised mixture, the federation's global-gate
+mixture or its own expert, chosen on its own validation cases.
 
 The personalised gate is fitted on those same cases, so its score is taken out of fold (each case scored by a gate
 personalised on the other folds); the global gate and the site's own expert were never fitted to them. With 1-3
@@ -19,7 +20,9 @@ from mome.common.labels import LabelKind
 from mome.common.metrics import dice_per_case
 from mome.common.model import ExpertNet, GateNet, expert_logits, mixture_logits, probabilities
 from mome.common.patches import Window
-from mome.common.train import personalise_gate
+from mome.common.state import state_to_numpy
+from mome.common.train import personalise_gate, train_expert
+from mome.common.wire import SHARED_EXPERT
 
 if TYPE_CHECKING:
     from mome.client.site import Site
@@ -67,6 +70,22 @@ def pick(scores: dict[str, list[float]]) -> str:
 
 def _dice(probs: torch.Tensor, label: torch.Tensor, kind: LabelKind) -> float:
     return float(dice_per_case(probs, label, kind).mean())
+
+
+def refreshed(site: "Site", experts: dict[str, dict]) -> dict[str, dict]:
+    """refresh-own-expert: the site's own expert in its final mixture is the federation's final shared model
+    fine-tuned on its training cases for personalise-epochs, the step fedavg-ft takes (it never leaves the site).
+    Anything failing keeps the expert it sent."""
+    if not (site.cfg.refresh_own_expert and site.site_id in experts and SHARED_EXPERT in experts):
+        return experts
+    try:
+        model = site.expert(experts[SHARED_EXPERT])
+        train_expert(model, site.patches("finetune"), site.val_batches, site.cfg, site.kind,
+                     epochs=site.cfg.personalise_epochs, progress=False, keep_best=False)
+    except Exception:
+        log.exception("site %s: refreshing its own expert failed; keeping the one it sent", site.site_id)
+        return experts
+    return {**experts, site.site_id: state_to_numpy(model)}
 
 
 def site_choice(site: "Site", models: Sequence[ExpertNet], gate: GateNet, names: list[str]) -> str:

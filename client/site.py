@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from mome.client.choice import CANDIDATES, site_choice
+from mome.client.choice import CANDIDATES, refreshed, site_choice
 from mome.client.fedbn import keep_own_norms, with_own_norms
 from mome.client.predict import segment_cases
 from mome.client.privacy import PrivacyLedger
@@ -194,7 +194,7 @@ class Site:
     def finalise_mixture(self, experts: dict[str, State], gate_state: State) -> tuple[dict, dict]:
         """The last MoME step: personalise the gate, save the site's mixture, then evaluate and segment. FedSM keeps
         the federation's selector, routing each case to one expert."""
-        experts = self._refreshed(experts)
+        experts = refreshed(self, experts)
         names = list(experts)
         models = [self.expert(experts[n]) for n in names]
         cfg = selector_config(self.cfg)
@@ -220,21 +220,6 @@ class Site:
                                          lambda: self.evaluate_mixture(names, models, gate, personal, choice))
         return {**metrics, **({"final_choice": CANDIDATES.index(choice)} if choice != "personal" else {})}, outcome
 
-
-    def _refreshed(self, experts: dict[str, State]) -> dict[str, State]:
-        """refresh-own-expert: the site's own expert in its final mixture is the federation's final shared model
-        fine-tuned on its training cases for personalise-epochs, the step fedavg-ft takes (it never leaves the
-        site). Anything failing keeps the expert it sent."""
-        if not (self.cfg.refresh_own_expert and self.site_id in experts and SHARED_EXPERT in experts):
-            return experts
-        try:
-            model = self.expert(experts[SHARED_EXPERT])
-            train_expert(model, self.patches("finetune"), self.val_batches, self.cfg, self.kind,
-                         epochs=self.cfg.personalise_epochs, progress=False, keep_best=False)
-        except Exception:
-            log.exception("site %s: refreshing its own expert failed; keeping the one it sent", self.site_id)
-            return experts
-        return {**experts, self.site_id: state_to_numpy(model)}
 
     def finalise_shared(self, state: State, finetune_epochs: int, strategy: str) -> tuple[dict, dict]:
         """The last step of a shared-model strategy: fine-tune (fedavg-ft), save, then evaluate and segment."""

@@ -50,6 +50,18 @@ class Registry:
             raise Refused(f"the reply is not signed by the key enrolled for {site}")
         return True
 
+    def claims(self, replies: list[tuple[int, str, Message]], step: int) -> list[tuple[str | None, bool]]:
+        """Each describe reply's claimed id ("" for none) and whether its signature proves it. A claim without the
+        id's enrolled signature is refused here (None), before it can compete for the id."""
+        out: list[tuple[str | None, bool]] = []
+        for node, site, msg in replies:
+            try:
+                out.append((site, self.authenticate(msg, site) if site else False))
+            except Refused as exc:
+                self.refuse(node, str(exc), step)
+                out.append((None, False))
+        return out
+
     def bind(self, node: int, site: str, counts: dict, alive: set[int], step: int, signed: bool = False) -> None:
         """Bind a node that identified itself (describe, or a late join). Refuses ids outside the pattern, a node
         re-binding to another id, an id held by another node that is still connected (unless the claim is signed

@@ -134,17 +134,9 @@ class Coordinator:
         alive = set(self.grid.get_node_ids())
         specs = {}
         replies = list(send_and_receive(self.grid, messages, self.cfg.round_timeout))
-        claimed, signed = [], []
-        for msg in replies:
-            try:  # a claim not signed by the id's enrolled key is refused before it can compete for the id
-                signed.append(self.registry.authenticate(msg, claim(msg)) if claim(msg) else False)
-                claimed.append(claim(msg))
-            except Refused as exc:
-                self.registry.refuse(sender(messages, msg), str(exc), step)
-                signed.append(False)
-                claimed.append(None)
-        claims = Counter(claimed)
-        for msg, site_id, authentic in zip(replies, claimed, signed):
+        checked = self.registry.claims([(sender(messages, msg), claim(msg), msg) for msg in replies], step)
+        claims = Counter(site_id for site_id, _ in checked)
+        for msg, (site_id, authentic) in zip(replies, checked):
             node = sender(messages, msg)
             if site_id is None:
                 continue
@@ -244,8 +236,8 @@ class Coordinator:
         if phase == "evaluate":  # sent once: a site's final outcome is its own, and finalising twice gains nothing
             good, commit = self._step_evaluate(index)
             return good, commit()
-        send = {"warmup": self._step_warmup, "shared": self._step_shared, "expert": self._step_expert,
-                "gate": self._step_gate}[phase]
+        send = {"warmup": lambda i: self._train_shared(i, "warmup"), "expert": self._step_expert,
+                "shared": lambda i: self._train_shared(i, "shared"), "gate": self._step_gate}[phase]
         for attempt in range(self.cfg.step_retries + 1):
             if attempt:
                 log.warning("step %d: %d sites sent an update, fewer than min-sites %d: retry %d of %d", index + 1,
@@ -267,12 +259,6 @@ class Coordinator:
                                  str(Action.TRAIN_SHARED), step, dict.fromkeys(nodes, sent))
         good = self._checked(step, replies, lambda r: sent)
         return good, lambda: self._aggregate(step, "base", good, "n_train", GateAggregation.FEDAVG)
-
-    def _step_warmup(self, step: int) -> Step:
-        return self._train_shared(step, "warmup")
-
-    def _step_shared(self, step: int) -> Step:
-        return self._train_shared(step, "shared")
 
     def _step_expert(self, step: int) -> Step:
         experts, base = self.state.experts, self.state.base
