@@ -21,7 +21,7 @@ from mome.common.metrics import dice_per_case
 from mome.common.model import ExpertNet, GateNet, expert_logits, mixture_logits, probabilities
 from mome.common.patches import Window
 from mome.common.state import state_to_numpy
-from mome.common.train import personalise_gate, train_expert
+from mome.common.train import personalise_gate
 from mome.common.wire import SHARED_EXPERT
 
 if TYPE_CHECKING:
@@ -75,17 +75,11 @@ def _dice(probs: torch.Tensor, label: torch.Tensor, kind: LabelKind) -> float:
 def refreshed(site: "Site", experts: dict[str, dict]) -> dict[str, dict]:
     """refresh-own-expert: the site's own expert in its final mixture is the federation's final shared model
     fine-tuned on its training cases for personalise-epochs, the step fedavg-ft takes (it never leaves the site).
-    Anything failing keeps the expert it sent."""
+    If that fails the site keeps the expert it sent."""
     if not (site.cfg.refresh_own_expert and site.site_id in experts and SHARED_EXPERT in experts):
         return experts
-    try:
-        model = site.expert(experts[SHARED_EXPERT])
-        train_expert(model, site.patches("finetune"), site.val_batches, site.cfg, site.kind,
-                     epochs=site.cfg.personalise_epochs, progress=False, keep_best=False)
-    except Exception:
-        log.exception("site %s: refreshing its own expert failed; keeping the one it sent", site.site_id)
-        return experts
-    return {**experts, site.site_id: state_to_numpy(model)}
+    model = site.fine_tuned(experts[SHARED_EXPERT], site.cfg.personalise_epochs)
+    return experts if model is None else {**experts, site.site_id: state_to_numpy(model)}
 
 
 def site_choice(site: "Site", models: Sequence[ExpertNet], gate: GateNet, names: list[str]) -> str:

@@ -221,18 +221,23 @@ class Site:
         return {**metrics, **({"final_choice": CANDIDATES.index(choice)} if choice != "personal" else {})}, outcome
 
 
+    def fine_tuned(self, state: State, epochs: int) -> ExpertNet | None:
+        """fedavg-ft's local step: the model fine-tuned on the training split for `epochs` (its last epoch kept), or
+        None when that failed (logged: the caller keeps the model it was sent, which still works)."""
+        try:
+            model = self.expert(state)
+            train_expert(model, self.patches("finetune"), self.val_batches, self.cfg, self.kind, epochs=epochs,
+                         progress=False, keep_best=False)
+        except Exception:
+            log.exception("site %s: fine-tuning failed; keeping the model as sent", self.site_id)
+            return None
+        return model
+
     def finalise_shared(self, state: State, finetune_epochs: int, strategy: str) -> tuple[dict, dict]:
         """The last step of a shared-model strategy: fine-tune (fedavg-ft), save, then evaluate and segment."""
         state = self._own_norms(state)
-        model = self.expert(state)
-        if finetune_epochs > 0:
-            try:
-                train_expert(model, self.patches("finetune"), self.val_batches, self.cfg, self.kind,
-                             epochs=finetune_epochs, progress=False, keep_best=False)
-            except Exception:  # the shared model it was sent still works: keep it rather than nothing
-                log.exception("site %s: fine-tuning failed; saving the shared model", self.site_id)
-                model = self.expert(state)
-        return self.finalise_model(model, strategy)
+        model = self.fine_tuned(state, finetune_epochs) if finetune_epochs > 0 else None
+        return self.finalise_model(model if model is not None else self.expert(state), strategy)
 
     def finalise_model(self, model: ExpertNet, strategy: str) -> tuple[dict, dict]:
         bundle = Bundle(self.cfg, self.data.label_spec, {"shared": state_to_numpy(model)}, None, strategy,

@@ -65,11 +65,14 @@ class Worker:
         self.site_id, self.out_dir = site_id, Path(out_dir)
         self.one_at_a_time = threading.Lock()  # steps run in turn; the second thread answers health probes
 
-    def handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        """A serialised Flower Message in, the serialised reply Message out (content, or a coded error)."""
+    def _check_token(self, context: grpc.ServicerContext) -> None:
         sent = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
         if not hmac.compare_digest(sent.encode(), self.token.encode()):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong worker token")
+
+    def handle(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """A serialised Flower Message in, the serialised reply Message out (content, or a coded error)."""
+        self._check_token(context)
         msg = message_from_proto(ProtoMessage.FromString(request))
         if msg.metadata.message_type not in KINDS:
             log.warning("site %s: refused a %r request", self.site_id, msg.metadata.message_type[:60])
@@ -85,9 +88,7 @@ class Worker:
 
     def refuse_method(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         """A call to another protocol version (or any method but Handle): audited, then refused."""
-        sent = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
-        if not hmac.compare_digest(sent.encode(), self.token.encode()):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong worker token")
+        self._check_token(context)
         reason = f"policy: this worker speaks {SERVICE} only"
         log.warning("site %s: refused a call to %r", self.site_id, method[:80])
         audit.append(self.out_dir, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "site": self.site_id,

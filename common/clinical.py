@@ -74,10 +74,10 @@ def missing_columns(schema: ClinicalSchema, rows: dict[str, dict[str, str]]) -> 
     """One line per field of the schema that no row of clinical.csv has as a column (a misspelled or absent
     header): every case would encode it as zeros. Names the closest column when there is one."""
     columns = sorted({c for row in rows.values() for c in row if c is not None})
+    lower = {c.lower(): c for c in columns}
     out = []
     for f in schema.fields:
         if f.name not in columns:
-            lower = {c.lower(): c for c in columns}
             close = [c for c in columns if f.name.lower() in c.lower()] or [
                 lower[m] for m in difflib.get_close_matches(f.name.lower(), list(lower), n=1)]
             hint = f" (did you mean {close[0]!r}?)" if close else ""

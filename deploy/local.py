@@ -161,8 +161,7 @@ class LocalDeployment:
         Path(top.site_out(site)).mkdir(parents=True, exist_ok=True)
         Path(top.worker_dir(site)).mkdir(parents=True, exist_ok=True, mode=0o700)
         proc = self._start(service)
-        self._wait_until(proc, lambda: check_health(f"unix://{top.worker_dir(site)}/worker.sock", 1.0), timeout,
-                         "readiness")
+        self._wait_until(proc, lambda: check_health(top.worker_socket(site), 1.0), timeout, "readiness")
         return proc
 
     def start_site(self, site: str, timeout: float = 60.0) -> Proc:

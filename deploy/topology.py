@@ -127,9 +127,15 @@ class Topology:
         return f"{self.out_dir}/{self.strategy}/sites/{site}"
 
     def worker_dir(self, site: str) -> str:
-        """The folder the site worker and its SuperNode share: the worker's socket and token, nothing else (compose:
-        a named volume per site, named like the worker)."""
+        """The folder the site worker and its SuperExec (the relay) share: the worker's socket and token, nothing
+        else (compose: a named volume per site, named like the worker)."""
         return self._see("worker", f"{self.worker_root or (self.state_dir or self.out_dir) + '/workers'}/{site}")
+
+    def worker_socket(self, site: str) -> str:
+        return f"unix://{self.worker_dir(site)}/worker.sock"
+
+    def worker_token(self, site: str) -> str:
+        return f"{self.worker_dir(site)}/worker.token"
 
     def cert(self, name: str) -> str:
         return f"{self.certs_dir}/{name}"
@@ -159,9 +165,7 @@ class Topology:
     def node_config(self, site: str) -> dict[str, str]:
         """The SuperNode's --node-config: the site id and where its worker listens (read by client/relay.py, the
         coordinator's app at the site, which learns nothing else about the site)."""
-        folder = self.worker_dir(site)
-        return {"site-id": site, "worker": f"unix://{folder}/worker.sock",
-                "worker-token-file": f"{folder}/worker.token"}
+        return {"site-id": site, "worker": self.worker_socket(site), "worker-token-file": self.worker_token(site)}
 
     def run_config(self) -> dict[str, Any]:
         """Run-config overrides the deployment itself sets: where the coordinator writes, how many sites."""
@@ -243,12 +247,11 @@ class Topology:
 
     def worker(self, index: int) -> Service:
         """The site worker (`mome site serve`): the hospital's own installed code, the only process that opens the
-        site's data (read-only) and writes its outputs; no network, only the socket its SuperNode's relay uses."""
+        site's data (read-only) and writes its outputs; no network, only the socket the relay in its SuperExec uses."""
         site = self.site_ids[index]
-        folder, data, out = self.worker_dir(site), self._see("data", self.site_data(site)), self._see(
-            "site_out", self.site_out(site))
+        data, out = self._see("data", self.site_data(site)), self._see("site_out", self.site_out(site))
         cmd = ("mome", "site", "serve", "--data", data, "--site-id", site, "--out", out,
-               "--listen", f"unix://{folder}/worker.sock", "--token-file", f"{folder}/worker.token")
+               "--listen", self.worker_socket(site), "--token-file", self.worker_token(site))
         mounts = (Mount(self.site_data(site), data), Mount(self.site_out(site), out, read_only=False),
                   self._worker_mount(site))
         if self.secure:  # it signs every reply with the site's own key; the SuperNode never holds this one
@@ -256,7 +259,7 @@ class Topology:
             cmd += ("--signing-key", key)
             mounts += (Mount(self.signing_key(site), key),)
         return Service(worker_name(site), "worker", cmd, self._env(worker_name(site)), mounts,
-                       _health(f"unix://{folder}/worker.sock"), site_id=site)
+                       _health(self.worker_socket(site)), site_id=site)
 
     def _worker_mount(self, site: str) -> Mount:
         source = worker_name(site) if self.containers else self.worker_dir(site)
