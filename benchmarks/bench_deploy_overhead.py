@@ -11,6 +11,7 @@ TLS, signed replies) and reports:
 - each worker's resident memory at every step (it must stay flat: nothing grows per message).
 
     python benchmarks/bench_deploy_overhead.py [--sites 3] [--size 32] [--cases 6]
+    python benchmarks/bench_deploy_overhead.py --default    # `mome sim`'s default federation (4 sites, its budget)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from mome.common.config import config_from_mapping, parse_run_config
-from mome.sim.run_sim import simulate
+from mome.sim.run_sim import DEMO_BUDGET, simulate
 from mome.sim.synth import generate_federation
 
 RUN_CONFIG = ('channels="8,16,32" stem-channels=4 warmup-rounds=2 warmup-epochs=1 expert-epochs=1 gate-steps=4 '
@@ -87,15 +88,23 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--cases", type=int, default=6)
+    parser.add_argument("--default", action="store_true", help="the default federation and budget (`mome sim`'s), "
+                        "not tiny steps; --sites/--size/--cases are ignored")
     args = parser.parse_args()
     from mome.deploy.local import deploy_local
 
     flower, relay = import_seconds("flwr.clientapp"), import_seconds("mome.client.relay")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sites = generate_federation(root / "data", sites=args.sites, preset="mixed", seed=0, size=args.size,
-                                    cases=args.cases, test_cases=2)
-        overrides = parse_run_config(RUN_CONFIG)
+        if args.default:
+            overrides = dict(DEMO_BUDGET)
+            cfg = config_from_mapping(overrides)
+            args.sites = 4
+            sites = generate_federation(root / "data", sites=args.sites, preset="mixed", seed=cfg.seed, size=cfg.size)
+        else:
+            overrides = parse_run_config(RUN_CONFIG)
+            sites = generate_federation(root / "data", sites=args.sites, preset="mixed", seed=0, size=args.size,
+                                        cases=args.cases, test_cases=2)
         start = time.perf_counter()
         sim = simulate("mome", sites, config_from_mapping(overrides), root / "sim")
         sim_wall = time.perf_counter() - start

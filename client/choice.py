@@ -1,6 +1,7 @@
 """A site's last word on the model it keeps: its own slot refreshed from the final shared model
-(`refresh-own-expert`), and (`final-mixture=validated`) its personalised mixture, the federation's global-gate
-mixture or its own expert, chosen on its own validation cases.
+(`refresh-own-expert`), a floor on that slot's weight in its kept gate (`own-prior-cases`), and
+(`final-mixture=validated`) its personalised mixture, the federation's global-gate mixture or its own expert, chosen
+on its own validation cases.
 
 The personalised gate is fitted on those same cases, so its score is taken out of fold (each case scored by a gate
 personalised on the other folds); the global gate and the site's own expert were never fitted to them. With 1-3
@@ -80,6 +81,17 @@ def refreshed(site: "Site", experts: dict[str, dict]) -> dict[str, dict]:
         return experts
     model = site.fine_tuned(experts[SHARED_EXPERT], site.cfg.personalise_epochs)
     return experts if model is None else {**experts, site.site_id: state_to_numpy(model)}
+
+
+def anchored(site: "Site", gate: GateNet, names: list[str]) -> GateNet:
+    """MoME's kept gate gives the site's own expert (refreshed: fedavg-ft's model) a floor worth own-prior-cases
+    cases against the n its routing was personalised on: half the weight after one case, ~5 % after twenty. A gate
+    tuned on one or two cases is a guess; the site's own fine-tuned model is the safe default it leans on."""
+    prior = site.cfg.own_prior_cases
+    if site.cfg.strategy != Strategy.MOME or prior <= 0 or site.site_id not in names:
+        return gate
+    tuned_on = len(site.val_cases or site.train_cases)
+    return gate.anchored(names.index(site.site_id), prior / (prior + tuned_on))
 
 
 def site_choice(site: "Site", models: Sequence[ExpertNet], gate: GateNet, names: list[str]) -> str:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from mome.client.choice import CANDIDATES, refreshed, site_choice
+from mome.client.choice import CANDIDATES, anchored, refreshed, site_choice
 from mome.client.fedbn import keep_own_norms, with_own_norms
 from mome.client.predict import segment_cases
 from mome.client.privacy import PrivacyLedger
@@ -205,6 +205,7 @@ class Site:
         except Exception:  # the global gate is still a working mixture: keep it rather than nothing
             log.exception("site %s: personalising the gate failed; saving the global gate", self.site_id)
             personal = gate
+        personal = anchored(self, personal, names)
         choice = site_choice(self, models, gate, names)
         own = names.index(self.site_id) if choice == "expert" else None
         kept = {"personal": personal, "global": gate}.get(choice)

@@ -129,12 +129,14 @@ def check_shapes(bundle: Bundle, folder: Path) -> None:
     meta device (shapes only, nothing allocated): a config that declares a huge network costs nothing here."""
     import torch
 
-    from mome.common.model import load_expert, load_gate
+    from mome.common.model import ANCHOR, load_expert, load_gate
 
     with torch.device("meta"):
         wanted = {"expert": load_expert(bundle.cfg, bundle.label_spec.n_out).state_dict()}
         if bundle.gate is not None:
             wanted["gate"] = load_gate(bundle.cfg, len(bundle.experts)).state_dict()
+            if ANCHOR in bundle.gate:  # a site's kept gate (GateNet.anchored)
+                wanted["gate"][ANCHOR] = torch.zeros(len(bundle.experts))
     states = [("expert", name, state) for name, state in bundle.experts.items()]
     states += [("gate", "gate", bundle.gate)] if bundle.gate is not None else []
     for kind, name, state in states:

@@ -96,6 +96,7 @@ class Config:
     expert_epochs: int = 4  # = warmup-epochs: the expert round is also the last FedAvg round (experts-update-shared)
     gate_steps: int = 30  # gate optimiser steps per gate round, on the site's held-out split
     gate_prior_lr: float = 3e-2  # lr of the gate's output bias, its case-independent preference over experts
+    own_prior_cases: float = 1.0  # MoME: the kept gate gives the own expert >= this/(this + cases it was tuned on)
     personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
     final_mixture: str = "personal"  # what a MoME site keeps: "personal", or "validated" (client/choice.py)
     # federation
@@ -107,16 +108,17 @@ class Config:
     experts_update_shared: bool = True  # the first expert round is also a FedAvg round of the shared model
     refresh_own_expert: bool = True  # at the end a site's own expert is the shared model fine-tuned as fedavg-ft's
     gate_rounds: int = 2
-    gate_aggregation: str = "fedavg"  # a GateAggregation
+    gate_aggregation: str = "trimmed-mean"  # a GateAggregation
     dro_temperature: float = 1.0
     dro_max_loss: float = 10.0  # DRO reads each site's loss clipped to [0, this]
-    gate_trim_fraction: float = 0.2  # trimmed-mean: share cut from each tail (Flower's FedTrimmedAvg beta)
+    gate_trim_fraction: float = 0.34  # trimmed-mean: share cut from each tail (Flower's FedTrimmedAvg beta): 1 of 3-5
     # coordinator integrity: no single site can take over what the others get
     max_site_cases: int = 100_000  # a site's declared case counts are capped here before they weigh anything
     max_site_weight: float = 0.5  # no site's aggregation weight exceeds this (or 1/n_sites where that is larger)
     max_update_ratio: float = 3.0  # L2 change a site may make, relative to the norm of the weights it was sent
     max_update_norm: float = 1e4  # absolute ceiling on that change
-    min_sites: int = 1  # quorum: a step needs this many good replies (else retried, then the run stops)
+    update_clip: float = 2.0  # MoME/FedSM, 3+ sites: each change clipped to this x the median site's, the round's too
+    min_sites: int = 2  # quorum: a step needs this many good replies (else retried, then the run stops)
     start_sites: int = 0  # the run starts once this many sites are connected (0: min-sites)
     step_retries: int = 1  # times a step short of quorum is sent again
     force_resume: bool = False  # resume from a checkpoint made with another training config

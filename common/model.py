@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
@@ -223,6 +224,9 @@ class ExpertNet(nn.Module):
         return self.decode(self.stem_features(image), presence, clinical)
 
 
+ANCHOR = "anchor"  # GateNet buffer: a floor on one expert's weight
+
+
 class GateNet(nn.Module):
     """Router: cheap case summaries -> softmax weights over K experts (optionally top-k sparse)."""
 
@@ -261,7 +265,18 @@ class GateNet(nn.Module):
             keep = torch.zeros_like(weights).scatter(1, weights.topk(self.top_k, dim=1).indices, 1.0)
             weights = weights * keep
             weights = weights / weights.sum(1, keepdim=True)
+        if hasattr(self, ANCHOR):
+            weights = (1 - self.anchor.sum()) * weights + self.anchor
         return weights
+
+    def anchored(self, expert: int, share: float) -> "GateNet":
+        """A copy whose every case gives `expert` at least `share` of the weight (the rest routed as before). Only a
+        site's kept gate has the anchor, a buffer that its bundle stores: the gate that travels never does."""
+        gate = copy.deepcopy(self)
+        anchor = torch.zeros(self.n_experts)
+        anchor[expert] = share
+        gate.register_buffer(ANCHOR, anchor)
+        return gate
 
 
 def gate_weights(gate: GateNet, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -337,8 +352,14 @@ def load_expert(cfg: Config, n_out: int, state: Mapping[str, np.ndarray] | None 
 
 
 def load_gate(cfg: Config, n_experts: int, state: Mapping[str, np.ndarray] | None = None) -> GateNet:
-    """The gate over n_experts a config describes, with the given weights (or freshly initialised)."""
+    """The gate over n_experts a config describes, with the given weights (or freshly initialised); a kept gate's
+    state carries its anchor (GateNet.anchored)."""
     gate = build_gate(cfg, parse_schema(cfg.clinical_fields).width, n_experts)
+    if state is not None and ANCHOR in state:
+        anchor = np.asarray(state[ANCHOR], dtype=np.float64)
+        if anchor.shape != (n_experts,) or anchor.min() < 0 or anchor.sum() > 1:
+            raise ValueError(f"the gate's anchor {anchor.tolist()} is not a share of {n_experts} experts")
+        gate.register_buffer(ANCHOR, torch.zeros(n_experts))
     if state is not None:
         load_numpy_state(gate, state)
     return gate

@@ -1,5 +1,6 @@
-"""Combine site updates so that no single site can take over the result: weights from the cases each site
-declared (capped), an upper bound on any site's share, DRO on clipped losses, or Flower's median / trimmed mean."""
+"""Combine site updates so that no single site can take over the result: each change clipped relative to the
+median site's, weights from the cases each site declared (capped), an upper bound on any site's share, DRO on clipped
+losses, or Flower's median / trimmed mean, and the combined change bounded like each site's."""
 
 from __future__ import annotations
 
@@ -67,11 +68,55 @@ def flower_robust(updates: list[dict[str, np.ndarray]], mode: str, trim_fraction
             for name, layer, first in zip(names, layers, updates[0].values())}
 
 
+MIN_SITES_TO_CLIP = 3  # a median of two changes is their mean: either site would set the other's bound
+
+
+def _change(update: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) - sent[k] for k, v in update.items() if v.dtype.kind == "f"}
+
+
+def _norm(change: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.square(v).sum()) for v in change.values())))
+
+
+def _scaled(sent: dict[str, np.ndarray], update: dict[str, np.ndarray], change: dict[str, np.ndarray],
+            scale: float) -> dict[str, np.ndarray]:
+    return {k: ((sent[k] + scale * change[k]).astype(v.dtype) if k in change else v) for k, v in update.items()}
+
+
+def clip_to_median(updates: list[dict[str, np.ndarray]], sent: dict[str, np.ndarray],
+                   factor: float) -> tuple[list[dict[str, np.ndarray]], float]:
+    """Each site's change (update - sent) scaled down to at most `factor` x the median site's change norm, so
+    that a site that pushes harder than the others gets no more say than they do; (the updates, that bound).
+    Off (bound inf) below MIN_SITES_TO_CLIP sites or with factor 0."""
+    if factor <= 0 or len(updates) < MIN_SITES_TO_CLIP:
+        return updates, float("inf")
+    changes = [_change(u, sent) for u in updates]
+    norms = [_norm(c) for c in changes]
+    bound = factor * float(np.median(norms))
+    return [u if n <= bound else _scaled(sent, u, c, bound / n)
+            for u, c, n in zip(updates, changes, norms)], bound
+
+
+def bounded(result: dict[str, np.ndarray], sent: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+    """The aggregate's own change held to the same bound as each site's: a round moves the weights no further than
+    the sites' median change allows, whichever rule combined them."""
+    change = _change(result, sent)
+    norm = _norm(change)
+    return result if norm <= bound else _scaled(sent, result, change, bound / norm)
+
+
 def aggregate(updates: list[dict[str, np.ndarray]], n_examples: list[int], losses: list[float],
               mode: str = "fedavg", temperature: float = 1.0, max_weight: float = 1.0, max_loss: float = 10.0,
-              trim_fraction: float = 0.2) -> tuple[dict[str, np.ndarray], list[float]]:
+              trim_fraction: float = 0.2, sent: dict[str, np.ndarray] | None = None,
+              clip: float = 0.0) -> tuple[dict[str, np.ndarray], list[float]]:
     """The server's one way of combining site updates; returns the aggregate and each site's weight (equal for
-    the robust modes). Raises AggregationError if the result is not finite."""
+    the robust modes). With `sent` (what the sites were sent) and clip > 0, each change is first clipped to clip x
+    the median change and the aggregate's change to the same bound. Raises AggregationError if the result is not
+    finite."""
+    bound = float("inf")
+    if sent is not None:
+        updates, bound = clip_to_median(updates, sent, clip)
     if mode in (GateAggregation.MEDIAN, GateAggregation.TRIMMED_MEAN):
         result, weights = flower_robust(updates, mode, trim_fraction), np.full(len(updates), 1.0 / len(updates))
     else:
@@ -79,4 +124,6 @@ def aggregate(updates: list[dict[str, np.ndarray]], n_examples: list[int], losse
         result = weighted_average(updates, weights)
     if not all(np.isfinite(a).all() for a in result.values() if a.dtype.kind == "f"):
         raise AggregationError("the aggregate is not finite; the previous weights are kept")
+    if sent is not None and np.isfinite(bound):
+        result = bounded(result, sent, bound)
     return result, [float(w) for w in weights]

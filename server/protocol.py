@@ -258,7 +258,7 @@ class Coordinator:
         replies = self._exchange({n: self._content(phase, **{Key.MODEL: sent}) for n in nodes},
                                  str(Action.TRAIN_SHARED), step, dict.fromkeys(nodes, sent))
         good = self._checked(step, replies, lambda r: sent)
-        return good, lambda: self._aggregate(step, "base", good, "n_train", GateAggregation.FEDAVG)
+        return good, lambda: self._aggregate(step, "base", good, "n_train", GateAggregation.FEDAVG, sent)
 
     def _step_expert(self, step: int) -> Step:
         experts, base = self.state.experts, self.state.base
@@ -272,7 +272,7 @@ class Coordinator:
         def commit() -> dict:
             experts.update({r.site_id: r.state for r in good if r.state is not None})  # never averaged
             if self.cfg.experts_update_shared and fresh:  # the same round, read as FedAvg: the shared model moves on
-                return self._aggregate(step, "base", fresh, "n_train", GateAggregation.FEDAVG)
+                return self._aggregate(step, "base", fresh, "n_train", GateAggregation.FEDAVG, base)
             return {}
         return good, commit
 
@@ -299,7 +299,7 @@ class Coordinator:
         replies = self._exchange({n: self._content("gate", **{Key.GATE: sent}, **self._expert_records())
                                   for n in nodes}, str(Action.TRAIN_GATE), step, dict.fromkeys(nodes, sent))
         good = self._checked(step, replies, lambda r: sent)
-        return good, lambda: self._aggregate(step, "gate", good, "n_gate", self.cfg.gate_aggregation)
+        return good, lambda: self._aggregate(step, "gate", good, "n_gate", self.cfg.gate_aggregation, sent)
 
     def _step_evaluate(self, step: int) -> Step:
         if Strategy(self.cfg.strategy).mixes:
@@ -330,17 +330,19 @@ class Coordinator:
                 self._drop(step, r.site_id, f"update rejected: {exc}")
         return sorted(good, key=lambda r: r.site_id)
 
-    def _aggregate(self, step: int, key: str, good: list[Reply], count: str, mode: str) -> dict:
-        """Replace the state's `key` (base or gate) with the aggregate of the good replies, weighted by the cases
-        each site declared."""
+    def _aggregate(self, step: int, key: str, good: list[Reply], count: str, mode: str, sent: dict) -> dict:
+        """Replace the state's `key` (base or gate) with the aggregate of the good replies (`sent`: what they were
+        sent). MoME's and FedSM's changes are clipped relative to the median site's (update-clip); the baselines
+        aggregate as their papers define them."""
         cfg, good = self.cfg, [r for r in good if r.state is not None]
+        clip = cfg.update_clip if Strategy(cfg.strategy).mixes else 0.0
         if not good:
             return {"aggregation": "no site sent an update; the previous weights are kept"}
         try:
             result, weights = aggregate(
                 [r.state for r in good], [self.registry.declared[r.site_id][count] for r in good],
                 [float(r.metrics.get("train_loss", 0.0)) for r in good], mode, cfg.dro_temperature,
-                cfg.max_site_weight, cfg.dro_max_loss, cfg.gate_trim_fraction)
+                cfg.max_site_weight, cfg.dro_max_loss, cfg.gate_trim_fraction, sent, clip)
         except AggregationError as exc:
             self._drop(step, "aggregate", str(exc))
             return {"aggregation": str(exc)}

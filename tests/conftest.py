@@ -18,7 +18,8 @@ TINY = Config(size=24, target_spacing="1,1,1", patch_size="24,24,24")  # planned
 # a federation run in seconds: tiny networks, one round of each phase
 TINY_RUN = Config(size=24, channels="8,16,32", stem_channels=4, warmup_rounds=1, warmup_epochs=1, expert_epochs=1,
                   gate_steps=2, personalise_epochs=1, gate_rounds=2, batch_size=2,
-                  min_cases=1)  # the tiny sites hold 2 held-out cases; tests of min-cases set it back
+                  min_cases=1,  # the tiny sites hold 2 held-out cases; tests of min-cases set it back
+                  min_sites=1)  # one- and two-site federations, and steps where one site is refused on purpose
 TINY_OVERRIDES = " ".join(f"{k}={v}" for k, v in TINY_RUN.to_run_config().items() if k != "strategy" and v != "")
 
 

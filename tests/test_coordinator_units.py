@@ -21,7 +21,7 @@ from mome.common.model import load_expert
 from mome.common.state import state_to_numpy
 from mome.common.signing import sign, verify
 from mome.common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
-from mome.server.aggregate import AggregationError, aggregate, cap_weights, site_weights
+from mome.server.aggregate import AggregationError, aggregate, cap_weights, clip_to_median, site_weights
 from mome.server.checkpoint import ResumeRefused, check_resumable, fingerprint
 from mome.server.protocol import Coordinator
 from mome.server.replies import BadReply, decode
@@ -119,6 +119,20 @@ def test_robust_gate_aggregation_is_flowers_and_ignores_one_outlier(mode):
     if mode == "trimmed-mean":  # a fraction that trims every site is the coordinator's error, not a crash
         with pytest.raises(AggregationError, match="gate-trim-fraction 0.5"):
             aggregate(poisoned, [1] * 5, [0.0] * 5, mode, trim_fraction=0.5)
+
+
+def test_a_site_pushing_harder_than_the_others_is_clipped_to_the_median_change():
+    sent = {"w": np.zeros(4, np.float32), "n": np.array(7)}
+    updates = [{"w": np.full(4, v, np.float32), "n": np.array(3)} for v in (0.1, 0.2, 0.15, 50.0)]
+    clipped, bound = clip_to_median(updates, sent, 2.0)
+    median = np.median([np.linalg.norm(u["w"]) for u in updates])
+    assert bound == pytest.approx(2.0 * median)
+    assert np.linalg.norm(clipped[3]["w"]) == pytest.approx(bound, rel=1e-5), "the attacker's change, scaled down"
+    assert all(np.array_equal(c["w"], u["w"]) for c, u in zip(clipped[:3], updates[:3])), "honest ones untouched"
+    assert clip_to_median(updates[:2], sent, 2.0)[1] == np.inf, "two sites: no median to trust, no clipping"
+    # the round's own change is held to the same bound, whichever rule combined the clipped changes
+    result, _ = aggregate(updates, [1, 1, 1, 10**6], [0.0] * 4, "fedavg", max_weight=1.0, sent=sent, clip=0.5)
+    assert np.linalg.norm(result["w"]) <= 0.5 * median * (1 + 1e-5) and result["n"] == 3
 
 
 def _npy(shape, dtype="|u1", body=b"") -> Array:

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.nn.functional import avg_pool3d, interpolate
 
+from mome.common.clinical import parse_schema
 from mome.common.config import Config
 from mome.common.metrics import dice_score, evaluate, expert_predictor, mixture_predictor
-from mome.common.model import (ExpertNet, GateNet, build_expert, build_gate, drop_modalities, mixture_logits,
-                          probabilities)
+from mome.common.model import (ExpertNet, GateNet, build_expert, build_gate, drop_modalities, load_gate,
+                               mixture_logits, probabilities)
 from mome.common.state import load_numpy_state, load_state, save_state, state_to_numpy
 
 M, F, SIZE = 4, 3, 16
@@ -110,6 +111,21 @@ def test_top_k_gate_keeps_k_experts():
     batch = all_patterns_batch("regions", 1)
     weights = gate(batch["image"], batch["presence"], batch["clinical"], batch["stats"])
     assert ((weights > 0).sum(1) == 2).all() and torch.allclose(weights.sum(1), torch.ones(len(weights)))
+
+
+def test_an_anchored_gate_keeps_its_floor_through_a_bundle_and_the_travelling_gate_has_none():
+    gate = load_gate(CFG, 3)
+    batch = all_patterns_batch("regions", 1)
+    batch["clinical"] = torch.randn(len(batch["image"]), parse_schema(CFG.clinical_fields).width)
+    before = gate(batch["image"], batch["presence"], batch["clinical"], batch["stats"])
+    kept = gate.anchored(2, 0.5)
+    after = kept(batch["image"], batch["presence"], batch["clinical"], batch["stats"])
+    assert torch.allclose(after, 0.5 * before + torch.tensor([0.0, 0.0, 0.5])) and (after[:, 2] >= 0.5).all()
+    assert "anchor" not in state_to_numpy(gate), "the gate the sites and the server exchange is unchanged"
+    loaded = load_gate(CFG, 3, state_to_numpy(kept))  # as a bundle stores and predict reads it
+    assert torch.equal(loaded(batch["image"], batch["presence"], batch["clinical"], batch["stats"]), after)
+    with pytest.raises(ValueError, match="anchor"):
+        load_gate(CFG, 3, {**state_to_numpy(kept), "anchor": np.array([0.0, 0.7, 0.7], np.float32)})
 
 
 def test_modality_dropout_hides_only_present_and_never_all_imaging():

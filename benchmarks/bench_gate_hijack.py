@@ -1,0 +1,123 @@
+"""Can one site steer the gate every site receives? One of four sites (the last) answers every gate round with the
+update that pushes the gate's routing towards its own expert as far as the coordinator's per-update bound allows
+(max-update-ratio x the norm of the gate it was sent, all of it on its own expert's prior), on Flower's simulation
+engine, with the default config. The same federation without the attacker is the reference.
+
+Reported per run: the honest sites' final Dice (the mixture each keeps), the attacker's share of the federation's
+global gate (the softmax of its prior, the part of the routing that is the same for every case; 1/K is no say
+beyond its place) and the mean weight the honest sites' own gates give its expert on their held-out cases.
+--undefended adds the attacked run under the pre-#26 rules (weighted FedAvg of the gate, no clipping).
+
+    python benchmarks/bench_gate_hijack.py [--seed 0] [--preset mixed] [--undefended] [--run-config ".."]
+                                        [--out docs/bench/gate-hijack]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Message, RecordDict
+
+from mome.common.config import config_from_mapping, parse_run_config
+from mome.common.wire import Action, Key, pack, unpack
+from mome.server.checkpoint import load_latest
+from mome.sim.run_sim import DEMO_BUDGET, simulate
+from mome.sim.synth import generate_federation
+
+PRIOR = "mlp.2.bias"  # GateNet.prior: the gate's output bias
+UNDEFENDED = {"gate-aggregation": "fedavg", "update-clip": 0.0}
+
+
+def hijack(attacker: str, ratio: float, ceiling: float):
+    """A client mod: the attacker's gate update becomes the sent gate plus the largest push on its own expert's prior
+    that passes the coordinator's update bound (90 % of it)."""
+
+    def mod(msg: Message, context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if (msg.metadata.message_type != Action.TRAIN_GATE or reply.has_error()
+                or str(reply.content["site"]["site-id"]) != attacker):
+            return reply
+        sent = unpack(msg.content[Key.GATE])
+        names = [k[len(Key.EXPERT_PREFIX):] for k in msg.content.array_records if k.startswith(Key.EXPERT_PREFIX)]
+        norm = float(np.sqrt(sum(float(np.square(v.astype(np.float64)).sum()) for v in sent.values())))
+        push = 0.9 * min(ratio * norm, ceiling)
+        forged = {k: v.copy() for k, v in sent.items()}
+        forged[PRIOR][names.index(attacker)] += push
+        content = RecordDict({k: v for k, v in reply.content.items() if k != Key.MODEL})
+        content[Key.MODEL] = pack(forged)
+        return Message(content, reply_to=msg)
+
+    return mod
+
+
+def summary(out: Path, attacker: str) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    state = load_latest(out / "checkpoints")
+    prior = state.gate[PRIOR].astype(np.float64)
+    share = np.exp(prior - prior.max()) / np.exp(prior - prior.max()).sum()
+    own = state.gate_sites.index(attacker)
+    sites = metrics["sites"]
+    honest = {s: e.get("dice_mean") for s, e in sites.items() if s != attacker}
+    return {"honest_dice": honest, "attacker_dice": sites.get(attacker, {}).get("dice_mean"),
+            "global_share": float(share[own]), "k": len(share),
+            "honest_weight": statistics.mean(e["gate_weights"][own] for s, e in sites.items()
+                                             if s != attacker and e.get("gate_weights"))}
+
+
+def table(runs: dict[str, dict]) -> str:
+    sites = sorted(next(iter(runs.values()))["honest_dice"])
+    lines = ["| run | " + " | ".join(sites) + " | honest mean | attacker's global-gate share | "
+             "its weight at honest sites |", "|---" * (len(sites) + 4) + "|"]
+    for name, r in runs.items():
+        dice = [r["honest_dice"][s] for s in sites]
+        lines.append(f"| {name} | " + " | ".join(f"{d:.3f}" for d in dice)
+                     + f" | {statistics.mean(dice):.3f} | {r['global_share']:.3f} (1/K = {1 / r['k']:.3f}) "
+                     f"| {r['honest_weight']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="mixed")
+    parser.add_argument("--undefended", action="store_true", help="also the attack under the pre-#26 rules")
+    parser.add_argument("--run-config", default="", help="run-config overrides (e.g. a smaller budget)")
+    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
+    args = parser.parse_args()
+    cfg = config_from_mapping({**DEMO_BUDGET, **parse_run_config(args.run_config), "seed": args.seed})
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sites = generate_federation(root / "data", sites=4, preset=args.preset, seed=args.seed, size=cfg.size)
+        attacker = sites[-1].name
+        plans = [("without the attacker", cfg, []), ("attacked, defaults", cfg, [hijack(attacker, cfg.max_update_ratio,
+                                                                                        cfg.max_update_norm)])]
+        if args.undefended:
+            weak = cfg.replace(**{k.replace("-", "_"): v for k, v in UNDEFENDED.items()})
+            plans.append(("attacked, undefended", weak, [hijack(attacker, weak.max_update_ratio,
+                                                                 weak.max_update_norm)]))
+        for i, (name, run_cfg, mods) in enumerate(plans):
+            simulate("mome", sites, run_cfg, root / f"run-{i}", mods=mods)
+            runs[name] = summary(root / f"run-{i}" / "mome", attacker)
+            print(f"{name}: {json.dumps(runs[name])}", flush=True)
+    head = (f"# Gate hijack: {attacker} of 4 pushes its own expert at every gate round\n\n`python "
+            f"benchmarks/bench_gate_hijack.py --seed {args.seed} --preset {args.preset}"
+            f"{' --undefended' if args.undefended else ''}{f' --run-config {args.run_config!r}' if args.run_config else ''}`"
+            f", {args.preset} preset, seed {args.seed}, the default config{' with those overrides' if args.run_config else ''}"
+            f" (gate-aggregation {cfg.gate_aggregation}, gate-trim-fraction {cfg.gate_trim_fraction}, "
+            f"update-clip {cfg.update_clip}). Honest sites' final Dice on their held-out cases.\n\n")
+    text = head + table(runs) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()

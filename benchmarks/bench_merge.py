@@ -1,0 +1,70 @@
+"""Join `mome bench` folders that ran different strategies on the same presets and seeds (the baselines as one job,
+MoME as another, or on two machines) into one folder that `mome bench` reads as if it had run them all:
+
+    python benchmarks/bench_merge.py OUT FOLDER [FOLDER ...]        # prints the command that writes the docs
+    mome bench --presets P --strategies S --out OUT --docs docs/bench
+
+Each OUT/<preset>/seed-N links the first folder's data and every folder's strategy runs; its case_scores.json holds
+all their scores and costs under the stamp that command expects (the default demo budget, 4 sites). The late join is
+left out, so `mome bench` computes it there with every strategy's model at hand. Folders whose sites differ (other
+data) are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mome.common.config import Strategy
+from mome.sim.bench import BenchPlan
+from mome.sim.run_sim import DEMO_BUDGET
+
+
+def merge_run(out: Path, runs: list[Path]) -> dict:
+    """OUT/<preset>/seed-N from the same run of each folder: its case_scores, and the strategies it holds."""
+    stored = [json.loads((run / "case_scores.json").read_text()) for run in runs]
+    if any(s["traits"] != stored[0]["traits"] for s in stored):
+        raise SystemExit(f"{out}: the folders' sites differ ({', '.join(map(str, runs))}); not the same data")
+    out.mkdir(parents=True, exist_ok=True)
+    merged = {**stored[0], "scores": {}, "cost": {}}
+    merged.pop("late_join", None)
+    for run, scored in zip(runs, stored):
+        for strategy in scored["scores"]:
+            merged["scores"].setdefault(strategy, scored["scores"][strategy])
+            if strategy in scored["cost"]:
+                merged["cost"].setdefault(strategy, scored["cost"][strategy])
+            link = out / strategy
+            if (run / strategy).is_dir() and not link.exists():
+                link.symlink_to((run / strategy).resolve())
+    if not (out / "data").exists():
+        (out / "data").symlink_to((runs[0] / "data").resolve())
+    merged["strategies"] = [s for s in Strategy if s in merged["scores"]]
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("folders", type=Path, nargs="+")
+    args = parser.parse_args()
+    runs = sorted({p.parent.relative_to(args.folders[0]) for p in args.folders[0].glob("*/seed-*/case_scores.json")})
+    if not runs:
+        raise SystemExit(f"{args.folders[0]}: no <preset>/seed-N/case_scores.json")
+    merged = {run: merge_run(args.out / run, [folder / run for folder in args.folders]) for run in runs}
+    strategies = tuple(sorted({s for m in merged.values() for s in m.pop("strategies")}, key=list(Strategy).index))
+    presets = tuple(dict.fromkeys(run.parts[0] for run in runs))
+    seeds = tuple(sorted({int(run.parts[1].removeprefix("seed-")) for run in runs}))
+    plan = BenchPlan(presets, seeds, strategies, overrides=dict(DEMO_BUDGET))
+    for run, scored in merged.items():
+        seed = int(run.parts[1].removeprefix("seed-"))
+        scored["stamp"] = {"config": plan.config(seed).to_dict(), "strategies": list(strategies),
+                           "sites": plan.sites, "cases": plan.cases}
+        (args.out / run / "case_scores.json").write_text(json.dumps(scored))
+    print(f"merged {len(runs)} runs; now: mome bench --presets {','.join(presets)} --seeds {len(seeds)} "
+          f"--strategies {','.join(strategies)} --out {args.out} --docs docs/bench", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
