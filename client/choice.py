@@ -19,7 +19,8 @@ from mome.common.cases import to_batches
 from mome.common.config import Config, Strategy
 from mome.common.labels import LabelKind
 from mome.common.metrics import dice_per_case
-from mome.common.model import ExpertNet, GateNet, expert_logits, mixture_logits, probabilities
+from mome.common.gate import GateNet
+from mome.common.model import ExpertNet, expert_logits, mixture_logits, probabilities
 from mome.common.patches import Window
 from mome.common.state import state_to_numpy
 from mome.common.train import personalise_gate

@@ -15,7 +15,8 @@ from mome.common.bundle import Bundle, load_bundle
 from mome.common.clinical import parse_schema, read_clinical_csv
 from mome.common.labels import LabelSpec
 from mome.common.metrics import Predictor, expert_predictor, mixture_predictor
-from mome.common.model import load_expert, load_gate
+from mome.common.gate import load_gate
+from mome.common.model import load_expert
 from mome.common.cases import INPUT_KEYS, geometry_of, preprocess_case
 from mome.common.patches import Window
 from mome.common.preprocess import to_input_grid

@@ -20,7 +20,8 @@ from mome.common.config import Config, Strategy, selector_config
 from mome.common.labels import LabelKind
 from mome.common.metrics import (Predictor, evaluate, evaluate_each, expert_predictor, mixture_predictor,
                                  mixtures_predictor)
-from mome.common.model import ExpertNet, GateNet, gate_weights, load_expert, load_gate, norm_keys
+from mome.common.gate import GateNet, gate_weights, load_gate
+from mome.common.model import ExpertNet, load_expert, norm_keys
 from mome.common.shapley import site_shapley
 from mome.common.patches import PatchLoader, Window
 from mome.common.cases import SiteData, load_site, split_train_val, to_batches

@@ -129,7 +129,8 @@ def check_shapes(bundle: Bundle, folder: Path) -> None:
     meta device (shapes only, nothing allocated): a config that declares a huge network costs nothing here."""
     import torch
 
-    from mome.common.model import ANCHOR, load_expert, load_gate
+    from mome.common.gate import ANCHOR, load_gate
+    from mome.common.model import load_expert
 
     with torch.device("meta"):
         wanted = {"expert": load_expert(bundle.cfg, bundle.label_spec.n_out).state_dict()}

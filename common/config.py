@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 OUT_DIR_KEY = "out-dir"  # run-config key for where the coordinator writes; not a training setting
 SITE_KEYS_KEY = "site-keys"  # the coordinator's folder of enrolled signing keys, <site-id>.pub ("" = unsigned)
-COORDINATOR_KEYS = {OUT_DIR_KEY: "runs/coordinator", SITE_KEYS_KEY: ""}  # run-config keys sites are never sent
+LABELS_KEY = "labels"  # the coordinator's dataset.json: the federation's label contract ("" = what every site declares)
+COORDINATOR_KEYS = {OUT_DIR_KEY: "runs/coordinator", SITE_KEYS_KEY: "",
+                    LABELS_KEY: ""}  # run-config keys sites are never sent
 MAX_SIDE = 160  # no training patch side above this (a site's default policy-max-size)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +84,21 @@ MAX_CHANNELS = 32  # output channels a label spec may declare
 
 def _label_value(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+
+
+def label_summary(spec: dict) -> str:
+    """A spec as a reader compares two: 'regions whole_tumor=[1, 2, 3], tumor_core=[2, 3]'."""
+    return f"{spec['kind']} " + ", ".join(f"{n}={list(m)}" for n, m in zip(spec["names"], spec["members"]))
+
+
+def contract_labels(path: str | Path) -> dict:
+    """The coordinator's label contract (run-config key `labels`): a dataset.json's labels, as sites describe
+    theirs; ValueError naming the file when it is unreadable or malformed."""
+    try:
+        spec = label_spec_from_dataset_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"labels={path}: {exc}") from None
+    return {**spec.to_dict(), "kind": str(spec.kind)}
 
 
 def label_spec_from_dataset_json(meta: dict) -> LabelSpec:

@@ -11,8 +11,8 @@ from monai.losses import DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from mome.common.labels import LabelKind
-from mome.common.model import (ExpertNet, GateNet, expert_logits, gate_weights, mixing_space, mixture_logits,
-                          model_logits, probabilities)
+from mome.common.gate import GateNet, gate_weights
+from mome.common.model import ExpertNet, expert_logits, mixing_space, mixture_logits, model_logits, probabilities
 from mome.common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]

@@ -16,7 +16,8 @@ from mome.common.balance import ModalityBalancer, aux_scores
 from mome.common.config import Config
 from mome.common.labels import LabelKind
 from mome.common.metrics import evaluate, expert_predictor
-from mome.common.model import ExpertNet, GateNet, drop_modalities, expert_logits, mixture_logits
+from mome.common.gate import GateNet
+from mome.common.model import ExpertNet, drop_modalities, expert_logits, mixture_logits
 from mome.common.patches import Window
 
 Batch = Mapping[str, torch.Tensor]

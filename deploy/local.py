@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +245,8 @@ class LocalDeployment:
                 stop_tree(proc.popen)
             elif proc.returncode is not None:
                 proc.popen.wait()
+        if Path(self.topology.worker_root).name.startswith(SHORT_PREFIX):  # the workers' sockets, now closed
+            shutil.rmtree(self.topology.worker_root, ignore_errors=True)
         self.write_record()
 
     # -- results ------------------------------------------------------------------------------
@@ -328,12 +331,15 @@ def _sigterm_as_interrupt():
 SOCKET_PATH_MAX = 100  # a Unix socket path longer than about 107 bytes cannot be bound
 
 
+SHORT_PREFIX = "mome-workers-"
+
+
 def _short_folder(folder: Path) -> str:
     """Where the workers' sockets go: under the run folder, or a fresh private folder in /tmp where that path would
     be too long for a socket."""
     if len(f"{folder}/site-a-long-name/worker.sock") <= SOCKET_PATH_MAX:
         return str(folder)
-    return tempfile.mkdtemp(prefix="mome-workers-")
+    return tempfile.mkdtemp(prefix=SHORT_PREFIX)
 
 
 def _site_id(folder_name: str) -> str:

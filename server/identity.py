@@ -38,6 +38,7 @@ class Registry:
     refused: dict[int, str] = field(default_factory=dict)  # node -> why it was not bound (asked once per node)
     events: list[dict] = field(default_factory=list)  # kept in the server state, so it survives a resume
     keys: dict = field(default_factory=dict)  # site id -> enrolled Ed25519 public key (empty: replies unsigned)
+    resumed: dict[str, int] = field(default_factory=dict)  # site id -> node id in the checkpoint a run resumed from
 
     def authenticate(self, msg: Message, site: str) -> bool:
         """True when the reply is signed by the key enrolled for `site`; False when this federation enrolled no
@@ -69,9 +70,10 @@ class Registry:
         try:
             if not SITE_ID_PATTERN.fullmatch(site):
                 raise Refused(f"site id {site[:70]!r} is not of the form {SITE_ID_PATTERN.pattern}")
-            if self.site_of.get(node, site) != site:
-                raise Refused(f"node {node} is bound to {self.site_of[node]}, now claims {site!r}")
-            holder = self.node_of.get(site)
+            previous = self.site_of.get(node) or next((s for s, n in self.resumed.items() if n == node), site)
+            if previous != site:
+                raise Refused(f"node {node} is bound to {previous}, now claims {site!r}")
+            holder = self.node_of.get(site, self.resumed.get(site))  # a resumed run keeps the bindings it had
             if holder is not None and holder != node and holder in alive and not signed:
                 raise Refused(f"{site} is bound to node {holder}, which is still connected", lasting=False)
             declared = self._counts(counts)
@@ -82,7 +84,7 @@ class Registry:
             self.site_of.pop(holder, None)
             self.events.append({"step": step, "node": node, "site": site, "event": "rebound",
                                 "reason": f"node {holder} is gone; {site} rejoined"})
-        elif holder is None:
+        elif site not in self.node_of:
             worker = {"worker": counts["worker"]} if "worker" in counts else {}  # what the site runs, as it says
             self.events.append({"step": step, "node": node, "site": site, "event": "bound", **worker})
         capped = sorted(k for k in COUNT_KEYS if counts[k] > declared[k])

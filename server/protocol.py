@@ -14,16 +14,19 @@ from flwr.serverapp import Grid
 
 from mome.common.atomic import write_json
 from mome.common.config import Config, GateAggregation, Strategy
-from mome.common.labels import LabelSpec
-from mome.common.model import load_expert, load_gate
+from mome.common.gate import load_gate
+from mome.common.labels import LabelSpec, label_summary
+from mome.common.model import load_expert
 from mome.common.state import state_to_numpy
 from mome.common.wire import SHARED_EXPERT, Action, Key, config_record, pack, record_bytes, spec_of
 from mome.server.aggregate import AggregationError, aggregate
-from mome.server.checkpoint import ServerState, check_resumable, fingerprint, load_latest, save_checkpoint
+from mome.server.checkpoint import (ResumeRefused, ServerState, check_resumable, fingerprint, load_latest,
+                                   save_checkpoint)
 from mome.server.identity import Refused, Registry
 from mome.server.plan import make_plan, planned_config, site_geometry
 from mome.server.replies import (BadReply, Reply, claim, claimed_site, description, error_kind, list_lengths,
                                  parse_reply, send_and_receive, sender)
+from mome.server.schedule import schedule
 from mome.server.validation import RejectedUpdate, check_update, dp_allowance
 
 log = logging.getLogger("mome.server")
@@ -33,30 +36,15 @@ class QuorumLost(RuntimeError):
     """Fewer than min-sites good replies after every retry: the run stops rather than report a hollow success."""
 
 
-def shared_rounds(cfg: Config) -> int:
-    """FedAvg rounds (of warmup_epochs each) that give a site at least MoME's local epochs."""
-    return -(-cfg.local_epochs // max(cfg.warmup_epochs, 1))
-
-
-def plan(cfg: Config) -> list[tuple[str, int]]:
-    """The steps of a run: (phase, round index). Baselines get the same local training epochs."""
-    strategy = Strategy.parse(cfg.strategy)
-    if strategy.mixes:
-        return ([("warmup", r) for r in range(cfg.warmup_rounds)] + [("expert", r) for r in range(cfg.expert_rounds)]
-                + [("gate", r) for r in range(cfg.gate_rounds)] + [("evaluate", 0)])
-    if strategy.federated:
-        return [("shared", r) for r in range(shared_rounds(cfg))] + [("evaluate", 0)]
-    raise ValueError(f"{strategy} is not a federated strategy")
-
-
 class Coordinator:
     """Holds the server state (base model, experts by site id, gate), binds nodes to site ids, and runs the plan
     step by step: each step checked reply by reply, retried below quorum, checkpointed, resumable."""
 
-    def __init__(self, grid: Grid, cfg: Config, out_dir: Path, site_keys: dict | None = None):
+    def __init__(self, grid: Grid, cfg: Config, out_dir: Path, site_keys: dict | None = None,
+                 labels: dict | None = None):
         self.grid, self.cfg, self.out_dir = grid, cfg, out_dir
         self.ckpt_dir = out_dir / "checkpoints"
-        self.steps = plan(cfg)
+        self.steps = schedule(cfg)
         self.fingerprint = fingerprint(cfg.training, self.steps)
         saved = load_latest(self.ckpt_dir)
         if saved and saved.step:
@@ -67,7 +55,13 @@ class Coordinator:
             log.info("resuming %s from checkpoint after step %d", cfg.strategy, saved.step)
         self.state = saved if saved and saved.step else ServerState()
         self.state.fingerprint = self.fingerprint
-        self.registry = Registry(cfg.max_site_cases, events=self.state.identity, keys=dict(site_keys or {}))
+        if labels is not None:
+            if self.state.labels not in (None, labels):
+                raise ResumeRefused(f"the checkpoint's labels {label_summary(self.state.labels)} are not the run "
+                                    f"config's {label_summary(labels)}")
+            self.state.labels = labels
+        self.registry = Registry(cfg.max_site_cases, events=self.state.identity, keys=dict(site_keys or {}),
+                                 resumed=dict(self.state.bindings))
         self.geometry: dict[str, dict | None] = {}  # site -> what it reported for the plan
 
     # -- messaging ---------------------------------------------------------------------------
@@ -149,7 +143,8 @@ class Coordinator:
                     raise Refused(f"could not describe itself: {error_kind(msg.error.reason)}")
                 site, spec, counts = description(msg)
                 if self.state.labels is not None and spec != self.state.labels:
-                    raise Refused(f"{site[:70]!r} declares other labels than the federation's")
+                    raise Refused(f"{site[:70]!r} declares labels {label_summary(spec)}; the federation's are "
+                                  f"{label_summary(self.state.labels)}")
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, (Refused, BadReply)) else type(exc).__name__
                 self.registry.refuse(node, f"unusable description: {reason}", step)
@@ -163,16 +158,16 @@ class Coordinator:
         return specs
 
     def describe(self) -> LabelSpec:
-        """Bind every connected site; the federation's labels are those most sites declare (others are refused)."""
+        """Bind every connected site. The federation's labels are the coordinator's (`labels`: its dataset.json),
+        and a site that declares others is refused naming both; without them every site must declare the same, or
+        the run stops: no vote, so no group of sites decides what the others' labels mean."""
         specs = self._identify(self._wait_for_sites(), 0)
         if self.state.labels is None and specs:
-            votes = Counter(json.dumps(s, sort_keys=True) for s in specs.values())
-            agreed = json.loads(votes.most_common(1)[0][0])
-            for site, spec in sorted(specs.items()):
-                if spec != agreed:
-                    self.registry.refuse(self.registry.node_of[site], f"{site} declares other labels than the "
-                                         f"majority: {spec} vs {agreed}", 0)
-            self.state.labels = agreed
+            if len({json.dumps(s, sort_keys=True) for s in specs.values()}) > 1:
+                raise QuorumLost("the sites declare different labels (" + "; ".join(
+                    f"{site}: {label_summary(spec)}" for site, spec in sorted(specs.items())) + "); set the "
+                    "federation's with the run-config key labels=<the coordinator's dataset.json>")
+            self.state.labels = next(iter(specs.values()))
         if len(self.registry.node_of) < max(self.cfg.min_sites, 1):
             raise QuorumLost(f"{len(self.registry.node_of)} site(s) identified themselves, fewer than min-sites "
                              f"{self.cfg.min_sites}; is every SuperNode's data folder valid?")

@@ -11,9 +11,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from mome.common.atomic import write_json
 from mome.common.bundle import Bundle, save_bundle
-from mome.common.config import (COORDINATOR_KEYS, OUT_DIR_KEY, SITE_KEYS_KEY, Config, Strategy, config_from_mapping,
-                                selector_config)
-from mome.common.labels import LabelSpec
+from mome.common.config import (COORDINATOR_KEYS, LABELS_KEY, OUT_DIR_KEY, SITE_KEYS_KEY, Config, Strategy,
+                                config_from_mapping, selector_config)
+from mome.common.labels import LabelSpec, contract_labels
 from mome.common.logs import show_progress
 from mome.common.signing import enrolled_keys
 from mome.server.checkpoint import ResumeRefused, ServerState
@@ -23,15 +23,17 @@ from mome.server.results import final_sites, headline, strategy_metrics
 log = logging.getLogger("mome.server")
 
 
-def run_strategy(grid: Grid, cfg: Config, out_dir: Path, site_keys: dict | None = None) -> dict:
+def run_strategy(grid: Grid, cfg: Config, out_dir: Path, site_keys: dict | None = None,
+                 labels: dict | None = None) -> dict:
     """Run one federated strategy end to end; write <out_dir>/metrics.json and the final model bundle. With
-    site_keys ({site id: enrolled public key}) every reply must be signed by its site's key."""
+    site_keys ({site id: enrolled public key}) every reply must be signed by its site's key; with labels (a spec,
+    the coordinator's contract) a site that declares others is refused."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.json")
     coordinator = None
     try:
-        coordinator = Coordinator(grid, cfg, out_dir, site_keys)
+        coordinator = Coordinator(grid, cfg, out_dir, site_keys, labels)
         state = coordinator.run()
     except (QuorumLost, ResumeRefused) as exc:  # stop with the reason on record, never a hollow success
         state = coordinator.state if coordinator else ServerState()
@@ -67,7 +69,7 @@ def make_server_app(cfg: Config | None = None, out_dir: Path | None = None) -> S
         target = out_dir or Path(own[OUT_DIR_KEY])
         resolved = cfg or config_from_mapping(run_config)
         run_strategy(grid, resolved, target / resolved.strategy if cfg is None else target,
-                     enrolled_keys(own[SITE_KEYS_KEY]))
+                     enrolled_keys(own[SITE_KEYS_KEY]), contract_labels(own[LABELS_KEY]) if own[LABELS_KEY] else None)
 
     return app
 

@@ -22,8 +22,8 @@ from mome.common.state import state_to_numpy
 from mome.common.signing import sign, verify
 from mome.common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
 from mome.server.aggregate import AggregationError, aggregate, cap_weights, clip_to_median, site_weights
-from mome.server.checkpoint import ResumeRefused, check_resumable, fingerprint
-from mome.server.protocol import Coordinator
+from mome.server.checkpoint import ResumeRefused, check_resumable, fingerprint, save_checkpoint
+from mome.server.protocol import Coordinator, QuorumLost
 from mome.server.replies import BadReply, decode
 from tests.conftest import TINY_RUN
 
@@ -41,8 +41,9 @@ class ScriptedGrid:
     """A Grid whose sites answer from a script: describe with their id and counts; training returns the weights
     sent plus a site-specific step. Records what each node was sent."""
 
-    def __init__(self, nodes: dict[int, str], labels: dict):
+    def __init__(self, nodes: dict[int, str], labels: dict, site_labels: dict[str, dict] | None = None):
         self.nodes, self.labels, self.sent = dict(nodes), labels, []
+        self.site_labels = site_labels or {}  # a site that declares other labels than `labels`
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -60,7 +61,8 @@ class ScriptedGrid:
 
     def _answer(self, msg: Message, site: str) -> RecordDict:
         counts = {"n_train": 4, "n_val": 1, "n_gate": 1, "num-examples": 4}
-        content = RecordDict({"site": ConfigRecord({"site-id": site, "labels": json.dumps(self.labels)}),
+        spec = self.site_labels.get(site, self.labels)
+        content = RecordDict({"site": ConfigRecord({"site-id": site, "labels": json.dumps(spec)}),
                               Key.METRICS: metric_record({**counts, "train_loss": 0.5})})
         sent = [n for n in (Key.MODEL, Key.GATE) if n in msg.content.array_records]
         if msg.metadata.message_type.startswith("train") and sent:
@@ -98,6 +100,39 @@ def test_a_site_back_under_a_new_node_gets_its_own_expert_and_an_impostor_does_n
     events = {(e["node"], e["event"]) for e in coordinator.state.identity}
     assert {(1, "bound"), (2, "bound"), (3, "rebound"), (4, "refused")} <= events
     assert np.allclose(coordinator.state.experts["site-b"]["w"], expert_b + 2e-3)
+
+
+LESION = label_spec_from_dataset_json({"labels": {"background": 0, "lesion": 1}}).to_dict()
+
+
+def test_the_coordinators_labels_decide_and_a_site_declaring_others_is_refused_naming_both(labels, tmp_path):
+    """Two sites, two label specs: a tie that no vote can settle. The coordinator's contract decides; without one
+    the run stops naming both, rather than picking either."""
+    grid = ScriptedGrid({1: "site-a", 2: "site-b"}, labels, {"site-b": LESION})
+    coordinator = Coordinator(grid, TINY_RUN, tmp_path / "contract", labels=labels)
+    assert coordinator.describe().to_dict() == labels and coordinator.registry.bindings() == {"site-a": 1}
+    (refusal,) = [e["reason"] for e in coordinator.state.identity if e["event"] == "refused"]
+    assert "declares labels classes background=[0], lesion=[1]" in refusal, refusal
+    assert "the federation's are regions whole_tumor=[1, 2, 3]" in refusal, refusal
+    with pytest.raises(QuorumLost, match=r"different labels \(site-a: regions .*; site-b: classes .*labels="):
+        Coordinator(grid, TINY_RUN, tmp_path / "no-contract").describe()
+
+
+def test_a_resumed_run_keeps_its_bindings(labels, tmp_path):
+    """After a coordinator restart no node takes a bound site's id while that site's node is connected, and no
+    node changes the id it had."""
+    grid = ScriptedGrid({1: "site-a", 2: "site-b"}, labels)
+    first = Coordinator(grid, TINY_RUN, tmp_path)
+    first.describe()
+    first.state.step, first.state.bindings = 1, first.registry.bindings()
+    save_checkpoint(tmp_path / "checkpoints", first.state)
+    grid.nodes = {1: "site-c", 2: "site-b", 3: "site-a"}  # node 1 changes its claim; node 3 claims site-a
+    resumed = Coordinator(grid, TINY_RUN, tmp_path)
+    resumed.describe()
+    assert resumed.registry.bindings() == {"site-b": 2}
+    reasons = {e["node"]: e["reason"] for e in resumed.state.identity if e["event"] == "refused"}
+    assert reasons[1] == "node 1 is bound to site-a, now claims 'site-c'"
+    assert reasons[3] == "site-a is bound to node 1, which is still connected"
 
 
 def test_weights_are_capped_and_losses_clipped():

@@ -17,7 +17,7 @@ from flwr.app import Message
 
 from mome.common.wire import SHARED_EXPERT, Key, Status, unpack
 from mome.server.checkpoint import ServerState, load_checkpoint
-from mome.server.protocol import plan
+from mome.server.schedule import schedule
 from mome.server.report import write_report
 from mome.sim.run_sim import simulate
 from mome.sim.synth import site_traits
@@ -93,8 +93,8 @@ def test_gate_learns_on_validation_cases_only(mome_run):
 def test_fedavg_gets_at_least_the_local_epochs_of_mome(warmup_rounds, warmup_epochs, expert_epochs):
     cfg = TINY_RUN.replace(warmup_rounds=warmup_rounds, warmup_epochs=warmup_epochs, expert_epochs=expert_epochs)
     mome_epochs = sum(warmup_epochs if p == "warmup" else expert_epochs
-                      for p, _ in plan(cfg) if p in ("warmup", "expert"))
-    fedavg_epochs = warmup_epochs * sum(p == "shared" for p, _ in plan(cfg.replace(strategy="fedavg")))
+                      for p, _ in schedule(cfg) if p in ("warmup", "expert"))
+    fedavg_epochs = warmup_epochs * sum(p == "shared" for p, _ in schedule(cfg.replace(strategy="fedavg")))
     assert mome_epochs <= fedavg_epochs < mome_epochs + warmup_epochs
 
 

@@ -12,8 +12,8 @@ from torch.nn.functional import avg_pool3d, interpolate
 from mome.common.clinical import parse_schema
 from mome.common.config import Config
 from mome.common.metrics import dice_score, evaluate, expert_predictor, mixture_predictor
-from mome.common.model import (ExpertNet, GateNet, build_expert, build_gate, drop_modalities, load_gate,
-                               mixture_logits, probabilities)
+from mome.common.gate import GateNet, build_gate, load_gate
+from mome.common.model import ExpertNet, build_expert, drop_modalities, mixture_logits, probabilities
 from mome.common.state import load_numpy_state, load_state, save_state, state_to_numpy
 
 M, F, SIZE = 4, 3, 16

@@ -10,7 +10,8 @@ import torch
 from mome.common.balance import ModalityBalancer
 from mome.common.config import Config
 from mome.common.metrics import evaluate, expert_predictor
-from mome.common.model import build_expert, build_gate, load_expert, mixture_logits
+from mome.common.gate import build_gate
+from mome.common.model import build_expert, load_expert, mixture_logits
 from mome.common.train import personalise_gate, segmentation_loss, train_expert, train_gate
 from mome.sim.baselines import train_centralized, train_local
 
