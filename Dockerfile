@@ -36,4 +36,5 @@ USER 10001:10001
 
 # SuperLink: Fleet API (hospitals connect here), Control API (coordinator CLI), health
 EXPOSE 9092 9093 9094
+ENTRYPOINT ["sh", "/app/deploy/nonroot.sh"]
 CMD ["mome", "--help"]

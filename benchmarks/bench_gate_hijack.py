@@ -105,12 +105,13 @@ def main() -> None:
             simulate("mome", sites, run_cfg, root / f"run-{i}", mods=mods)
             runs[name] = summary(root / f"run-{i}" / "mome", attacker)
             print(f"{name}: {json.dumps(runs[name])}", flush=True)
-    head = (f"# Gate hijack: {attacker} of 4 pushes its own expert at every gate round\n\n`python "
-            f"benchmarks/bench_gate_hijack.py --seed {args.seed} --preset {args.preset}"
-            f"{' --undefended' if args.undefended else ''}{f' --run-config {args.run_config!r}' if args.run_config else ''}`"
-            f", {args.preset} preset, seed {args.seed}, the default config{' with those overrides' if args.run_config else ''}"
-            f" (gate-aggregation {cfg.gate_aggregation}, gate-trim-fraction {cfg.gate_trim_fraction}, "
-            f"update-clip {cfg.update_clip}). Honest sites' final Dice on their held-out cases.\n\n")
+    command = " ".join(["python benchmarks/bench_gate_hijack.py", f"--seed {args.seed} --preset {args.preset}",
+                        "--undefended" if args.undefended else "",
+                        f"--run-config {args.run_config!r}" if args.run_config else ""]).strip()
+    head = (f"# Gate hijack: {attacker} of 4 pushes its own expert at every gate round\n\n`{command}`, {args.preset} "
+            f"preset, seed {args.seed}, the default config{' with those overrides' if args.run_config else ''} "
+            f"(gate-aggregation {cfg.gate_aggregation}, gate-trim-fraction {cfg.gate_trim_fraction}, update-clip "
+            f"{cfg.update_clip}). Honest sites' final Dice on their held-out cases.\n\n")
     text = head + table(runs) + "\n"
     print(text)
     if args.out:

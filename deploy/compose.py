@@ -39,11 +39,12 @@ def _volumes(service: Service) -> list[str]:
     return [f"{m.source}:{m.target}{':ro' if m.read_only else ''}" for m in service.mounts]
 
 
-def _confined(limits: Confinement) -> dict[str, Any]:
-    """A site container: read-only root, writable /tmp only (plus its out-dir mount), no privileges, bounded."""
+def _confined(limits: Confinement, who: str = "SITE") -> dict[str, Any]:
+    """A long-running container: read-only root, writable /tmp only (plus its mounts), no privileges, bounded
+    (MOME_<who>_MEMORY, MOME_<who>_CPUS)."""
     return {"read_only": True, "tmpfs": [f"/tmp:size={limits.tmp_size},mode=1777"],
             "cap_drop": ["ALL"], "security_opt": ["no-new-privileges:true"],
-            "mem_limit": f"${{MOME_SITE_MEMORY:-{limits.memory}}}", "cpus": f"${{MOME_SITE_CPUS:-{limits.cpus}}}"}
+            "mem_limit": f"${{MOME_{who}_MEMORY:-{limits.memory}}}", "cpus": f"${{MOME_{who}_CPUS:-{limits.cpus}}}"}
 
 
 def compose_dict(top: Topology) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def compose_dict(top: Topology) -> dict[str, Any]:
         if svc.role == "superlink":
             entry["ports"] = [f"${{MOME_FLEET_PORT:-{top.ports.fleet}}}:{top.ports.fleet}"]  # hospitals connect here
             entry["restart"] = "unless-stopped"
+            entry.update(_confined(top.confinement, "COORDINATOR"))  # it runs the ServerApp: held in like a site
         elif svc.role == "site":
             entry["depends_on"] = {**healthy, worker_name(svc.site_id): {"condition": "service_healthy"}}
             entry["restart"] = "unless-stopped"  # also retries until the coordinator has enrolled the key
@@ -97,8 +99,9 @@ def render_compose(top: Topology) -> str:
               "# Host paths: MOME_DATA (one folder per site), MOME_CERTS (`mome certs`), MOME_OUTPUTS; "
               "a hospital on its own machine\n"
               "# sets MOME_SUPERLINK=<coordinator>:9092. Containers run as MOME_UID:MOME_GID (default the image's "
-              f"{top.confinement.uid}),\n# who must read the 0600 keys and write MOME_OUTPUTS; sites are capped by "
-              "MOME_SITE_MEMORY and MOME_SITE_CPUS.\n# MOME_RUN_CONFIG adds run-config settings to the run (e.g. "
-              "'warmup-rounds=2 size=32').\n# Set them in an .env file next to this one.\n")
+              f"{top.confinement.uid}; uid 0 is refused),\n# who must read the 0600 keys and write MOME_OUTPUTS; sites "
+              "are capped by MOME_SITE_MEMORY and MOME_SITE_CPUS,\n# the SuperLink by MOME_COORDINATOR_MEMORY and "
+              "MOME_COORDINATOR_CPUS. MOME_RUN_CONFIG adds run-config\n# settings to the run (e.g. "
+              "'warmup-rounds=2 size=32'). Set them in an .env file next to this one.\n")
     body = yaml.dump(compose_dict(top), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
     return header + body.replace("'no'", '"no"')

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -226,10 +227,14 @@ def _compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def test_site_containers_run_confined_as_the_images_non_root_user():
+def test_site_and_superlink_containers_run_confined_as_the_images_non_root_user():
     services = _compose()["services"]
     sites = {name: svc for name, svc in services.items() if name.startswith(("site-", "worker-", "superexec-"))}
     assert sorted(sites) == sorted(f"{kind}site-{c}" for c in "abc" for kind in ("", "worker-", "superexec-"))
+    superlink = services[SUPERLINK]  # it runs the ServerApp: held in the same way, its state and outputs writable
+    assert superlink["read_only"] is True and superlink["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in superlink["security_opt"] and expand(superlink["mem_limit"])
+    assert sorted(v.rsplit(":", 1)[1] for v in superlink["volumes"] if not v.endswith(":ro")) == ["/outputs", "/state"]
     for name, svc in sites.items():
         uid, gid = expand(svc["user"]).split(":")
         assert int(uid) == int(gid) == IMAGE_UID != 0, name
@@ -246,6 +251,19 @@ def test_site_containers_run_confined_as_the_images_non_root_user():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"--uid {IMAGE_UID}" in dockerfile
     assert re.findall(r"^USER (\S+)", dockerfile, re.M)[-1] == f"{IMAGE_UID}:{IMAGE_UID}"  # the image's default
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="shows the refusal only when run as root (uid 0 is what it refuses)")
+def test_the_image_refuses_to_run_any_service_as_root():
+    """The image's entrypoint (deploy/nonroot.sh) stops a service started as uid 0 (MOME_UID=0) before it runs,
+    and runs it as any other uid."""
+    entrypoint = ["sh", str(ROOT / "deploy" / "nonroot.sh")]
+    assert re.search(r'^ENTRYPOINT \["sh", "/app/deploy/nonroot.sh"\]', (ROOT / "Dockerfile").read_text(), re.M)
+    as_root = subprocess.run([*entrypoint, "echo", "started"], capture_output=True, text=True)
+    assert as_root.returncode == 78 and "refusing to run as root" in as_root.stderr and "started" not in as_root.stdout
+    as_user = subprocess.run(["setpriv", f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-groups",
+                              *entrypoint, "echo", "started"], capture_output=True, text=True)
+    assert as_user.returncode == 0 and as_user.stdout.strip() == "started", as_user.stderr
 
 
 def test_the_control_api_listens_on_the_superlinks_loopback_only():
