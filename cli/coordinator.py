@@ -22,21 +22,31 @@ def certs(args: argparse.Namespace) -> int:
     (paths.root / "flwr").mkdir(exist_ok=True)
     (paths.root / "flwr" / "config.toml").write_text(top.flower_config())
     print(f"CA and SuperLink certificate ({', '.join(names)}) in {paths.root}; give the sites {paths.ca_cert}")
+    usable = True
     for site in top.site_ids:
-        print(_site_key_status(paths, site, args.site_keys))
-    return 0
+        status, ok = _site_key_status(paths, site, args.site_keys)
+        print(status)
+        usable &= ok
+    return 0 if usable else 1
 
 
-def _site_key_status(paths: CertPaths, site: str, made_here: bool) -> str:
-    """What the coordinator still has to do for one site's key."""
+def _site_key_status(paths: CertPaths, site: str, made_here: bool) -> tuple[str, bool]:
+    """What the coordinator still has to do for one site's key, and whether the keys there are usable."""
+    from mome.deploy.certs import check_public_key
+
     public, signing = paths.site_public_key(site), paths.enrolled_signing_key(site)
     if made_here and paths.site_key(site).exists():
         return (f"  {site}: one-machine trial keys {paths.site_key(site)} and {paths.signing_key(site)} (keep them "
-                f"secret); enrol {public}; its replies are checked against {signing}")
+                f"secret); enrol {public}; its replies are checked against {signing}"), True
     if public.exists() and signing.exists():
-        return f"  {site}: enrols {public}; its replies are checked against {signing}"
+        try:  # read the fingerprints back to the hospital over the phone: the right keys arrived
+            prints = check_public_key(public, "ecdsa"), check_public_key(signing, "ed25519")
+        except ValueError as exc:
+            return f"  {site}: unusable key: {exc}", False
+        return (f"  {site}: enrols {public} ({prints[0]}); its replies are checked against {signing} ({prints[1]}); "
+                "compare both fingerprints with the hospital's"), True
     return (f"  {site}: waiting for the hospital's public keys: it runs `mome site-key --out DIR --site-id {site}` "
-            f"and sends DIR/auth.key.pub and DIR/sign.key.pub; put them at {public} and {signing}")
+            f"and sends DIR/auth.key.pub and DIR/sign.key.pub; put them at {public} and {signing}"), True
 
 
 def compose(args: argparse.Namespace) -> int:

@@ -43,6 +43,9 @@ def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[
         rows = read_clinical_csv(site / "clinical.csv") if (site / "clinical.csv").exists() else {}
         return layout, image_dir, case_ids(image_dir.iterdir(), layout.file_ending), rows
     files = [p for s in source for p in (sorted(s.iterdir()) if s.is_dir() else [s])]
+    if foreign := [p.name for p in files if not p.name.endswith((".nii", ".nii.gz"))]:
+        raise ValueError(f"mome reads NIfTI (.nii, .nii.gz) only, not {', '.join(foreign[:5])}: convert them first "
+                         "(e.g. SimpleITK's WriteImage for .mha/.nrrd, dcm2niix for DICOM)")
     ending = ".nii.gz" if files and files[0].name.endswith(".nii.gz") else ".nii"
     bad = [str(p) for p in files if not channel_file(ending).match(p.name)]
     if not files or bad:
@@ -59,11 +62,11 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[P
     """Write <out>/<case>.nii.gz per case, on the input's grid; returns (written files, problems of skipped cases).
     Cases are brought to the bundle's plan (its target spacing) as in training."""
     bundle = load_bundle(bundle_dir)
+    layout, image_dir, found, rows = _inputs([Path(s) for s in source], bundle)  # the user's input first
     if not bundle.cfg.planned:
         raise ValueError(f"{bundle_dir}: the bundle carries no plan (target-spacing, patch-size); it was made by an "
                          "older version, retrain or set them in its config.json")
     predict_probs = predictor(bundle)
-    layout, image_dir, found, rows = _inputs([Path(s) for s in source], bundle)
     schema = parse_schema(bundle.cfg.clinical_fields)
     problems: list[str] = []
 
@@ -92,7 +95,9 @@ def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSp
         label = spec.to_label_map(to_input_grid(probs, case["canonical_affine"], case["affine"], case["shape"]))
         image = _on_input_header(label, case)
         # the project's atomic writer: a reader never sees half a segmentation
-        written.append(atomic_write_bytes(out_dir / f"{case['case_id']}.nii.gz", gzip.compress(image.to_bytes())))
+        # 0644: the clinical viewer runs as another user (the site's outputs folder is what stays private)
+        written.append(atomic_write_bytes(out_dir / f"{case['case_id']}.nii.gz", gzip.compress(image.to_bytes()),
+                                          mode=0o644))
     return written
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mome.common.atomic import atomic_write_bytes
@@ -152,6 +153,20 @@ def fingerprint(public_path: Path) -> str:
     """SHA256:<base64> of the key blob, as `ssh-keygen -l` prints it: read aloud to check the right key arrived."""
     blob = base64.b64decode(Path(public_path).read_text().split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def check_public_key(path: Path, kind: str) -> str:
+    """The fingerprint of a site's public key, after checking it is one Flower (`ecdsa`: SuperNode auth) or the
+    coordinator (`ed25519`: reply signatures) accepts; ValueError saying what the file is instead."""
+    wanted = {"ecdsa": ec.EllipticCurvePublicKey, "ed25519": ed25519.Ed25519PublicKey}[kind]
+    try:
+        key = serialization.load_ssh_public_key(Path(path).read_bytes().strip())
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"{path}: not an OpenSSH public key ({str(exc)[:80]})") from None
+    if not isinstance(key, wanted):
+        raise ValueError(f"{path}: a {type(key).__name__.removeprefix('_')} key, not the {kind} key this slot takes "
+                         f"(`mome site-key` makes both)")
+    return fingerprint(path)
 
 
 def write_site_key(paths: CertPaths, site_id: str, overwrite: bool = False) -> tuple[Path, Path]:

@@ -186,6 +186,7 @@ def test_predict_matches_input_geometry(mome_run, two_sites, tmp_path):
         ref, out = nib.load(str(image)), nib.load(str(tmp_path / f"{case}.nii.gz"))
         assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
         assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= allowed
+        assert (tmp_path / f"{case}.nii.gz").stat().st_mode & 0o777 == 0o644  # the clinical viewer's user reads it
 
 
 def _resumable_copy(run_dir: Path, target: Path, keep_steps: int) -> Path:

@@ -119,6 +119,36 @@ def test_certs_makes_no_site_private_key_unless_asked(tmp_path, capsys):
     assert Path(expand(source, {"MOME_CERTS": str(certs)})) == paths.site_public_key("site-a")
 
 
+def test_certs_checks_each_hospital_key_and_prints_its_fingerprint(tmp_path, capsys):
+    """The coordinator reads the fingerprints back to the hospital; a key of the wrong kind or garbage is named."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from mome.deploy.certs import fingerprint
+
+    certs, hospital = tmp_path / "certs", tmp_path / "hospital"
+    assert mome(["site-key", "--out", str(hospital), "--site-id", "site-a"]) == 0
+    paths = CertPaths(certs)
+    paths.site_public_key("site-a").parent.mkdir(parents=True)
+    paths.enrolled_signing_key("site-a").parent.mkdir(parents=True)
+    paths.site_public_key("site-a").write_bytes((hospital / "auth.key.pub").read_bytes())
+    paths.enrolled_signing_key("site-a").write_bytes((hospital / "sign.key.pub").read_bytes())
+    capsys.readouterr()
+    assert mome(["certs", "--out", str(certs), "--sites", "1"]) == 0
+    out = capsys.readouterr().out
+    assert fingerprint(hospital / "auth.key.pub") in out and fingerprint(hospital / "sign.key.pub") in out
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    paths.site_public_key("site-a").write_bytes(rsa_key.public_bytes(serialization.Encoding.OpenSSH,
+                                                                     serialization.PublicFormat.OpenSSH))
+    assert mome(["certs", "--out", str(certs), "--sites", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "unusable key" in out and "RSAPublicKey key, not the ecdsa key" in out, out
+    paths.enrolled_signing_key("site-a").write_text("not a key at all\n")
+    paths.site_public_key("site-a").write_bytes((hospital / "auth.key.pub").read_bytes())
+    assert mome(["certs", "--out", str(certs), "--sites", "1"]) == 1
+    assert "sign" in (out := capsys.readouterr().out) and "not an OpenSSH public key" in out
+
+
 # -- inputs refused by their declared size --------------------------------------------------------
 @pytest.fixture
 def no_oversized_reads(monkeypatch):
@@ -169,6 +199,15 @@ def bundle_folder(tmp_path) -> Path:
     spec = label_spec_from_dataset_json({"labels": {"background": 0, "tumour": 1}})
     return save_bundle(Bundle(Config(), spec, {"shared": state_to_numpy(load_expert(Config(), spec.n_out))}),
                        tmp_path / "model")
+
+
+def test_predict_says_it_reads_nifti_only_when_given_another_format(bundle_folder, tmp_path):
+    from mome.client.predict import predict
+
+    (tmp_path / "case1_0000.mha").write_bytes(b"ObjectType = Image\n")
+    with pytest.raises(ValueError, match=r"NIfTI \(.nii, .nii.gz\) only, not case1_0000.mha: convert them"):
+        predict(bundle_folder, [tmp_path / "case1_0000.mha"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture
