@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -134,12 +135,17 @@ def site_key(args: argparse.Namespace) -> int:
 
 def audit(args: argparse.Namespace) -> int:
     """What this site sent, run by run, from its own audit log(s) under OUT_DIR."""
-    from mome.client.audit import AUDIT_FILE, summary
+    from mome.client.audit import AUDIT_FILE, read, summary
 
     logs = [args.out_dir] if args.out_dir.is_file() else sorted(args.out_dir.rglob(AUDIT_FILE))
     if not logs:
         print(f"error: no {AUDIT_FILE} under {args.out_dir} (the site's out-dir)", file=sys.stderr)
         return 1
+    if args.json:  # every entry as it is kept, one JSON object per line, with the log it came from
+        for path in logs:
+            for item in read(path):
+                print(json.dumps({"log": str(path), **item}))
+        return 0
     print("\n\n".join(summary(path) for path in logs))
     return 0
 
@@ -161,6 +167,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("audit", help="summarise what this site sent (its out-dir's audit.jsonl), run by run")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the site's out-dir, or an audit.jsonl")
+    p.add_argument("--json", action="store_true", help="every entry as JSON lines instead of the summary")
     p.set_defaults(func=audit)
 
     p = sub.add_parser("adapt", help="fit a federation's model to this site's few labelled cases (a mixture's gate is "

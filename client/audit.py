@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from flwr.app import Message
 
-from mome.common.wire import array_digests, reply_digest
+from mome.common.wire import PACKED_LAYOUT, array_digests, reply_digest
 
 AUDIT_FILE = "audit.jsonl"
 
@@ -29,7 +30,9 @@ def entry(request: Message, reply: Message, site_id: str) -> dict:
     digests = array_digests(content)
     arrays = [{"name": f"{r}/{n}", "shape": list(a.shape), "dtype": a.dtype, "sha256": digests[f"{r}/{n}"]}
               for r, record in content.array_records.items() for n, a in record.items()]
-    return {**base, "arrays": arrays, "digest": reply_digest(digests),
+    tensors = {r: json.loads(record[PACKED_LAYOUT].numpy().tobytes()) for r, record in content.array_records.items()
+               if PACKED_LAYOUT in record}  # what a packed state holds: [name, shape, dtype] per tensor
+    return {**base, "arrays": arrays, "tensors": tensors, "digest": reply_digest(digests),
             "metrics": {k: v for rec in content.metric_records.values() for k, v in rec.items()},
             "configs": {name: dict(rec) for name, rec in content.config_records.items()},
             "bytes": sum(rec.count_bytes() for rec in content.array_records.values())}
@@ -68,14 +71,15 @@ def summary(path: Path) -> str:
     lines = [f"audit of {path}: {sum(len(v) for v in runs.values())} replies in {len(runs)} run(s)"]
     for run_id, items in runs.items():
         actions = Counter(i["action"] for i in items)
-        arrays = {a["name"].split("/", 1)[1] for i in items for a in i.get("arrays", [])}
+        tensors = {(r, name): shape for i in items for r, layout in i.get("tensors", {}).items()
+                   for name, shape, _ in layout}
         metric_keys = sorted({k for i in items for k in i.get("metrics", {})})
         configs = sorted({f"{r}.{k}" for i in items for r, v in i.get("configs", {}).items() for k in v})
         errors = [f"step {i['step']} {i['action']}: {i['error']['reason']}" for i in items if "error" in i]
         lines += [f"\nrun {run_id} ({items[0]['site']}): {items[0]['time']} .. {items[-1]['time']}",
                   "  replies: " + ", ".join(f"{a} x{n}" for a, n in sorted(actions.items())),
                   f"  bytes of weights sent: {sum(i['bytes'] for i in items):,}",
-                  f"  arrays sent: {len(arrays)} distinct names (model weights only)",
+                  f"  tensors sent: {_tensors(tensors)}",
                   f"  metric keys sent: {', '.join(metric_keys) or 'none'}",
                   f"  text fields sent: {', '.join(configs) or 'none'}",
                   f"  error replies: {len(errors)}"] + [f"    {e}" for e in errors]
@@ -84,3 +88,15 @@ def summary(path: Path) -> str:
             lines.append(f"  differential privacy: epsilon {max(privacy):.3g} at delta "
                          f"{items[-1]['metrics'].get('dp_delta', float('nan')):.0e} after this run")
     return "\n".join(lines)
+
+
+def _tensors(tensors: dict[tuple[str, str], list[int]]) -> str:
+    """Per record (model, gate...): how many weight tensors and values left, and a few of their names."""
+    if not tensors:
+        return "none"
+    parts = []
+    for record in sorted({r for r, _ in tensors}):
+        names = sorted(n for r, n in tensors if r == record)
+        values = sum(math.prod(tensors[record, n]) for n in names)
+        parts.append(f"{record}: {len(names)} tensors, {values:,} values ({', '.join(names[:3])}, ...)")
+    return "; ".join(parts)

@@ -207,4 +207,9 @@ def test_mome_audit_prints_a_summary_per_run(mome_release, capsys):
     assert mome(["audit", str(run / "mome" / "sites")]) == 0
     out = capsys.readouterr().out
     assert out.count("audit of ") == 2 and "metric keys sent:" in out and "val_dice" not in out
+    assert "tensors sent: model: " in out and " tensors, " in out  # the tensors that left, not the packed arrays
     assert mome(["audit", str(run / "nothing-here")]) == 1
+    assert mome(["audit", "--json", str(run / "mome" / "sites")]) == 0
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert entries and all({"log", "run_id", "action", "digest"} <= set(e) for e in entries if "error" not in e)
+    assert any(name.startswith("mlp.") for e in entries for name, _, _ in e.get("tensors", {}).get("model", []))

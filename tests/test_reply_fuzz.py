@@ -8,16 +8,19 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from mome.common.config import Config
 from mome.common.labels import LabelKind, LabelSpec
-from mome.common.wire import Key, Status
+from mome.common.wire import PACKED_DATA, Key, Status, pack, unpack
+from mome.server.protocol import Coordinator
 from mome.server.replies import BadReply, description, parse_reply
 from mome.server.report import write_report
-from mome.server.results import headline, site_entry, strategy_metrics
-from tests.test_coordinator_units import serverapp_identity  # noqa: F401  (autouse: Messages outside a run)
+from mome.server.results import final_sites, headline, site_entry, strategy_metrics
+from tests.conftest import TINY_RUN
+from tests.test_coordinator_units import labels, serverapp_identity  # noqa: F401  (fixtures)
 
 MUTATIONS = 1200
 LABELS = LabelSpec(LabelKind.REGIONS, ("whole_tumor", "tumor_core", "enhancing_tumor"), ((1, 2, 3), (2, 3), (3,)),
@@ -120,3 +123,66 @@ def test_a_list_where_a_number_belongs_is_a_rejection():
     for key, value in (("dice_mean", [0.5]), ("dice", 0.5), ("mixture_global.dice_mean", [0.1, 0.2])):
         with pytest.raises(BadReply, match=key):
             parse_reply(Message(_evaluate_content({**EVALUATED, key: value}, None), reply_to=request), None, "site-a")
+
+
+def _mutated_reply(content: RecordDict, rng: random.Random) -> RecordDict:
+    """One of the ways a misbehaving site can bend a reply: its metrics, its model record, its site record."""
+    from tests.test_integrity import huge_header_array
+
+    out = RecordDict(dict(content.items()))
+    choice = rng.randrange(6)
+    if choice == 0:
+        out[Key.METRICS] = MetricRecord(_mutated_metrics(rng))
+    elif choice == 1 and Key.MODEL in out:
+        state = unpack(out[Key.MODEL])
+        name = rng.choice(list(state))
+        state[name] = rng.choice([np.full_like(state[name], np.nan), state[name] * 1e6, np.zeros(7, np.float32),
+                                  state[name].astype(np.float64)])
+        out[Key.MODEL] = pack(state)
+    elif choice == 2 and Key.MODEL in out:
+        out[Key.MODEL] = rng.choice([ArrayRecord(), ArrayRecord({PACKED_DATA: huge_header_array()}),
+                                     ArrayRecord({**dict(out[Key.MODEL].items()), PACKED_DATA: huge_header_array()})])
+    elif choice == 3:
+        out["site"] = rng.choice([ConfigRecord({}), ConfigRecord({"site-id": "site-a"}),
+                                  ConfigRecord({"site-id": "x" * 500}), ConfigRecord({"site-id": 7})])
+    elif choice == 4:
+        out[rng.choice(["extra", Key.GATE, Key.OUTCOME])] = rng.choice([ArrayRecord(), ConfigRecord({"status": 3})])
+    else:
+        out[Key.METRICS] = rng.choice([ConfigRecord({"n_train": "many"}), MetricRecord({})])
+    return out
+
+
+def test_a_thousand_mutated_replies_through_the_coordinator_leave_reasons_and_a_report(labels, tmp_path):
+    """The same through the Coordinator itself (reading, checking, aggregating, checkpointed state, metrics.json and
+    report.md): site-b bends every reply it sends after describing itself, site-a stays honest."""
+    from tests.test_coordinator_units import ScriptedGrid
+
+    rng = random.Random(1)
+
+    class FuzzedGrid(ScriptedGrid):
+        mutated = 0
+
+        def _answer(self, msg: Message, site: str) -> RecordDict:
+            content = super()._answer(msg, site)
+            if site != "site-b" or msg.metadata.message_type == "query.describe":
+                return content
+            self.mutated += 1
+            return _mutated_reply(content, rng)
+
+    cfg = TINY_RUN.replace(warmup_rounds=1, expert_rounds=2, gate_rounds=1)
+    grid = FuzzedGrid({1: "site-a", 2: "site-b"}, labels)
+    coordinator = Coordinator(grid, cfg, tmp_path)
+    coordinator.describe()
+    coordinator.state.base = {"w": np.ones(3, np.float32)}
+    while grid.mutated < 1000:
+        for index, (phase, _) in enumerate(coordinator.steps):
+            good, extra = coordinator._run_step(index, phase)
+            coordinator.state.history.append({"step": index, "phase": phase, "round": 0, "seconds": 0.0,
+                                              "sites": {r.site_id: r.record() for r in good}, **extra})
+    assert coordinator.state.dropped and all(d["reason"] for d in coordinator.state.dropped)
+    reasons = {d["reason"][:60] for d in coordinator.state.dropped}
+    assert len(reasons) >= 5, reasons
+    metrics = strategy_metrics(cfg, ("whole_tumor", "tumor_core", "enhancing_tumor"),
+                               final_sites(coordinator.state, "mome"), 1.0, dropped=coordinator.state.dropped)
+    write_report(tmp_path, {"mome": json.loads(json.dumps(metrics))})
+    assert (tmp_path / "report.md").exists() and np.isfinite(coordinator.state.gate["mlp.2.bias"]).all()
