@@ -51,7 +51,8 @@ def _site_status_lines(m: dict) -> list[str]:
         if e.get("segmentation"):
             text = f"{site}: segmenting its unlabelled held-out cases {e['segmentation']}"
             lines.append(f"- {_failed(text)}")
-    return ["Sites without metrics or segmentations:", "", *lines, ""] if lines else []
+    return ["Not scored here (a site without labelled held-out cases is not a failure), or not all segmented:", "",
+            *lines, ""] if lines else []
 
 
 def site_table(strategies: dict, sites: list[str], traits: dict[str, str | None]) -> list[str]:
@@ -79,7 +80,8 @@ def _region_table(m: dict) -> list[str]:
     return lines
 
 
-def _bar_plot(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> Path:
+def _bar_plot(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str,
+              ylim: tuple[float, float] | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) + 2), 4))
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(groups))
@@ -89,6 +91,8 @@ def _bar_plot(path: Path, groups: list[str], series: dict[str, list[float]], yla
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.axhline(0, color="black", linewidth=0.5)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.legend(fontsize=8, ncols=min(len(series), 4))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -139,10 +143,15 @@ def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] 
     lines = ["# MoME run report", "", f"Run folder: `{run_dir}`", "", "## Summary (held-out cases of each site)", ""]
     lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""]
     lines += site_table(strategies, sites, traits or {})
-    dice_png = _bar_plot(run_dir / "dice_per_site.png", sites,
-                         {n: [m["sites"].get(s, {}).get("dice_mean", np.nan) for s in sites]
-                          for n, m in strategies.items()}, "mean Dice", "Held-out Dice per site and strategy")
-    lines += ["", f"![Dice per site]({dice_png.name})", ""]
+    scored = [s for s in sites if any(m["sites"].get(s, {}).get("dice_mean") is not None for m in strategies.values())]
+    if scored:  # a site without labelled held-out cases has no bar to draw
+        dice_png = _bar_plot(run_dir / "dice_per_site.png", scored,
+                             {n: [m["sites"].get(s, {}).get("dice_mean", np.nan) for s in scored]
+                              for n, m in strategies.items()}, "mean Dice", "Held-out Dice per site and strategy",
+                             ylim=(0, 1))
+        lines += ["", f"![Dice per site]({dice_png.name})", ""]
+    else:
+        lines += ["", "No site has labelled held-out cases: nothing to plot.", ""]
     for name, m in strategies.items():
         lines += [f"## {name}", "", *_region_table(m), "", *_site_status_lines(m)]
         if m.get("dropped"):

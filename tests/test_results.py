@@ -79,3 +79,15 @@ def test_failed_fine_tuning_still_saves_the_shared_model(tiny_federation, tmp_pa
     assert metrics["model_saved"] == 1 and outcome["status"] == "evaluated"
     saved = load_bundle(tmp_path / "model").experts["shared"]
     assert all(np.array_equal(saved[k], sent[k]) for k in sent)
+
+
+def test_a_report_without_labelled_held_out_cases_draws_no_empty_plot(tmp_path):
+    from mome.common.config import Config
+    from mome.server.report import write_report
+    from mome.server.results import strategy_metrics
+
+    unlabelled = {"status": "no-held-out-labels", "reason": "no labelled held-out case", "model_saved": 1}
+    metrics = strategy_metrics(Config(), ("lesion",), {"site-a": dict(unlabelled), "site-b": dict(unlabelled)}, 1.0)
+    text = write_report(tmp_path, {"mome": metrics}).read_text()
+    assert not (tmp_path / "dice_per_site.png").exists() and "nothing to plot" in text
+    assert "is not a failure" in text and "model saved" in text
