@@ -60,10 +60,10 @@ def compose(args: argparse.Namespace) -> int:
 
 
 def health(args: argparse.Namespace) -> int:
-    from mome.deploy.health import check_health
+    from mome.deploy.health import health_status
 
-    healthy = check_health(args.address, args.timeout)
-    print("SERVING" if healthy else f"not serving: {args.address}")
+    healthy, found = health_status(args.address, args.timeout)
+    print("SERVING" if healthy else f"not serving: {args.address}: {found}")
     return 0 if healthy else 1
 
 

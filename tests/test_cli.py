@@ -40,3 +40,28 @@ def test_a_torn_last_audit_line_is_left_out_and_an_altered_one_is_an_error(tmp_p
     log.write_text(_entry(1) + "\n{not json\n" + _entry(3) + "\n")
     assert mome(["audit", str(log)]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+def test_mome_health_says_why_nothing_is_serving(tmp_path, capsys):
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    assert mome(["health", "--address", f"unix://{tmp_path}/worker.sock"]) == 1
+    assert f"no socket at {tmp_path}/worker.sock" in capsys.readouterr().out
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert mome(["health", "--address", f"127.0.0.1:{port}"]) == 1
+        assert capsys.readouterr().out.strip().endswith(": NOT_SERVING")
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert mome(["health", "--address", f"127.0.0.1:{port}"]) == 0
+    finally:
+        server.stop(None)
+    assert mome(["health", "--address", f"127.0.0.1:{port}", "--timeout", "1"]) == 1
+    assert "nothing answers there" in capsys.readouterr().out
