@@ -1,1 +1,2 @@
-"""Site side: the ClientApp that trains and evaluates on a hospital's private data."""
+"""Site side: the site worker that alone reads a hospital's data (and the steps it runs), the relay ClientApp the
+coordinator's app bundle brings, and a hospital's own commands' code (predict, adapt, audit)."""

@@ -1,1 +1,2 @@
-"""Shared core of MoME: data contract, models, training, metrics and serialisation (no Flower)."""
+"""What both sides use: the config, the data contract, the networks, training, metrics, bundles and the message
+contract (Flower's records, no Flower app)."""

@@ -1,1 +1,2 @@
-"""Synthetic multi-site federations of multimodal brain-MRI-like data for testing and demos."""
+"""The developer's federation on one machine: synthetic multi-site data, Flower's simulation engine, the
+non-federated baselines and `mome bench`."""
