@@ -5,9 +5,9 @@ MoME as another, or on two machines) into one folder that `mome bench` reads as 
     mome bench --presets P --strategies S --out OUT --docs docs/bench
 
 Each OUT/<preset>/seed-N links the first folder's data and every folder's strategy runs; its case_scores.json holds
-all their scores and costs under the stamp that command expects (the default demo budget, 4 sites). The late join is
-left out, so `mome bench` computes it there with every strategy's model at hand. Folders whose sites differ (other
-data) are refused.
+all their scores and costs under the stamp that command expects (the default demo budget, 4 sites), and the late
+join: each folder's, plus the part no folder could run (FedAvg's adaptation, when FedAvg ran in another job than
+MoME), computed here on the same late site. Folders whose sites differ (other data) are refused.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from mome.common.config import Strategy
-from mome.sim.bench import BenchPlan
+from mome.sim.bench import BenchPlan, late_join
 from mome.sim.run_sim import DEMO_BUDGET
 
 
@@ -29,7 +30,8 @@ def merge_run(out: Path, runs: list[Path]) -> dict:
         raise SystemExit(f"{out}: the folders' sites differ ({', '.join(map(str, runs))}); not the same data")
     out.mkdir(parents=True, exist_ok=True)
     merged = {**stored[0], "scores": {}, "cost": {}}
-    merged.pop("late_join", None)
+    late = [s["late_join"] for s in stored if s.get("late_join", {}).get("scores")]
+    merged["late_join"] = {**late[0], "scores": {k: v for j in late for k, v in j["scores"].items()}} if late else {}
     for run, scored in zip(runs, stored):
         for strategy in scored["scores"]:
             merged["scores"].setdefault(strategy, scored["scores"][strategy])
@@ -61,6 +63,11 @@ def main() -> None:
         seed = int(run.parts[1].removeprefix("seed-"))
         scored["stamp"] = {"config": plan.config(seed).to_dict(), "strategies": list(strategies),
                            "sites": plan.sites, "cases": plan.cases}
+        missing = tuple(s for s in (Strategy.MOME, Strategy.FEDAVG) if s in strategies
+                        and f"{s}-adapted" not in scored["late_join"].get("scores", {}))
+        if missing:  # adapted where every model of the run is at hand, on the same late site
+            extra = late_join(replace(plan, strategies=missing), run.parts[0], seed, args.out / run)
+            scored["late_join"] = {**extra, "scores": {**scored["late_join"].get("scores", {}), **extra["scores"]}}
         (args.out / run / "case_scores.json").write_text(json.dumps(scored))
     print(f"merged {len(runs)} runs; now: mome bench --presets {','.join(presets)} --seeds {len(seeds)} "
           f"--strategies {','.join(strategies)} --out {args.out} --docs docs/bench", file=sys.stderr)
