@@ -1,10 +1,11 @@
 """Join `mome bench` folders that ran different strategies on the same presets and seeds (the baselines as one job,
 MoME as another, or on two machines) into one folder that `mome bench` reads as if it had run them all:
 
-    python benchmarks/bench_merge.py OUT FOLDER [FOLDER ...]        # prints the command that writes the docs
+    python benchmarks/bench_merge.py OUT FOLDER [FOLDER ...] [--strategies S]   # prints the command for the docs
     mome bench --presets P --strategies S --out OUT --docs docs/bench
 
-Each OUT/<preset>/seed-N links the first folder's data and every folder's strategy runs; its case_scores.json holds
+Each OUT/<preset>/seed-N links the data and strategy runs of every folder that has that run (--strategies: only
+those, in every run); its case_scores.json holds
 all their scores and costs under the stamp that command expects (the default demo budget, 4 sites), and the late
 join: each folder's, plus the part no folder could run (FedAvg's adaptation, when FedAvg ran in another job than
 MoME), computed here on the same late site. Folders whose sites differ (other data) are refused.
@@ -23,9 +24,11 @@ from mome.sim.bench import BenchPlan, late_join
 from mome.sim.run_sim import DEMO_BUDGET
 
 
-def merge_run(out: Path, runs: list[Path]) -> dict:
+def merge_run(out: Path, runs: list[Path], keep: set[str] | None) -> dict:
     """OUT/<preset>/seed-N from the same run of each folder: its case_scores, and the strategies it holds."""
     stored = [json.loads((run / "case_scores.json").read_text()) for run in runs]
+    for scored in stored:
+        scored["scores"] = {k: v for k, v in scored["scores"].items() if keep is None or k in keep}
     if any(s["traits"] != stored[0]["traits"] for s in stored):
         raise SystemExit(f"{out}: the folders' sites differ ({', '.join(map(str, runs))}); not the same data")
     out.mkdir(parents=True, exist_ok=True)
@@ -50,11 +53,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("folders", type=Path, nargs="+")
+    parser.add_argument("--strategies", help="comma-separated: keep only these")
     args = parser.parse_args()
-    runs = sorted({p.parent.relative_to(args.folders[0]) for p in args.folders[0].glob("*/seed-*/case_scores.json")})
+    keep = set(args.strategies.split(",")) if args.strategies else None
+    runs = sorted({p.parent.relative_to(folder) for folder in args.folders
+                   for p in folder.glob("*/seed-*/case_scores.json")})
     if not runs:
-        raise SystemExit(f"{args.folders[0]}: no <preset>/seed-N/case_scores.json")
-    merged = {run: merge_run(args.out / run, [folder / run for folder in args.folders]) for run in runs}
+        raise SystemExit("no <preset>/seed-N/case_scores.json in any folder")
+    merged = {run: merge_run(args.out / run, [f / run for f in args.folders if (f / run / "case_scores.json").exists()],
+                             keep) for run in runs}
     strategies = tuple(sorted({s for m in merged.values() for s in m.pop("strategies")}, key=list(Strategy).index))
     presets = tuple(dict.fromkeys(run.parts[0] for run in runs))
     seeds = tuple(sorted({int(run.parts[1].removeprefix("seed-")) for run in runs}))
