@@ -40,12 +40,15 @@ def predict(args: argparse.Namespace) -> int:
     from mome.common.sitedata import SiteDataError
 
     try:
-        written, problems = segment(Path(args.model), [Path(p) for p in args.input], Path(args.out))
+        notes: list[str] = []
+        written, problems = segment(Path(args.model), [Path(p) for p in args.input], Path(args.out), notes)
     except (OSError, ValueError, SiteDataError) as exc:  # a missing bundle, misnamed inputs, a bad dataset.json
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")
+    for note in notes:
+        print(f"note: {note}")
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
     return 0 if written else 1
@@ -197,6 +200,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="write NIfTI segmentations with a saved model bundle")
     p.add_argument("--model", required=True, help="bundle folder (e.g. <run>/mome/sites/<site>/model)")
     p.add_argument("--input", required=True, nargs="+",
-                   help="a site folder, or files/folders of <case>_<cccc>.nii.gz (cccc = modality index)")
+                   help="a site folder (its dataset.json names the channels), or files/folders of "
+                        "<case>_<cccc>.nii.gz, cccc the sequence's index in the bundle's modalities (default "
+                        "0000 T1, 0001 T1ce, 0002 T2, 0003 FLAIR; metadata.json lists them); only the files "
+                        "given are read, and a case without some sequences is segmented without them (said)")
     p.add_argument("--out", required=True, help="folder for <case>.nii.gz")
     p.set_defaults(func=predict)

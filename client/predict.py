@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,15 +34,16 @@ def predictor(bundle: Bundle) -> Predictor:
     return mixture_predictor(experts, load_gate(bundle.cfg, len(experts), bundle.gate), kind, window)
 
 
-def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[str], dict]:
+def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[str], dict, dict[str, set[int]]]:
     """A site folder (dataset.json maps its channels; imagesTs/, else imagesTr/) or loose files named
-    <case>_<cccc>.nii(.gz), whose channel index is the position in the bundle's modality list."""
+    <case>_<cccc>.nii(.gz), whose channel index is the position in the bundle's modality list; the last item says
+    which channels each case's loose files give (only those are read: a sibling file not given is not)."""
     if len(source) == 1 and source[0].is_dir() and (source[0] / "dataset.json").exists():
         site = source[0]
         layout = read_layout(site, bundle.cfg, SiteReport(site))
         image_dir = site / "imagesTs" if (site / "imagesTs").is_dir() else site / "imagesTr"
         rows = read_clinical_csv(site / "clinical.csv") if (site / "clinical.csv").exists() else {}
-        return layout, image_dir, case_ids(image_dir.iterdir(), layout.file_ending), rows
+        return layout, image_dir, case_ids(image_dir.iterdir(), layout.file_ending), rows, {}
     files = [p for s in source for p in (sorted(s.iterdir()) if s.is_dir() else [s])]
     if foreign := [p.name for p in files if not p.name.endswith((".nii", ".nii.gz"))]:
         raise ValueError(f"mome reads NIfTI (.nii, .nii.gz) only, not {', '.join(foreign[:5])}: convert them first "
@@ -55,14 +57,27 @@ def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[
         raise ValueError("loose input files must lie in one folder")
     layout = SiteLayout(folders.pop(), bundle.label_spec, {i: i for i in range(len(bundle.cfg.modality_names))},
                         ending, {}, max_voxels=bundle.cfg.max_voxels)  # oversized headers refused unread, as at a site
-    return layout, layout.site_dir, case_ids(files, ending), {}
+    given: dict[str, set[int]] = {}
+    for p in files:
+        case, channel = channel_file(ending).match(p.name).groups()
+        given.setdefault(case, set()).add(int(channel))
+    if unknown := sorted({c for channels in given.values() for c in channels} - set(layout.channel_modality)):
+        raise ValueError(f"channel(s) {', '.join(f'{c:04d}' for c in unknown)} beyond the bundle's "
+                         f"{_channel_names(bundle)}")
+    return layout, layout.site_dir, case_ids(files, ending), {}, given
 
 
-def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[Path], list[str]]:
+def _channel_names(bundle: Bundle) -> str:
+    return ", ".join(f"{i:04d} = {name}" for i, name in enumerate(bundle.cfg.modality_names))
+
+
+def predict(bundle_dir: Path, source: list[Path], out_dir: Path,
+            notes: list[str] | None = None) -> tuple[list[Path], list[str]]:
     """Write <out>/<case>.nii.gz per case, on the input's grid; returns (written files, problems of skipped cases).
-    Cases are brought to the bundle's plan (its target spacing) as in training."""
+    Cases are brought to the bundle's plan (its target spacing) as in training. `notes` receives, per case segmented
+    without some of the bundle's sequences, which ones (the model was trained to do without them)."""
     bundle = load_bundle(bundle_dir)
-    layout, image_dir, found, rows = _inputs([Path(s) for s in source], bundle)  # the user's input first
+    layout, image_dir, found, rows, given = _inputs([Path(s) for s in source], bundle)  # the user's input first
     if not bundle.cfg.planned:
         raise ValueError(f"{bundle_dir}: the bundle carries no plan (target-spacing, patch-size); it was made by an "
                          "older version, retrain or set them in its config.json")
@@ -73,8 +88,14 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path) -> tuple[list[P
     def cases() -> Iterator[dict]:  # one case in memory at a time
         for case in found:
             try:
-                raw = read_case(layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
+                case_layout = layout if case not in given else dataclasses.replace(
+                    layout, channel_modality={c: m for c, m in layout.channel_modality.items() if c in given[case]})
+                raw = read_case(case_layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
                                 image_dir=image_dir, allow_missing=True)
+                absent = [n for n, p in zip(bundle.cfg.modality_names, raw["present"]) if not p]
+                if absent and notes is not None:
+                    mapping = f" (loose files' channels: {_channel_names(bundle)})" if case in given else ""
+                    notes.append(f"{case}: segmented without {', '.join(absent)}{mapping}")
                 yield preprocess_case(raw, geometry_of(raw), bundle.cfg, schema, rows.get(case))
             except BadCase as bad:
                 path = bad.path if bad.path.name != case else image_dir / case

@@ -189,6 +189,28 @@ def test_predict_matches_input_geometry(mome_run, two_sites, tmp_path):
         assert (tmp_path / f"{case}.nii.gz").stat().st_mode & 0o777 == 0o644  # the clinical viewer's user reads it
 
 
+def test_predict_reads_only_the_files_given_and_says_which_sequences_a_case_lacks(mome_run, two_sites, tmp_path,
+                                                                                    capsys):
+    import shutil
+
+    from mome.cli.main import main as mome
+
+    run_dir, _, _ = mome_run
+    site = two_sites[1]
+    bundle = str(run_dir / "mome" / "sites" / site.name / "model")
+    case = sorted((site / "imagesTs").glob("*_0000.nii.gz"))[0].name[: -len("_0000.nii.gz")]
+    given = [site / "imagesTs" / f"{case}_{c:04d}.nii.gz" for c in (0, 1)]  # T1 and T1ce; T2 and FLAIR lie beside
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for path in given:
+        shutil.copy(path, alone / path.name)
+    assert mome(["predict", "--model", bundle, "--input", *map(str, given), "--out", str(tmp_path / "a")]) == 0
+    assert f"note: {case}: segmented without T2, FLAIR (loose files' channels: 0000 = T1" in capsys.readouterr().out
+    assert mome(["predict", "--model", bundle, "--input", str(alone), "--out", str(tmp_path / "b")]) == 0
+    first, second = (np.asarray(nib.load(str(tmp_path / d / f"{case}.nii.gz")).dataobj) for d in ("a", "b"))
+    assert np.array_equal(first, second), "the sibling files that were not given were read"
+
+
 def _resumable_copy(run_dir: Path, target: Path, keep_steps: int) -> Path:
     """The run folder as a crash after step `keep_steps` would leave it, with a torn newer checkpoint on top that
     `latest` points at (load_latest must fall back past it)."""
