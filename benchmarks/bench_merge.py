@@ -8,7 +8,8 @@ Each OUT/<preset>/seed-N links the data and strategy runs of every folder that h
 those, in every run); its case_scores.json holds
 all their scores and costs under the stamp that command expects (the default demo budget, 4 sites), and the late
 join: each folder's, plus the part no folder could run (FedAvg's adaptation, when FedAvg ran in another job than
-MoME), computed here on the same late site. Folders whose sites differ (other data) are refused.
+MoME), computed here on the same late site; none where a folder ran with --no-late-join. Folders whose sites differ
+(other data) are refused.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def merge_run(out: Path, runs: list[Path], keep: set[str] | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     merged = {**stored[0], "scores": {}, "cost": {}}
     late = [s["late_join"] for s in stored if s.get("late_join", {}).get("scores")]
-    merged["late_join"] = {**late[0], "scores": {k: v for j in late for k, v in j["scores"].items()}} if late else {}
+    skipped = any(s.get("late_join") == {} for s in stored)  # `mome bench --no-late-join` ran one of them
+    merged["late_join"] = {**late[0], "scores": {k: v for j in late for k, v in j["scores"].items()}} \
+        if late and not skipped else {}
     for run, scored in zip(runs, stored):
         for strategy in scored["scores"]:
             merged["scores"].setdefault(strategy, scored["scores"][strategy])
@@ -70,8 +73,8 @@ def main() -> None:
         seed = int(run.parts[1].removeprefix("seed-"))
         scored["stamp"] = {"config": plan.config(seed).to_dict(), "strategies": list(strategies),
                            "sites": plan.sites, "cases": plan.cases}
-        missing = tuple(s for s in (Strategy.MOME, Strategy.FEDAVG) if s in strategies
-                        and f"{s}-adapted" not in scored["late_join"].get("scores", {}))
+        missing = tuple(s for s in (Strategy.MOME, Strategy.FEDAVG) if s in strategies and scored["late_join"]
+                        and f"{s}-adapted" not in scored["late_join"].get("scores", {}))  # none where it was skipped
         if missing:  # adapted where every model of the run is at hand, on the same late site
             extra = late_join(replace(plan, strategies=missing), run.parts[0], seed, args.out / run)
             scored["late_join"] = {**extra, "scores": {**scored["late_join"].get("scores", {}), **extra["scores"]}}

@@ -94,7 +94,7 @@ def bench(args: argparse.Namespace) -> int:
         overrides = parse_run_config(args.run_config)
         budget = {} if args.full else {k: v for k, v in DEMO_BUDGET.items() if k not in overrides}
         plan = BenchPlan(presets, tuple(range(args.seeds)), strategies, args.sites, args.cases,
-                         {**overrides, **budget})
+                         {**overrides, **budget}, late_join=not args.no_late_join)
         plan.config(0)  # a bad run-config key fails here, before hours of training
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -178,6 +178,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", default="mixed,iid,few-shot,missing-modality", help="comma-separated presets")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per preset (default 3)")
     p.add_argument("--strategies", default=",".join(Strategy), help="comma-separated strategies")
+    p.add_argument("--no-late-join", action="store_true", help="skip the hospital that joins late (`mome adapt` "
+                   "per run: a few minutes each)")
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--cases", type=int, default=None, help="training cases per (non few-shot) site")
     p.add_argument("--run-config", default="", help="overrides for every run")

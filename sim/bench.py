@@ -38,6 +38,7 @@ class BenchPlan:
     sites: int = 4
     cases: int | None = None  # training cases per (non few-shot) site; None: the preset's own
     overrides: dict = field(default_factory=lambda: dict(DEMO_BUDGET))  # run-config keys (kebab-case)
+    late_join: bool = True  # also the hospital that joins late (`mome adapt`), per run
 
     def config(self, seed: int) -> Config:
         return config_from_mapping({**self.overrides, "seed": seed})
@@ -63,7 +64,7 @@ def _scored_run(plan: BenchPlan, preset: str, seed: int, run_dir: Path) -> dict:
         stored = json.loads(path.read_text())
         if stored.get("stamp") == stamp:
             log.info("%s: already scored with this config, reused", run_dir)
-            if "late_join" not in stored:
+            if "late_join" not in stored and plan.late_join:
                 stored["late_join"] = late_join(plan, preset, seed, run_dir)
                 write_json(path, stored)
             return stored
@@ -74,7 +75,7 @@ def _scored_run(plan: BenchPlan, preset: str, seed: int, run_dir: Path) -> dict:
               "traits": {site_id_from_name(d.name): site_traits(d) for d in site_dirs},
               "cost": {s: _cost(m) for s, m in combined["strategies"].items()},
               "scores": score_run(run_dir, site_dirs, plan.strategies)}
-    scored["late_join"] = late_join(plan, preset, seed, run_dir)
+    scored["late_join"] = late_join(plan, preset, seed, run_dir) if plan.late_join else {}
     write_json(path, scored)
     return scored
 

@@ -91,7 +91,7 @@ LATE_REFERENCE = f"{REFERENCE}-adapted"
 
 def _late_join(runs: list[dict | None], rng: np.random.Generator) -> dict | None:
     """The hospital that joined late: each model's mean Dice over seeds, and adapted MoME's paired differences."""
-    if not runs or any(r is None or LATE_REFERENCE not in r["scores"] for r in runs):
+    if not runs or any(r is None or LATE_REFERENCE not in r.get("scores", {}) for r in runs):
         return None
     names = [n for n in runs[0]["scores"] if all(n in r["scores"] for r in runs)]
     per_case = {n: [{"late": np.asarray(r["scores"][n], dtype=float).mean(1)} for r in runs] for n in names}
