@@ -138,7 +138,8 @@ def test_site_data_is_unchanged_by_a_deployment(secure_run):
 @slow
 def test_site_killed_mid_run_is_dropped_and_the_run_completes(own_home, federation, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = parse_run_config(TINY.replace("warmup-rounds=1", "warmup-rounds=0") + " round-timeout=30")
+    # min-sites 1: the run is to go on with the one survivor (the default quorum is 2)
+    overrides = parse_run_config(TINY.replace("warmup-rounds=1", "warmup-rounds=0") + " round-timeout=30 min-sites=1")
     with LocalDeployment.prepare(federation[:2], run_dir, overrides=overrides) as dep:
         dep.up()
         dep.submit()
