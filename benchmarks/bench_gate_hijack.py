@@ -6,9 +6,12 @@ engine, with the default config. The same federation without the attacker is the
 Reported per run: the honest sites' final Dice (the mixture each keeps), the attacker's share of the federation's
 global gate (the softmax of its prior, the part of the routing that is the same for every case; 1/K is no say
 beyond its place) and the mean weight the honest sites' own gates give its expert on their held-out cases.
---undefended adds the attacked run under the pre-#26 rules (weighted FedAvg of the gate, no clipping).
+--undefended adds the attacked run under the pre-#26 rules (weighted FedAvg of the gate, no clipping); --control one
+where the same site sends back the gate it was sent, unchanged (what the attack costs beyond that site's missing
+honest update).
 
-    python benchmarks/bench_gate_hijack.py [--seed 0] [--preset mixed] [--undefended] [--run-config ".."]
+    python benchmarks/bench_gate_hijack.py [--seed 0] [--preset mixed] [--undefended] [--control] [--only-extra]
+                                        [--run-config ".."]
                                         [--out docs/bench/gate-hijack]
 """
 
@@ -55,6 +58,22 @@ def hijack(attacker: str, ratio: float, ceiling: float):
     return mod
 
 
+def abstain(attacker: str):
+    """A client mod: the attacker's gate update is the gate it was sent, unchanged (the hijack's control: the same
+    site taking part without a change of its own, and without the push)."""
+
+    def mod(msg: Message, context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if (msg.metadata.message_type != Action.TRAIN_GATE or reply.has_error()
+                or str(reply.content["site"]["site-id"]) != attacker):
+            return reply
+        content = RecordDict({k: v for k, v in reply.content.items() if k != Key.MODEL})
+        content[Key.MODEL] = pack(unpack(msg.content[Key.GATE]))
+        return Message(content, reply_to=msg)
+
+    return mod
+
+
 def summary(out: Path, attacker: str) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     state = load_latest(out / "checkpoints")
@@ -86,6 +105,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="mixed")
     parser.add_argument("--undefended", action="store_true", help="also the attack under the pre-#26 rules")
+    parser.add_argument("--control", action="store_true", help="also the attacker sending its gate back unchanged "
+                        "(what the push adds beyond the loss of its own honest update)")
+    parser.add_argument("--only-extra", action="store_true", help="skip the two main runs (for --control or "
+                        "--undefended alone)")
     parser.add_argument("--run-config", default="", help="run-config overrides (e.g. a smaller budget)")
     parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
     args = parser.parse_args()
@@ -95,8 +118,11 @@ def main() -> None:
         root = Path(tmp)
         sites = generate_federation(root / "data", sites=4, preset=args.preset, seed=args.seed, size=cfg.size)
         attacker = sites[-1].name
-        plans = [("without the attacker", cfg, []), ("attacked, defaults", cfg, [hijack(attacker, cfg.max_update_ratio,
-                                                                                        cfg.max_update_norm)])]
+        plans = [] if args.only_extra else [
+            ("without the attacker", cfg, []),
+            ("attacked, defaults", cfg, [hijack(attacker, cfg.max_update_ratio, cfg.max_update_norm)])]
+        if args.control:
+            plans.append(("attacker abstains, defaults", cfg, [abstain(attacker)]))
         if args.undefended:
             weak = cfg.replace(**{k.replace("-", "_"): v for k, v in UNDEFENDED.items()})
             plans.append(("attacked, undefended", weak, [hijack(attacker, weak.max_update_ratio,
@@ -105,9 +131,10 @@ def main() -> None:
             simulate("mome", sites, run_cfg, root / f"run-{i}", mods=mods)
             runs[name] = summary(root / f"run-{i}" / "mome", attacker)
             print(f"{name}: {json.dumps(runs[name])}", flush=True)
+    flags = [f for f, on in (("--undefended", args.undefended), ("--control", args.control),
+                             ("--only-extra", args.only_extra)) if on]
     command = " ".join(["python benchmarks/bench_gate_hijack.py", f"--seed {args.seed} --preset {args.preset}",
-                        "--undefended" if args.undefended else "",
-                        f"--run-config {args.run_config!r}" if args.run_config else ""]).strip()
+                        *flags, *([f"--run-config {args.run_config!r}"] if args.run_config else [])])
     head = (f"# Gate hijack: {attacker} of 4 pushes its own expert at every gate round\n\n`{command}`, {args.preset} "
             f"preset, seed {args.seed}, the default config{' with those overrides' if args.run_config else ''} "
             f"(gate-aggregation {cfg.gate_aggregation}, gate-trim-fraction {cfg.gate_trim_fraction}, update-clip "
