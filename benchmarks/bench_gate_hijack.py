@@ -36,42 +36,39 @@ PRIOR = "mlp.2.bias"  # GateNet.prior: the gate's output bias
 UNDEFENDED = {"gate-aggregation": "fedavg", "update-clip": 0.0}
 
 
-def hijack(attacker: str, ratio: float, ceiling: float):
-    """A client mod: the attacker's gate update becomes the sent gate plus the largest push on its own expert's prior
-    that passes the coordinator's update bound (90 % of it)."""
+def _gate_reply(attacker: str, forge):
+    """A client mod: at the attacker, every gate update is replaced by forge(sent gate, expert names)."""
 
     def mod(msg: Message, context, call_next) -> Message:
         reply = call_next(msg, context)
         if (msg.metadata.message_type != Action.TRAIN_GATE or reply.has_error()
                 or str(reply.content["site"]["site-id"]) != attacker):
             return reply
-        sent = unpack(msg.content[Key.GATE])
         names = [k[len(Key.EXPERT_PREFIX):] for k in msg.content.array_records if k.startswith(Key.EXPERT_PREFIX)]
-        norm = float(np.sqrt(sum(float(np.square(v.astype(np.float64)).sum()) for v in sent.values())))
-        push = 0.9 * min(ratio * norm, ceiling)
-        forged = {k: v.copy() for k, v in sent.items()}
-        forged[PRIOR][names.index(attacker)] += push
         content = RecordDict({k: v for k, v in reply.content.items() if k != Key.MODEL})
-        content[Key.MODEL] = pack(forged)
+        content[Key.MODEL] = pack(forge(unpack(msg.content[Key.GATE]), names))
         return Message(content, reply_to=msg)
 
     return mod
+
+
+def hijack(attacker: str, ratio: float, ceiling: float):
+    """The sent gate plus the largest push on the attacker's own expert's prior that passes the coordinator's update
+    bound (90 % of it)."""
+
+    def forge(sent: dict, names: list[str]) -> dict:
+        norm = float(np.sqrt(sum(float(np.square(v.astype(np.float64)).sum()) for v in sent.values())))
+        forged = {k: v.copy() for k, v in sent.items()}
+        forged[PRIOR][names.index(attacker)] += 0.9 * min(ratio * norm, ceiling)
+        return forged
+
+    return _gate_reply(attacker, forge)
 
 
 def abstain(attacker: str):
-    """A client mod: the attacker's gate update is the gate it was sent, unchanged (the hijack's control: the same
-    site taking part without a change of its own, and without the push)."""
-
-    def mod(msg: Message, context, call_next) -> Message:
-        reply = call_next(msg, context)
-        if (msg.metadata.message_type != Action.TRAIN_GATE or reply.has_error()
-                or str(reply.content["site"]["site-id"]) != attacker):
-            return reply
-        content = RecordDict({k: v for k, v in reply.content.items() if k != Key.MODEL})
-        content[Key.MODEL] = pack(unpack(msg.content[Key.GATE]))
-        return Message(content, reply_to=msg)
-
-    return mod
+    """The gate it was sent, unchanged (the hijack's control: the same site taking part without a change of its
+    own, and without the push)."""
+    return _gate_reply(attacker, lambda sent, names: sent)
 
 
 def summary(out: Path, attacker: str) -> dict:
