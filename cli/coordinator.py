@@ -1,4 +1,4 @@
-"""A coordinator's commands: certificates (and trial site keys), the compose file, health probes."""
+"""A coordinator's commands: certificates (and trial site keys), the compose file, health probes, a run's status."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def compose(args: argparse.Namespace) -> int:
     from mome.deploy.topology import Topology
 
     Path(args.out).write_text(render_compose(Topology.for_compose(args.sites, args.data)))
-    print(f"wrote {args.out} ({args.sites} sites, data from {args.data}/<site-id>); "
+    top = Topology.build(args.sites)
+    print(f"wrote {args.out} (sites {', '.join(top.site_ids)}, data from {args.data}/<site-id>); "
           f"check it with: docker-compose -f {args.out} config -q")
     return 0
 
@@ -67,10 +68,26 @@ def health(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def status(args: argparse.Namespace) -> int:
+    from mome.server.status import describe, run_status
+
+    found = run_status(Path(args.run))
+    print(describe(found))
+    return 1 if found.outcome == "failed" else 0
+
+
+def site_list(text: str) -> int | tuple[str, ...]:
+    """`--sites`: a number of sites (site-a, site-b, ...) or their ids, comma-separated."""
+    if text.strip().isdigit():
+        return int(text)  # 0 is refused by the topology, as one line
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certs", help="create the CA and the SuperLink TLS certificate (site keys: --site-keys)")
     p.add_argument("--out", required=True, help="folder for the certificates and keys (required; keep private)")
-    p.add_argument("--sites", type=int, default=3, help="sites site-a, site-b, ... (default 3)")
+    p.add_argument("--sites", type=site_list, default=3, metavar="N|ID,ID,...",
+                   help="the site ids (charite,ucl,...) or their number (site-a, site-b, ...)")
     p.add_argument("--site-keys", action="store_true",
                    help="also make each site's key pair here (one-machine trials only: a hospital makes its own "
                         "with `mome site-key` and sends only auth.key.pub)")
@@ -82,9 +99,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=certs)
 
     p = sub.add_parser("compose", help="write docker-compose.yml from the deployment topology (deploy/topology.py)")
-    p.add_argument("--sites", type=int, default=3, help="one SuperNode service per site (default 3)")
+    p.add_argument("--sites", type=site_list, default=3, metavar="N|ID,ID,...",
+                   help="one worker, SuperNode and SuperExec per site: the site ids, or their number (site-a, ...)")
     p.add_argument("--data", default="./data", help="host folder holding one folder per site (site-a, ...)")
-    p.add_argument("--out", default="docker-compose.yml", help="file to write (default docker-compose.yml)")
+    p.add_argument("--out", default="docker-compose.yml", help="file to write")
     p.set_defaults(func=compose)
 
     p = sub.add_parser("health", help="exit 0 if a SuperLink/SuperNode/site worker gRPC health service answers SERVING")
@@ -92,3 +110,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="host:port of a --health-server-address, or unix:///path of a site worker's socket")
     p.add_argument("--timeout", type=float, default=3.0)
     p.set_defaults(func=health)
+
+    p = sub.add_parser("status", help="where a run stands: steps done, sites bound, replied, dropped or refused and "
+                                      "why, the last checkpoint (read from the coordinator's outputs)")
+    p.add_argument("run", metavar="RUN_DIR", help="the strategy's output folder (e.g. runs/compose/mome), or the "
+                                                  "folder above it when it holds one run")
+    p.set_defaults(func=status)

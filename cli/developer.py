@@ -36,6 +36,7 @@ def sim(args: argparse.Namespace) -> int:
     from mome.common.config import config_from_mapping, parse_run_config
     from mome.common.sitedata import SiteDataError, find_site_dirs
     from mome.server.report import write_report
+    from mome.sim.preview import site_overlays
     from mome.sim.run_sim import DEMO_BUDGET, run_all
     from mome.sim.synth import generate_federation, site_traits
     from mome.common.wire import site_id_from_name
@@ -68,7 +69,10 @@ def sim(args: argparse.Namespace) -> int:
                                         size=cfg.size, cases=args.cases)
     combined = run_all(strategies, site_dirs, cfg, run_dir)
     traits = {site_id_from_name(d.name): site_traits(d) for d in site_dirs}
-    report = write_report(run_dir, combined["strategies"], traits)
+    shown = next((s for s in [Strategy.MOME, *strategies] if s in combined["strategies"] and s not in combined["failed"]),
+                 None)
+    overlays = site_overlays(run_dir, str(shown), site_dirs) if shown else {}
+    report = write_report(run_dir, combined["strategies"], traits, overlays)
     print(report.read_text().split("## Mean Dice per site")[0])
     print(f"run folder: {run_dir}\nreport: {report}")
     for name in combined["failed"]:
@@ -176,7 +180,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="every strategy on several presets and seeds: mean and worst-site Dice, MoME's "
                                      "paired differences with 95%% intervals (about 90 min on 2 cores by default)")
     p.add_argument("--presets", default="mixed,iid,few-shot,missing-modality", help="comma-separated presets")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per preset (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per preset")
     p.add_argument("--strategies", default=",".join(Strategy), help="comma-separated strategies")
     p.add_argument("--no-late-join", action="store_true", help="skip the hospital that joins late (`mome adapt` "
                    "per run: a few minutes each)")
@@ -185,8 +189,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-config", default="", help="overrides for every run")
     p.add_argument("--full", action="store_true", help="the config's own training budget instead of the demo's "
                                                        "32^3 training patches (about twice as long)")
-    p.add_argument("--out", default="runs/bench", help="run folders; a finished run is reused (default runs/bench)")
-    p.add_argument("--docs", default="docs/bench", help="where results.md/json and bench.png go (default docs/bench)")
+    p.add_argument("--out", default="runs/bench", help="run folders; a finished run is reused")
+    p.add_argument("--docs", default="docs/bench", help="where results.md/json and bench.png go")
     p.set_defaults(func=bench)
 
     p = sub.add_parser("deploy-local", help="run the federation as local SuperLink/SuperNode processes "

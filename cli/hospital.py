@@ -18,7 +18,7 @@ def check_data(args: argparse.Namespace) -> int:
     worst = 0
     for site_dir in args.site_dirs:
         try:
-            data = load_site(site_dir, cfg)
+            data = load_site(site_dir, cfg, progress=True)
         except SiteDataError as exc:
             print(f"site {site_dir}\n  unusable: {exc}")
             worst = 1
@@ -41,7 +41,8 @@ def predict(args: argparse.Namespace) -> int:
 
     try:
         notes: list[str] = []
-        written, problems = segment(Path(args.model), [Path(p) for p in args.input], Path(args.out), notes)
+        written, problems = segment(Path(args.model), [Path(p) for p in args.input], Path(args.out), notes,
+                                    overlays=args.overlay, allow_missing=args.allow_missing)
     except (OSError, ValueError, SiteDataError) as exc:  # a missing bundle, misnamed inputs, a bad dataset.json
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -189,7 +190,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--site-id", help="default: from the folder name")
     serve.add_argument("--out", required=True, help="the site's output folder (models, audit.jsonl, cache)")
     serve.add_argument("--listen", default="unix:///run/mome/worker.sock",
-                       help="unix:///path or localhost:port (default unix:///run/mome/worker.sock)")
+                       help="unix:///path or localhost:port")
     serve.add_argument("--token-file", default="/run/mome/worker.token",
                        help="a fresh token is written here (0600); the SuperNode's node config names this file")
     serve.add_argument("--policy", help="the site's policy (TOML: max-epochs, min-cases, allowed-strategies, ...)")
@@ -203,6 +204,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="a site folder (its dataset.json names the channels), or files/folders of "
                         "<case>_<cccc>.nii.gz, cccc the sequence's index in the bundle's modalities (default "
                         "0000 T1, 0001 T1ce, 0002 T2, 0003 FLAIR; metadata.json lists them); only the files "
-                        "given are read, and a case without some sequences is segmented without them (said)")
+                        "given are read")
     p.add_argument("--out", required=True, help="folder for <case>.nii.gz")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="segment a case that lacks some of the bundle's sequences without them (the model was "
+                        "trained to; each such case is named); without it such a case is skipped")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write <case>.png: the slice through the most lesion, image and segmentation")
     p.set_defaults(func=predict)

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from mome.client.overlay import overlay_png
 from mome.common.atomic import atomic_write_bytes
 from mome.common.bundle import Bundle, load_bundle
 from mome.common.clinical import parse_schema, read_clinical_csv
@@ -71,13 +72,17 @@ def _channel_names(bundle: Bundle) -> str:
     return ", ".join(f"{i:04d} = {name}" for i, name in enumerate(bundle.cfg.modality_names))
 
 
-def predict(bundle_dir: Path, source: list[Path], out_dir: Path,
-            notes: list[str] | None = None) -> tuple[list[Path], list[str]]:
+def predict(bundle_dir: Path, source: list[Path], out_dir: Path, notes: list[str] | None = None,
+            only: set[str] | None = None, overlays: bool = False,
+            allow_missing: bool = False) -> tuple[list[Path], list[str]]:
     """Write <out>/<case>.nii.gz per case, on the input's grid; returns (written files, problems of skipped cases).
     Cases are brought to the bundle's plan (its target spacing) as in training. `notes` receives, per case segmented
-    without some of the bundle's sequences, which ones (the model was trained to do without them)."""
+    without some of the bundle's sequences, which ones: such a case is skipped unless `allow_missing` (the model
+    was trained to do without sequences, but a clinician should know the result lacks one). `only`: these
+    case ids alone. `overlays`: also <out>/<case>.png, the slice through the most lesion with the prediction."""
     bundle = load_bundle(bundle_dir)
     layout, image_dir, found, rows, given = _inputs([Path(s) for s in source], bundle)  # the user's input first
+    found = [case for case in found if only is None or case in only]
     if not bundle.cfg.planned:
         raise ValueError(f"{bundle_dir}: the bundle carries no plan (target-spacing, patch-size); it was made by an "
                          "older version, retrain or set them in its config.json")
@@ -93,20 +98,26 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path,
                 raw = read_case(case_layout, case, "Ts", len(bundle.cfg.modality_names), with_label=False,
                                 image_dir=image_dir, allow_missing=True)
                 absent = [n for n, p in zip(bundle.cfg.modality_names, raw["present"]) if not p]
+                mapping = f" (loose files' channels: {_channel_names(bundle)})" if case in given else ""
+                if absent and not allow_missing:
+                    problems.append(f"{image_dir / case}: lacks {', '.join(absent)}{mapping}; --allow-missing "
+                                    "segments it without them")
+                    continue
                 if absent and notes is not None:
-                    mapping = f" (loose files' channels: {_channel_names(bundle)})" if case in given else ""
                     notes.append(f"{case}: segmented without {', '.join(absent)}{mapping}")
                 yield preprocess_case(raw, geometry_of(raw), bundle.cfg, schema, rows.get(case))
             except BadCase as bad:
                 path = bad.path if bad.path.name != case else image_dir / case
                 problems.append(f"{path}: {bad.reason}")
 
-    written = segment_cases(predict_probs, cases(), bundle.label_spec, out_dir)
+    written = segment_cases(predict_probs, cases(), bundle.label_spec, out_dir, overlays)
     return written, problems
 
 
-def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSpec, out_dir: Path) -> list[Path]:
-    """Write <out_dir>/<case>.nii.gz for preprocessed cases, on each case's own grid (shape, orientation, affine)."""
+def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSpec, out_dir: Path,
+                  overlays: bool = False) -> list[Path]:
+    """Write <out_dir>/<case>.nii.gz for preprocessed cases, on each case's own grid (shape, orientation, affine);
+    with `overlays`, <out_dir>/<case>.png beside each (drawn from the files, so it shows what was written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for case in cases:
@@ -119,6 +130,9 @@ def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSp
         # 0644: the clinical viewer runs as another user (the site's outputs folder is what stays private)
         written.append(atomic_write_bytes(out_dir / f"{case['case_id']}.nii.gz", gzip.compress(image.to_bytes()),
                                           mode=0o644))
+        if overlays:
+            overlay_png(Path(case["reference"]), written[-1], out_dir / f"{case['case_id']}.png",
+                        names=spec.value_names(), title=case["case_id"])
     return written
 
 

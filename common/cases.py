@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mome.common.clinical import ClinicalSchema, missing_columns, parse_schema, read_clinical_csv
 from mome.common.config import Config
@@ -161,7 +162,7 @@ def _load_case(layout: SiteLayout, case: str, split: str, with_label: bool, cfg:
     return item, geometry
 
 
-def load_site(site_dir: Path | str, cfg: Config, cache_dir: Path | None = None) -> SiteData:
+def load_site(site_dir: Path | str, cfg: Config, cache_dir: Path | None = None, progress: bool = False) -> SiteData:
     """Validate and load every case; bad cases are skipped and reported. Nothing is written but the
     preprocessed-case cache, when a cache_dir is given.
 
@@ -176,7 +177,8 @@ def load_site(site_dir: Path | str, cfg: Config, cache_dir: Path | None = None) 
     splits: dict[str, list[dict]] = {"Tr": [], "Ts": []}
     geometries: list[dict] = []
     for split in splits:
-        for case in discover_cases(layout, split):
+        for case in tqdm(discover_cases(layout, split), desc=f"{site_dir.name} images{split}", unit="case",
+                         disable=not progress, leave=False):
             with_label = split == "Tr" or label_path(layout, case, split).exists()
             try:
                 item, geometry = _load_case(layout, case, split, with_label, cfg, schema, rows.get(case), cache_dir)

@@ -49,6 +49,12 @@ class LabelSpec:
             out[probs[channel] > 0.5] = value  # nnU-Net paints regions in order, inner last
         return out
 
+    def value_names(self) -> dict[int, str]:
+        """What each non-zero value of a label map this spec writes means (regions: the region painted with it)."""
+        if self.kind == LabelKind.CLASSES:
+            return {m[0]: n for n, m in zip(self.names, self.members) if m[0] != 0}
+        return dict(zip(self.regions_class_order, self.names))
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "names": list(self.names), "members": [list(m) for m in self.members],
                 "values": list(self.values), "regions_class_order": list(self.regions_class_order)}

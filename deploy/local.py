@@ -47,9 +47,10 @@ class LocalDeployment:
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def prepare(cls, site_dirs: list[Path], run_dir: Path, secure: bool = True,
-                overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> "LocalDeployment":
-        """Topology with free loopback ports; certificates and key pairs (secure) under <run>/certs."""
+    def prepare(cls, site_dirs: list[Path], run_dir: Path, secure: bool = True, overrides: Mapping[str, Any] | None
+                = None, certs_dir: Path | None = None, **kwargs: Any) -> "LocalDeployment":
+        """Topology with free loopback ports; certificates and trial key pairs (secure) under <run>/certs, or the
+        coordinator's own `certs_dir` (`mome certs`, the hospitals' public keys in place) as they are."""
         run_dir = Path(run_dir).resolve()
         overrides = dict(overrides or {})
         data_dirs = {Path(d).resolve().parent for d in site_dirs}
@@ -59,7 +60,7 @@ class LocalDeployment:
         project = Path(kwargs.get("project_dir", PROJECT_ROOT))
         ports = free_ports(3 + 2 * n)
         topology = Topology(tuple(_site_id(Path(d).name) for d in site_dirs), str(data_dirs.pop()),
-                            certs_dir=str(run_dir / "certs"), out_dir=str(run_dir),
+                            certs_dir=str(Path(certs_dir or run_dir / "certs").resolve()), out_dir=str(run_dir),
                             strategy=str(overrides.get("strategy", _app_config(project).get("strategy", "mome"))),
                             secure=secure, containers=False, state_dir=str(run_dir / "state"),
                             worker_root=_short_folder(run_dir / "state" / "workers"),
@@ -67,7 +68,7 @@ class LocalDeployment:
                                         tuple((ports[3 + 2 * i], ports[4 + 2 * i]) for i in range(n))))
         for site in topology.site_ids:
             format_node_config(topology.node_config(site))  # fail early on paths a node config cannot carry
-        if secure:
+        if secure and certs_dir is None:
             write_certificates(Path(topology.certs_dir), list(topology.site_ids), site_keys=True)  # one machine
         return cls(topology, run_dir, overrides, **kwargs)
 
@@ -329,8 +330,6 @@ def _sigterm_as_interrupt():
 
 
 SOCKET_PATH_MAX = 100  # a Unix socket path longer than about 107 bytes cannot be bound
-
-
 SHORT_PREFIX = "mome-workers-"
 
 

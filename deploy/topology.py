@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from mome.common.config import OUT_DIR_KEY, SITE_KEYS_KEY
 from mome.common.sitedata import site_id
+from mome.common.wire import SITE_ID_PATTERN
 from mome.deploy.certs import CA_CERT, ENROLLED_SIGNING, SERVER_CERT, SERVER_KEY, SIGNING_KEY, SITE_KEY, SITE_PUBLIC_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
@@ -104,16 +105,22 @@ class Topology:
     confinement: Confinement = Confinement()
 
     @classmethod
-    def build(cls, n_sites: int, data_dir: str | Path = DEFAULT_DATA, **kwargs: Any) -> "Topology":
-        """N sites named like `mome synth` names its folders (site-a, site-b, ...)."""
-        if n_sites < 1:
+    def build(cls, sites: int | Sequence[str], data_dir: str | Path = DEFAULT_DATA, **kwargs: Any) -> "Topology":
+        """The sites by id, or N sites named like `mome synth` names its folders (site-a, site-b, ...)."""
+        ids = tuple(site_id(i) for i in range(sites)) if isinstance(sites, int) else tuple(sites)
+        if not ids:
             raise ValueError("a federation needs at least one site")
-        return cls(tuple(site_id(i) for i in range(n_sites)), str(data_dir), **kwargs)
+        if bad := [s for s in ids if not SITE_ID_PATTERN.fullmatch(s)]:
+            raise ValueError(f"site id(s) {', '.join(map(repr, bad))} not of the form {SITE_ID_PATTERN.pattern}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a site id is named twice: {', '.join(ids)}")
+        return cls(ids, str(data_dir), **kwargs)
 
     @classmethod
-    def for_compose(cls, n_sites: int, data_dir: str = DEFAULT_DATA, strategy: str = "mome") -> "Topology":
+    def for_compose(cls, sites: int | Sequence[str], data_dir: str = DEFAULT_DATA,
+                    strategy: str = "mome") -> "Topology":
         """Host paths are overridable from an .env file: MOME_DATA, MOME_CERTS, MOME_OUTPUTS."""
-        return cls.build(n_sites, f"${{MOME_DATA:-{data_dir}}}", certs_dir=f"${{MOME_CERTS:-{DEFAULT_CERTS}}}",
+        return cls.build(sites, f"${{MOME_DATA:-{data_dir}}}", certs_dir=f"${{MOME_CERTS:-{DEFAULT_CERTS}}}",
                          out_dir=f"${{MOME_OUTPUTS:-{DEFAULT_OUTPUTS}}}", strategy=strategy)
 
     # -- where things are -------------------------------------------------------------------

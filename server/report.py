@@ -137,8 +137,10 @@ def _heatmap(path: Path, rows: list[str], cols: list[str], values: np.ndarray, t
     return path
 
 
-def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] | None = None) -> Path:
-    """Write <run>/report.md and its PNGs from the per-strategy metrics; `traits`: how each site differs."""
+def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] | None = None,
+                 overlays: dict[str, Path] | None = None) -> Path:
+    """Write <run>/report.md and its PNGs from the per-strategy metrics; `traits`: how each site differs;
+    `overlays`: a picture per site of one held-out case segmented (drawn where the images are, never here)."""
     sites = sorted({s for m in strategies.values() for s in m["sites"]})
     lines = ["# MoME run report", "", f"Run folder: `{run_dir}`", "", "## Summary (held-out cases of each site)", ""]
     lines += _summary_table(strategies) + ["", "## Mean Dice per site", ""]
@@ -152,6 +154,11 @@ def write_report(run_dir: Path, strategies: dict, traits: dict[str, str | None] 
         lines += ["", f"![Dice per site]({dice_png.name})", ""]
     else:
         lines += ["", "No site has labelled held-out cases: nothing to plot.", ""]
+    if overlays:
+        lines += ["## One held-out case per site", "",
+                  "The slice through the most tumour: the image, the site's own reference, the prediction of the "
+                  "model the site ended with.", ""]
+        lines += [f"![{site}]({png.relative_to(run_dir)})" for site, png in sorted(overlays.items())] + [""]
     for name, m in strategies.items():
         lines += [f"## {name}", "", *_region_table(m), "", *_site_status_lines(m)]
         if m.get("dropped"):

@@ -1,8 +1,10 @@
-"""A PNG montage of synthetic sites: one row per site, one column per sequence, plus the label."""
+"""Pictures of sites: a montage of synthetic sites (a row per site, a column per sequence, plus the label), and a
+run's segmentation overlay per site."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +12,8 @@ import numpy as np
 from scipy import ndimage
 
 from mome.sim.synth import SEQUENCES
+
+log = logging.getLogger("mome.sim")
 
 
 def _preview_row(site: Path) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
@@ -58,3 +62,36 @@ def write_preview(site_dirs: list[Path], png_path: Path) -> Path:
     Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=100)
     return Path(png_path)
+
+
+def site_overlays(run_dir: Path, strategy: str, site_dirs: list[Path]) -> dict[str, Path]:
+    """Per site, its first labelled held-out case segmented by the model the site ended with under `strategy`:
+    <run>/overlays/<site>/<case>.png (image, reference, prediction). Sites without a labelled held-out case or a
+    saved model have none; a site whose picture fails is logged and left out (the picture is not the result)."""
+    from mome.client.overlay import overlay_png
+    from mome.client.predict import predict
+    from mome.common.labels import label_spec_from_dataset_json
+    from mome.common.wire import site_id_from_name
+
+    pictures = {}
+    for site in map(Path, site_dirs):
+        site_id = site_id_from_name(site.name)
+        bundle = run_dir / strategy / "sites" / site_id / "model"
+        labelled = sorted((site / "labelsTs").glob("*.nii*")) if (site / "labelsTs").is_dir() else []
+        if not labelled or not bundle.is_dir():
+            continue
+        case = labelled[0].name.split(".nii")[0]
+        folder = run_dir / "overlays" / site_id
+        try:
+            written, _ = predict(bundle, [site], folder, only={case}, allow_missing=True)
+            meta = json.loads((site / "dataset.json").read_text())
+            channel = next(int(k) for k in sorted(meta["channel_names"], key=int)
+                           if (site / "imagesTs" / f"{case}_{int(k):04d}{meta['file_ending']}").exists())
+            image = site / "imagesTs" / f"{case}_{channel:04d}{meta['file_ending']}"
+            pictures[site_id] = overlay_png(
+                image, written[0], folder / f"{case}.png", reference=labelled[0],
+                names=label_spec_from_dataset_json(meta).value_names(),
+                title=f"{site_id}, {case}, {meta['channel_names'][str(channel)]}, {strategy}")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("no overlay for %s: %s: %s", site_id, type(exc).__name__, exc)
+    return pictures

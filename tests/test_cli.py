@@ -10,12 +10,25 @@ from mome.cli.main import main as mome
 
 
 @pytest.mark.parametrize("argv", [["synth", "--out", "X", "--preset", "bogus"], ["synth", "--out", "X", "--sites", "0"],
-                                  ["synth", "--out", "X", "--size", "4"], ["certs", "--out", "X", "--sites", "0"]])
+                                  ["synth", "--out", "X", "--size", "4"], ["certs", "--out", "X", "--sites", "0"],
+                                  ["compose", "--out", "X", "--sites", "ucl,Bad_Id"],
+                                  ["compose", "--out", "X", "--sites", "ucl,ucl"], ["status", "X"]])
 def test_bad_input_is_one_line_and_exit_code_2(argv, tmp_path, capsys):
     argv = [str(tmp_path / a) if a == "X" else a for a in argv]
     assert mome(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sites_take_the_hospitals_own_ids_in_the_compose_file_and_the_certificates(tmp_path, capsys):
+    compose = tmp_path / "docker-compose.yml"
+    assert mome(["compose", "--sites", "charite,ucl", "--out", str(compose)]) == 0
+    text = compose.read_text()
+    assert all(f"  {s}:" in text and f"worker-{s}:" in text and f"enrol-{s}:" in text for s in ("charite", "ucl"))
+    assert "site-a" not in text
+    assert mome(["certs", "--sites", "charite,ucl", "--out", str(tmp_path / "certs")]) == 0
+    out = capsys.readouterr().out
+    assert "charite: waiting for the hospital's public keys" in out and "certs/sites/ucl/auth.key.pub" in out
 
 
 def test_version_and_defaults_in_help(capsys):

@@ -81,6 +81,40 @@ def test_report_shows_tables_plots_and_how_each_site_differs(mome_run, two_sites
         assert f"]({png})" in text and (run_dir / png).stat().st_size > 1000, png
 
 
+def test_the_report_shows_one_held_out_case_per_site_segmented(mome_run, two_sites):
+    from mome.sim.preview import site_overlays
+
+    run_dir, metrics, _ = mome_run
+    pictures = site_overlays(run_dir, "mome", two_sites)
+    labelled = {d.name for d in two_sites if any((d / "labelsTs").glob("*.nii.gz"))}
+    assert labelled and set(pictures) == labelled
+    text = write_report(run_dir, {"mome": metrics}, overlays=pictures).read_text()
+    for png in pictures.values():
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.relative_to(run_dir)})" in text
+
+
+def test_status_says_where_a_run_stands_from_its_checkpoints(mome_run, tmp_path, capsys):
+    import shutil
+
+    from mome.cli.main import main as mome
+
+    run_dir, metrics, _ = mome_run
+    steps = [f"{phase} round {rnd + 1}" for phase, rnd in schedule(TINY_RUN)]
+    assert mome(["status", str(run_dir)]) == 0  # the folder above the strategy's, holding one run
+    out = capsys.readouterr().out
+    assert "ended: ok" in out and f"steps finished: {len(steps)} of {len(steps)}; last: {steps[-1]}" in out, out
+    assert f"sites bound ({len(metrics['sites'])}): site-a (node" in out
+    midway = tmp_path / "mome" / "checkpoints"  # as a run still going after its second step leaves it
+    shutil.copytree(run_dir / "mome" / "checkpoints", midway)
+    (midway / "latest").write_text("step_002.npz")
+    assert mome(["status", str(midway.parent)]) == 0
+    out = capsys.readouterr().out
+    assert f"steps finished: 2 of {len(steps)}; last: {steps[1]}" in out and f"now: {steps[2]}" in out, out
+    assert "ended" not in out and "replied in the last step: site-a, site-b" in out
+    assert mome(["status", str(tmp_path / "nothing")]) == 2
+    assert "no run here" in capsys.readouterr().err
+
+
 def test_gate_learns_on_validation_cases_only(mome_run):
     """The experts were fitted to the training split: a gate trained there would over-trust each site's own."""
     run_dir, _, _ = mome_run
@@ -178,7 +212,7 @@ def test_predict_matches_input_geometry(mome_run, two_sites, tmp_path):
     run_dir, _, _ = mome_run
     site = two_sites[1]
     assert mome(["predict", "--model", str(run_dir / "mome" / "sites" / site.name / "model"),
-                 "--input", str(site), "--out", str(tmp_path)]) == 0
+                 "--input", str(site), "--out", str(tmp_path), "--overlay"]) == 0
     labels = json.loads((site / "dataset.json").read_text())["labels"]
     allowed = {v for x in labels.values() for v in (x if isinstance(x, list) else [x])}
     for image in sorted((site / "imagesTs").glob("*_0000.nii.gz")):
@@ -187,6 +221,7 @@ def test_predict_matches_input_geometry(mome_run, two_sites, tmp_path):
         assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
         assert set(np.unique(np.asarray(out.dataobj)).tolist()) <= allowed
         assert (tmp_path / f"{case}.nii.gz").stat().st_mode & 0o777 == 0o644  # the clinical viewer's user reads it
+        assert (tmp_path / f"{case}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predict_reads_only_the_files_given_and_says_which_sequences_a_case_lacks(mome_run, two_sites, tmp_path,
@@ -204,9 +239,14 @@ def test_predict_reads_only_the_files_given_and_says_which_sequences_a_case_lack
     alone.mkdir()
     for path in given:
         shutil.copy(path, alone / path.name)
-    assert mome(["predict", "--model", bundle, "--input", *map(str, given), "--out", str(tmp_path / "a")]) == 0
+    assert mome(["predict", "--model", bundle, "--input", *map(str, given), "--out", str(tmp_path / "a")]) == 1
+    assert f"{case}: lacks T2, FLAIR (loose files' channels: 0000 = T1" in capsys.readouterr().err
+    assert not (tmp_path / "a" / f"{case}.nii.gz").exists(), "a case lacking sequences is skipped unless allowed"
+    assert mome(["predict", "--model", bundle, "--input", *map(str, given), "--out", str(tmp_path / "a"),
+                 "--allow-missing"]) == 0
     assert f"note: {case}: segmented without T2, FLAIR (loose files' channels: 0000 = T1" in capsys.readouterr().out
-    assert mome(["predict", "--model", bundle, "--input", str(alone), "--out", str(tmp_path / "b")]) == 0
+    assert mome(["predict", "--model", bundle, "--input", str(alone), "--out", str(tmp_path / "b"),
+                 "--allow-missing"]) == 0
     first, second = (np.asarray(nib.load(str(tmp_path / d / f"{case}.nii.gz")).dataobj) for d in ("a", "b"))
     assert np.array_equal(first, second), "the sibling files that were not given were read"
 
