@@ -81,7 +81,10 @@ class Worker:
             audit.append(self.out_dir, audit.entry(msg, reply, self.site_id))
         else:
             with self.one_at_a_time:
+                started = time.perf_counter()
                 reply = self.app(msg, self.context)
+                log.info("site %s: %s answered in %.2f s", self.site_id, msg.metadata.message_type,
+                         time.perf_counter() - started)
         if self.signing_key is not None:
             sign(reply, self.signing_key)
         return message_to_proto(reply).SerializeToString()

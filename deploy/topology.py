@@ -27,7 +27,6 @@ FLEET_NETWORK = "fleet"
 # it on any network, and nothing publishes it on the host
 CONTROL_NAMESPACE = "service:superlink"
 IMAGE_UID = 10001  # the image's non-root user (Dockerfile `useradd --uid`)
-SUPEREXEC_POLL_S = 0.1  # seconds between the SuperExec's looks for a message to run (Flower's default: 1)
 
 
 @dataclass(frozen=True)
@@ -250,9 +249,7 @@ class Topology:
         site = self.site_ids[index]
         host = site if self.containers else "127.0.0.1"
         cmd = ("flower-superexec", "--runtime-api-address", f"{host}:{self.ports.site(index)[0]}", "--insecure")
-        # Flower's default is to look for a new message's task once a second: up to a second on every message
-        env = {**self._env(superexec_name(site)), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S)}
-        return Service(superexec_name(site), "superexec", cmd, env,
+        return Service(superexec_name(site), "superexec", cmd, self._env(superexec_name(site)),
                        (self._worker_mount(site),), site_id=site, networks=(exec_network(site),))
 
     def worker(self, index: int) -> Service:

@@ -53,7 +53,7 @@ class Shell:
     def __init__(self, cwd: Path, substitutions: dict[str, str]):
         self.cwd, self.substitutions = cwd, substitutions
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_HOME": str(cwd / ".flwr"), "OMP_NUM_THREADS": "1"}
 
     def line(self, command: str) -> str:
