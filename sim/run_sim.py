@@ -41,6 +41,17 @@ def partition_locator(site_dirs: list[Path], out_dir: Path):
     return locate
 
 
+class _NoRunSimulationNotice(logging.Filter):
+    """Flower 1.39 calls `run_simulation` deprecated for `flwr run`, which cannot take the in-process mods and site
+    policies that tests and benchmarks pass: a notice for Flower's users, not for the console of `mome sim`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+logging.getLogger("flwr").addFilter(_NoRunSimulationNotice())
+
+
 def simulate(strategy: str, site_dirs: list[Path], cfg: Config, run_dir: Path, mods: list | None = None,
              policies: dict[str, SitePolicy] | None = None) -> dict:
     """One federated strategy on Flower's simulation engine; returns its metrics.json content.
