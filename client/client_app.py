@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from mome.client.guard import guard
 from mome.client.policy import SitePolicy
 from mome.client.site import Site
-from mome.common.config import Config, config_from_mapping
+from mome.common.config import Config, request_config
 from mome.common.logs import show_progress
 from mome.common.schema import DESCRIBE, GEOMETRY  # declared once: the counts weigh updates, the geometry plans
 from mome.common.wire import NUM_EXAMPLES, SITE_ID, Key, check_site_id, metric_record, pack, site_id_from_name, unpack
@@ -66,7 +66,7 @@ def make_client_app(locate: SiteLocator = node_config_locator, mods: list | None
     opened: dict[tuple, tuple[tuple, Site]] = {}  # per site: the one loaded copy of its data, and what it was for
 
     def site_for(msg: Message, context: Context) -> tuple[Site, Config]:
-        cfg = config_from_mapping(dict(msg.content[Key.CONFIG]))
+        cfg = request_config(msg.content[Key.CONFIG])
         data_dir, site_id, out_dir = locate(context)
         site_key = (str(data_dir), site_id, str(out_dir))
         # surveyed (before the plan) or preprocessed on the plan's grid: a change of either reloads

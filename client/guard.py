@@ -13,7 +13,7 @@ from flwr.app import Context, Error, Message
 
 from mome.client import audit
 from mome.client.policy import PolicyRefusal, SitePolicy
-from mome.common.config import config_from_mapping
+from mome.common.config import request_config
 from mome.common.labels import label_spec_from_dataset_json
 from mome.common.schema import ERROR_CODES, Sizes, expert_count, violations
 from mome.common.sitedata import SiteDataError
@@ -32,7 +32,7 @@ def coded_error(msg: Message, code: str, reason: str) -> Message:
 
 
 def _sizes(msg: Message, data_dir: Path) -> Sizes:
-    cfg = config_from_mapping(dict(msg.content[Key.CONFIG])) if Key.CONFIG in msg.content.config_records else None
+    cfg = request_config(msg.content[Key.CONFIG]) if Key.CONFIG in msg.content.config_records else None
     spec = label_spec_from_dataset_json(json.loads((data_dir / "dataset.json").read_text()))
     return Sizes(len(cfg.modality_names) if cfg else 0, len(spec.metric_names), expert_count(msg.content))
 

@@ -10,7 +10,7 @@ from typing import Mapping
 
 from flwr.app import Message
 
-from mome.common.config import MAX_SIDE, Strategy, config_from_mapping, from_mapping
+from mome.common.config import MAX_SIDE, Strategy, from_mapping, request_config
 from mome.common.schema import expert_count
 from mome.common.wire import Key, record_bytes
 
@@ -49,7 +49,7 @@ class SitePolicy:
         if Key.CONFIG not in content.config_records:
             return
         try:  # only the config keys (and values) of this protocol version
-            cfg = config_from_mapping(dict(content[Key.CONFIG]))
+            cfg = request_config(content[Key.CONFIG])
         except ValueError as exc:
             raise PolicyRefusal(f"request config: {str(exc)[:200]}") from None
         phase = content.config_records.get("phase", {})

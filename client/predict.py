@@ -50,7 +50,8 @@ def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[
         raise ValueError(f"mome reads NIfTI (.nii, .nii.gz) only, not {', '.join(foreign[:5])}: convert them first "
                          "(e.g. SimpleITK's WriteImage for .mha/.nrrd, dcm2niix for DICOM)")
     ending = ".nii.gz" if files and files[0].name.endswith(".nii.gz") else ".nii"
-    bad = [str(p) for p in files if not channel_file(ending).match(p.name)]
+    named = {p: channel_file(ending).match(p.name) for p in files}
+    bad = [str(p) for p, match in named.items() if not match]
     if not files or bad:
         raise ValueError(f"not named <case>_<cccc>{ending}: {', '.join(bad[:5]) or 'no input file'}")
     folders = {p.parent for p in files}
@@ -59,8 +60,8 @@ def _inputs(source: list[Path], bundle: Bundle) -> tuple[SiteLayout, Path, list[
     layout = SiteLayout(folders.pop(), bundle.label_spec, {i: i for i in range(len(bundle.cfg.modality_names))},
                         ending, {}, max_voxels=bundle.cfg.max_voxels)  # oversized headers refused unread, as at a site
     given: dict[str, set[int]] = {}
-    for p in files:
-        case, channel = channel_file(ending).match(p.name).groups()
+    for match in named.values():
+        case, channel = match.groups()
         given.setdefault(case, set()).add(int(channel))
     if unknown := sorted({c for channels in given.values() for c in channels} - set(layout.channel_modality)):
         raise ValueError(f"channel(s) {', '.join(f'{c:04d}' for c in unknown)} beyond the bundle's "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import tomllib
@@ -223,6 +224,17 @@ def from_mapping(cls: type, values: Mapping[str, Any], what: str = "config", pre
 def config_from_mapping(values: Mapping[str, Any]) -> Config:
     """Build a Config from run-config style keys (kebab or snake case); unknown keys are an error."""
     return from_mapping(Config, values)
+
+
+def request_config(record: Mapping[str, Any]) -> Config:
+    """A message's config record as a Config, built once per distinct record: a site's guard, its policy check and
+    the handler of one message all read the same request."""
+    return _cached_config(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in record.items())))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_config(items: tuple) -> Config:
+    return config_from_mapping({k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 def _coerce(value: Any, kind: type) -> Any:

@@ -56,7 +56,7 @@ class LabelSpec:
         return dict(zip(self.regions_class_order, self.names))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "names": list(self.names), "members": [list(m) for m in self.members],
+        return {"kind": str(self.kind), "names": list(self.names), "members": [list(m) for m in self.members],
                 "values": list(self.values), "regions_class_order": list(self.regions_class_order)}
 
     @staticmethod
@@ -104,7 +104,7 @@ def contract_labels(path: str | Path) -> dict:
         spec = label_spec_from_dataset_json(json.loads(Path(path).read_text()))
     except (OSError, ValueError) as exc:
         raise ValueError(f"labels={path}: {exc}") from None
-    return {**spec.to_dict(), "kind": str(spec.kind)}
+    return spec.to_dict()
 
 
 def label_spec_from_dataset_json(meta: dict) -> LabelSpec:

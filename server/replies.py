@@ -224,4 +224,4 @@ def description(msg: Message) -> tuple[str, dict, dict]:
         raise BadReply(f"its label spec does not parse: {str(exc)[:120]}") from None
     worker = msg.content["site"].get("worker")
     told = {"worker": worker[:200]} if isinstance(worker, str) else {}
-    return site, {**spec, "kind": str(spec["kind"])}, {**dict(metrics), **told}
+    return site, spec, {**dict(metrics), **told}

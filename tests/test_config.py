@@ -51,3 +51,18 @@ def test_strategy_names_and_the_budget_every_baseline_gets():
         Strategy.parse("fedprox")
     cfg = Config(warmup_rounds=3, warmup_epochs=2, expert_rounds=2, expert_epochs=5)
     assert cfg.local_epochs == 3 * 2 + 2 * 5
+
+
+def test_a_request_config_is_built_once_for_the_guard_the_policy_and_the_handler(monkeypatch):
+    from flwr.app import ConfigRecord
+
+    from mome.common import config
+
+    built = []
+    monkeypatch.setattr(config, "config_from_mapping", lambda values: built.append(values) or Config(**{}))
+    config._cached_config.cache_clear()
+    record = ConfigRecord({"seed": 3, "channels": "8,16,32", "modalities": "T1,T2"})
+    for _ in range(3):  # what one message's guard, policy check and handler each ask for
+        config.request_config(record)
+    assert len(built) == 1 and built[0] == dict(record)
+    config._cached_config.cache_clear()
