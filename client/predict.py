@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 import nibabel as nib
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mome.client.overlay import overlay_png
 from mome.common.atomic import atomic_write_bytes
@@ -111,7 +112,8 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path, notes: list[str
                 path = bad.path if bad.path.name != case else image_dir / case
                 problems.append(f"{path}: {bad.reason}")
 
-    written = segment_cases(predict_probs, cases(), bundle.label_spec, out_dir, overlays)
+    shown = tqdm(cases(), total=len(found), desc="segmenting", unit="case", leave=False, disable=len(found) < 2)
+    written = segment_cases(predict_probs, shown, bundle.label_spec, out_dir, overlays)
     return written, problems
 
 

@@ -181,7 +181,7 @@ class Topology:
 
     def flower_config(self) -> str:
         """The Flower CLI's config.toml: how `flwr run` / `flwr supernode register` reach the SuperLink."""
-        lines = ["# Flower CLI connection to the MoME SuperLink (written by mome; see README, Deployment)",
+        lines = ["# Flower CLI connection to the MoME SuperLink (written by mome; see docs/deployment.md)",
                  "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
                  f'address = "127.0.0.1:{self.ports.control}"']
         if self.secure:
