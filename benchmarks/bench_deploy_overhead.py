@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from mome.common.config import config_from_mapping, parse_run_config
 from mome.sim.run_sim import DEMO_BUDGET, simulate
 from mome.sim.synth import generate_federation
@@ -52,13 +54,10 @@ def import_seconds(module: str) -> float:
 def worker_rss_mb() -> dict[int, float]:
     """Resident memory of every running site worker (`mome site serve`), by pid."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"site\0serve" in (entry / "cmdline").read_bytes():
-                rss = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("VmRSS"))
-                found[int(entry.name)] = int(rss.split()[1]) / 1024
-        except (OSError, StopIteration):
-            continue
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "site serve" in cmdline and proc.info["memory_info"] is not None:
+            found[proc.pid] = proc.info["memory_info"].rss / 2**20
     return found
 
 

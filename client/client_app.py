@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -44,12 +44,8 @@ def node_config_locator(context: Context) -> tuple[Path, str, Path | None]:
 
 
 def process_age() -> float:
-    """Seconds since this process started (Linux's /proc; NaN elsewhere)."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return float("nan")
+    """Seconds since this process started."""
+    return time.time() - psutil.Process().create_time()
 
 
 def node_policy(context: Context) -> SitePolicy:

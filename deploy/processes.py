@@ -1,4 +1,4 @@
-"""Processes a local deployment starts: free ports, console scripts, /proc process trees, stopping them."""
+"""Processes a local deployment starts: free ports, console scripts, process trees, stopping them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+import psutil
 
 log = logging.getLogger("mome.deploy")
 REFUSED = "Exit Code: 305"  # flower-supernode logs this (and exits non-zero) when the SuperLink refuses its key
@@ -48,39 +50,20 @@ def entry_point(name: str) -> str:
     return found
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) for every process (Linux /proc)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
-        table[int(entry.name)] = (int(fields[1]), fields[0])
-    return table
-
-
 def descendants(pid: int) -> list[int]:
     """Every process below pid. Flower's SuperExec children start their own sessions, so a process group
     alone misses them."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for child, (parent, _) in table.items():
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def alive(pid: int) -> bool:
-    state = _proc_table().get(pid)
-    return state is not None and state[1] not in ("Z", "X")
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal(pids: Iterable[int], sig: int) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from flwr.common.config import parse_config_args
@@ -51,15 +52,13 @@ def federation(tmp_path_factory) -> list[Path]:
 def _leftovers(run_dir: Path) -> list[int]:
     """Live processes whose command line or environment mentions the run folder (ours, and their children)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for proc in psutil.process_iter():
         try:
-            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:
+            if proc.pid != os.getpid() and alive(proc.pid) and (
+                    str(run_dir) in " ".join(proc.cmdline()) or any(str(run_dir) in v for v in proc.environ().values())):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if str(run_dir).encode() in text and alive(int(entry.name)):
-            found.append(int(entry.name))
     return found
 
 
