@@ -29,7 +29,7 @@ class ServerState:
     gate_sites: list[str] | None = None  # the experts the gate weighs, in its output order
     labels: dict | None = None  # the federation's label spec, set by the coordinator
     plan: dict | None = None  # target spacing and patch size, from the sites' geometry
-    fingerprint: dict | None = None  # the training config and steps the weights come from, with their hash
+    recipe: dict | None = None  # the training config and steps the weights come from, with their hash
     history: list[dict] = field(default_factory=list)  # one entry per step done: phase, sites, seconds
     dropped: list[dict] = field(default_factory=list)  # replies dropped, with step, site and reason
     traffic: dict[str, dict] = field(default_factory=dict)  # bytes up and down per site
@@ -88,19 +88,19 @@ def load_latest(folder: Path) -> ServerState | None:
     return None
 
 
-def fingerprint(training: dict[str, Any], steps: list) -> dict[str, Any]:
-    """What a checkpoint's weights depend on: the training config and the plan of steps, with their hash."""
-    body = {"config": training, "plan": [list(s) for s in steps]}
+def recipe(training: dict[str, Any], steps: list) -> dict[str, Any]:
+    """What a checkpoint's weights depend on: the training config and the steps, with their hash."""
+    body = {"config": training, "steps": [list(s) for s in steps]}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
     return {**body, "hash": digest}
 
 
 class ResumeRefused(RuntimeError):
-    """A checkpoint made with another training config or plan."""
+    """A checkpoint made with another training config or steps."""
 
 
 def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], step: int) -> None:
-    """Refuse to resume from a checkpoint whose fingerprint differs, naming the keys that differ."""
+    """Refuse to resume from a checkpoint whose recipe differs, naming the keys that differ."""
     if saved is None:
         raise ResumeRefused(f"the checkpoint after step {step} records no config; resume with --force-resume")
     if saved["hash"] == current["hash"]:
@@ -108,5 +108,5 @@ def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], step:
     old, new = saved["config"], current["config"]
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     changes = ", ".join(f"{k.replace('_', '-')} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys[:8])
-    raise ResumeRefused(f"the checkpoint after step {step} was made with another config: {changes or 'the plan'}; "
+    raise ResumeRefused(f"the checkpoint after step {step} was made with another config: {changes or 'other steps'}; "
                         "rerun with the same config, another run folder, or --force-resume (force-resume=true)")

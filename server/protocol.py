@@ -20,7 +20,7 @@ from mome.common.model import load_expert
 from mome.common.state import state_to_numpy
 from mome.common.wire import SHARED_EXPERT, Action, Key, config_record, pack, record_bytes, spec_of
 from mome.server.aggregate import AggregationError, aggregate
-from mome.server.checkpoint import (ResumeRefused, ServerState, check_resumable, fingerprint, load_latest,
+from mome.server.checkpoint import (ResumeRefused, ServerState, check_resumable, load_latest, recipe,
                                    save_checkpoint)
 from mome.server.identity import Refused, Registry
 from mome.server.plan import make_plan, planned_config, site_geometry
@@ -45,16 +45,16 @@ class Coordinator:
         self.grid, self.cfg, self.out_dir = grid, cfg, out_dir
         self.ckpt_dir = out_dir / "checkpoints"
         self.steps = schedule(cfg)
-        self.fingerprint = fingerprint(cfg.training, self.steps)
+        self.recipe = recipe(cfg.training, self.steps)
         saved = load_latest(self.ckpt_dir)
         if saved and saved.step:
             if cfg.force_resume:
                 log.warning("force-resume: resuming from step %d whatever config made it", saved.step)
             else:
-                check_resumable(saved.fingerprint, self.fingerprint, saved.step)
+                check_resumable(saved.recipe, self.recipe, saved.step)
             log.info("resuming %s from checkpoint after step %d", cfg.strategy, saved.step)
         self.state = saved if saved and saved.step else ServerState()
-        self.state.fingerprint = self.fingerprint
+        self.state.recipe = self.recipe
         if labels is not None:
             if self.state.labels not in (None, labels):
                 raise ResumeRefused(f"the checkpoint's labels {label_summary(self.state.labels)} are not the run "

@@ -67,7 +67,7 @@ def run_status(path: Path) -> RunStatus:
         meta = _meta(status.checkpoint)
         status.saved_at = status.checkpoint.stat().st_mtime
         status.done = int(meta.get("step", 0))
-        status.steps = [tuple(s) for s in (meta.get("fingerprint") or {}).get("plan", [])]
+        status.steps = [tuple(s) for s in (meta.get("recipe") or {}).get("steps", [])]
         status.bindings = dict(meta.get("bindings", {}))
         history = meta.get("history", [])
         status.replied = sorted(history[-1].get("sites", {})) if history else []

@@ -1,6 +1,6 @@
 """The coordinator's integrity pieces on their own: node <-> site binding across a reconnect (a scripted Grid, since
 the simulation engine cannot drop and re-add a node), capped and robust aggregation, reading a reply's arrays
-without trusting its header, resume fingerprints, and bundles after a crashed save."""
+without trusting its header, resume recipes, and bundles after a crashed save."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mome.common.state import state_to_numpy
 from mome.common.signing import sign, verify
 from mome.common.wire import PACKED_DATA, PACKED_LAYOUT, Key, metric_record, pack, unpack
 from mome.server.aggregate import AggregationError, aggregate, cap_weights, clip_to_median, site_weights
-from mome.server.checkpoint import ResumeRefused, check_resumable, fingerprint, save_checkpoint
+from mome.server.checkpoint import ResumeRefused, check_resumable, recipe, save_checkpoint
 from mome.server.protocol import Coordinator, QuorumLost
 from mome.server.replies import BadReply, decode
 from tests.conftest import TINY_RUN
@@ -194,14 +194,14 @@ def test_a_reply_array_is_checked_before_anything_is_allocated(data, reason):
     assert decode(honest, expected)["w"].sum() == 2
 
 
-def test_resume_fingerprint_names_the_changed_keys():
+def test_resume_refusal_names_the_changed_keys():
     steps = [("warmup", 0), ("evaluate", 0)]
-    saved = fingerprint(TINY_RUN.training, steps)
-    check_resumable(saved, fingerprint(TINY_RUN.replace(round_timeout=5.0, min_sites=2).training, steps), 3)
+    saved = recipe(TINY_RUN.training, steps)
+    check_resumable(saved, recipe(TINY_RUN.replace(round_timeout=5.0, min_sites=2).training, steps), 3)
     with pytest.raises(ResumeRefused, match=r"seed \(0 -> 1\)"):
-        check_resumable(saved, fingerprint(TINY_RUN.replace(seed=1).training, steps), 3)
-    with pytest.raises(ResumeRefused, match="the plan"):
-        check_resumable(saved, fingerprint(TINY_RUN.training, steps[1:]), 3)
+        check_resumable(saved, recipe(TINY_RUN.replace(seed=1).training, steps), 3)
+    with pytest.raises(ResumeRefused, match="other steps"):
+        check_resumable(saved, recipe(TINY_RUN.training, steps[1:]), 3)
 
 
 def test_a_bundle_saves_and_loads_after_a_crashed_save(tmp_path):
