@@ -19,8 +19,8 @@ from mome.common.clinical import ClinicalSchema, missing_columns, parse_schema, 
 from mome.common.config import Config
 from mome.common.labels import LabelSpec
 from mome.common.preprocess import canonical, case_geometry, voxel_spacing
-from mome.common.sitedata import (BadCase, SiteReport, discover_cases, label_path, read_case, read_layout,
-                             SiteDataError, SiteLayout)
+from mome.common.sitedata import (BadCase, SiteDataError, SiteLayout, SiteReport, discover_cases, foreign_files,
+                                  label_path, read_case, read_layout)
 from mome.common.wire import site_id_from_name
 
 
@@ -174,6 +174,7 @@ def load_site(site_dir: Path | str, cfg: Config, cache_dir: Path | None = None, 
     schema = parse_schema(cfg.clinical_fields)
     rows = _read_clinical(site_dir, report)
     report.contract += [f"{site_dir / 'clinical.csv'}: {m}" for m in (missing_columns(schema, rows) if rows else [])]
+    report.warnings += foreign_files(layout)
     splits: dict[str, list[dict]] = {"Tr": [], "Ts": []}
     geometries: list[dict] = []
     for split in splits:

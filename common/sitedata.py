@@ -151,6 +151,22 @@ def discover_cases(layout: SiteLayout, split: str) -> list[str]:
     return case_ids(folder.iterdir(), layout.file_ending) if folder.is_dir() else []
 
 
+def foreign_files(layout: SiteLayout) -> list[str]:
+    """Files in the image and label folders that are not cases of this site's file_ending (another format, a
+    misnamed file), each with what is read instead: none of them is used."""
+    found = []
+    for folder in ("imagesTr", "imagesTs", "labelsTr", "labelsTs"):
+        named = channel_file(layout.file_ending) if folder.startswith("images") else None
+        for p in sorted((layout.site_dir / folder).iterdir()) if (layout.site_dir / folder).is_dir() else []:
+            if p.name.startswith(".") or (named.match(p.name) if named else p.name.endswith(layout.file_ending)):
+                continue
+            kind = f"a {p.suffix} file" if p.suffix not in (".nii", ".gz") else "not named as a case"
+            found.append(f"{folder}/{p.name}: {kind}, not used; a case is "
+                         f"{'<case>_<cccc>' if named else '<case>'}{layout.file_ending} (NIfTI, dataset.json's "
+                         "file_ending; convert .mha/.nrrd with SimpleITK, DICOM with dcm2niix)")
+    return found
+
+
 def _read_volume(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     """Load a NIfTI fully (so truncation shows now), float32 data and affine; an oversized one is never read."""
     try:

@@ -187,3 +187,15 @@ def test_a_misspelled_clinical_column_is_named_and_check_data_fails(site_copy, c
                                     f"'Age_years'?); columns: Age_years, case_id, risk, sex"]
     assert mome(["check-data", str(site_copy)]) == 1
     assert "contract: " in capsys.readouterr().out
+
+
+def test_files_of_another_format_are_named_with_what_mome_reads(site_copy, capsys):
+    images = site_copy / "imagesTr"
+    n_train = len(load_site(site_copy, TINY).report.usable["Tr"])
+    (images / "extra_0000.mha").write_bytes(sorted(images.iterdir())[0].read_bytes())
+    (site_copy / "labelsTr" / "extra.nrrd").write_bytes(b"NRRD0004")
+    assert mome(["check-data", str(site_copy)]) == 0  # the NIfTI cases are still usable
+    out = capsys.readouterr().out
+    assert "warning: imagesTr/extra_0000.mha: a .mha file, not used; a case is <case>_<cccc>.nii.gz" in out
+    assert "warning: labelsTr/extra.nrrd: a .nrrd file, not used" in out and "dcm2niix" in out
+    assert f"usable: {n_train} training" in out
