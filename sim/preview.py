@@ -14,6 +14,7 @@ from scipy import ndimage
 from mome.sim.synth import SEQUENCES
 
 log = logging.getLogger("mome.sim")
+SHOWN_FIRST = {"FLAIR": 0, "T1CE": 1, "T2": 2}
 
 
 def _preview_row(site: Path) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
@@ -85,8 +86,10 @@ def site_overlays(run_dir: Path, strategy: str, site_dirs: list[Path]) -> dict[s
         try:
             written, _ = predict(bundle, [site], folder, only={case}, allow_missing=True)
             meta = json.loads((site / "dataset.json").read_text())
-            channel = next(int(k) for k in sorted(meta["channel_names"], key=int)
-                           if (site / "imagesTs" / f"{case}_{int(k):04d}{meta['file_ending']}").exists())
+            present = [int(k) for k in meta["channel_names"]
+                       if (site / "imagesTs" / f"{case}_{int(k):04d}{meta['file_ending']}").exists()]
+            # the sequence a reader looks at a tumour in first: FLAIR, then T1ce and T2
+            channel = min(present, key=lambda k: (SHOWN_FIRST.get(meta["channel_names"][str(k)].upper(), 9), k))
             image = site / "imagesTs" / f"{case}_{channel:04d}{meta['file_ending']}"
             pictures[site_id] = overlay_png(
                 image, written[0], folder / f"{case}.png", reference=labelled[0],
