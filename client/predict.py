@@ -109,7 +109,7 @@ def predict(bundle_dir: Path, source: list[Path], out_dir: Path, notes: list[str
                     notes.append(f"{case}: segmented without {', '.join(absent)}{mapping}")
                 yield preprocess_case(raw, geometry_of(raw), bundle.cfg, schema, rows.get(case))
             except BadCase as bad:
-                path = bad.path if bad.path.name != case else image_dir / case
+                path = bad.path or image_dir / case
                 problems.append(f"{path}: {bad.reason}")
 
     shown = tqdm(cases(), total=len(found), desc="segmenting", unit="case", leave=False, disable=len(found) < 2)

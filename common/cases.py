@@ -84,7 +84,7 @@ def geometry_of(raw: dict) -> dict:
     try:
         return case_geometry(raw["raw_image"], raw["affine"], raw["present"])
     except ValueError as exc:
-        raise BadCase(Path(raw["case_id"]), str(exc)) from None
+        raise BadCase(None, str(exc)) from None
 
 
 def preprocess_case(raw: dict, geometry: dict, cfg: Config, schema: ClinicalSchema, row: dict | None) -> dict:
@@ -92,12 +92,12 @@ def preprocess_case(raw: dict, geometry: dict, cfg: Config, schema: ClinicalSche
     input's geometry (to write predictions back onto it)."""
     planned = np.prod(raw["shape"]) * np.prod(voxel_spacing(raw["affine"])) / np.prod(cfg.spacing)
     if planned * len(cfg.modality_names) > cfg.max_voxels:
-        raise BadCase(Path(raw["case_id"]), f"at the plan's spacing {cfg.target_spacing} mm it would hold "
-                                            f"{planned:.0f} voxels per channel, above max-voxels {cfg.max_voxels}")
+        raise BadCase(None, f"at the plan's spacing {cfg.target_spacing} mm it would hold "
+                           f"{planned:.0f} voxels per channel, above max-voxels {cfg.max_voxels}")
     try:
         canon = canonical(raw["raw_image"], raw["affine"], raw["present"], cfg.spacing, raw.get("label"))
     except ValueError as exc:
-        raise BadCase(Path(raw["case_id"]), str(exc)) from None
+        raise BadCase(None, str(exc)) from None
     clinical, _ = schema.encode(row) if row is not None else ([0.0] * schema.width, [])
     image = canon["image"]
     case = {
@@ -135,12 +135,17 @@ def _tensors(d: dict, to_torch: bool) -> dict:
     return {k: convert(v) if isinstance(v, kind) and (to_torch or k in numpy_keys) else v for k, v in d.items()}
 
 
+def _survey_case(layout: SiteLayout, case: str, split: str, with_label: bool, n_modalities: int) -> tuple[dict, dict]:
+    """(case, geometry) before there is a plan (the describe step): the case is read and measured, not preprocessed."""
+    return {"case_id": case, "labelled": with_label}, geometry_of(read_case(layout, case, split, n_modalities,
+                                                                             with_label))
+
+
 def _load_case(layout: SiteLayout, case: str, split: str, with_label: bool, cfg: Config, schema: ClinicalSchema,
                row: dict | None, cache_dir: Path | None) -> tuple[dict, dict]:
-    """(case, geometry): preprocessed on the plan's grid, or only surveyed before the plan (the describe step).
-    Preprocessed cases are cached in cache_dir, keyed by their files and the plan."""
-    path = cache_dir / f"{case}-{_cache_key(layout, case, split, with_label, cfg, row)}.pt" \
-        if cache_dir is not None and cfg.planned else None
+    """(case, geometry), the case preprocessed on the plan's grid; cached in cache_dir, keyed by its files and the
+    plan."""
+    path = cache_dir / f"{case}-{_cache_key(layout, case, split, with_label, cfg, row)}.pt" if cache_dir else None
     if path is not None and path.exists():
         try:
             saved = torch.load(path, weights_only=True)
@@ -149,8 +154,6 @@ def _load_case(layout: SiteLayout, case: str, split: str, with_label: bool, cfg:
             path.unlink(missing_ok=True)
     raw = read_case(layout, case, split, len(cfg.modality_names), with_label)
     geometry = geometry_of(raw)
-    if not cfg.planned:
-        return {"case_id": case, "labelled": with_label}, geometry
     item = preprocess_case(raw, geometry, cfg, schema, row)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,10 +185,11 @@ def load_site(site_dir: Path | str, cfg: Config, cache_dir: Path | None = None, 
                          disable=not progress, leave=False):
             with_label = split == "Tr" or label_path(layout, case, split).exists()
             try:
-                item, geometry = _load_case(layout, case, split, with_label, cfg, schema, rows.get(case), cache_dir)
+                item, geometry = (_load_case(layout, case, split, with_label, cfg, schema, rows.get(case), cache_dir)
+                                  if cfg.planned else _survey_case(layout, case, split, with_label,
+                                                                   len(cfg.modality_names)))
             except BadCase as bad:
-                report.skip(case, bad.path if bad.path.name != case else layout.site_dir / f"images{split}",
-                            bad.reason)
+                report.skip(case, bad.path or layout.site_dir / f"images{split}", bad.reason)
                 continue
             row = rows.get(case)
             if rows and row is None:

@@ -189,8 +189,10 @@ def _read_volume(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class BadCase(Exception):
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path}: {reason}")
+    """One case cannot be used: the file at fault (None: the case as a whole) and why."""
+
+    def __init__(self, path: Path | None, reason: str):
+        super().__init__(f"{path}: {reason}" if path else reason)
         self.path, self.reason = path, reason
 
 
