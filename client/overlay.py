@@ -17,9 +17,10 @@ from matplotlib.patches import Patch  # noqa: E402
 COLOURS = ("#ffd400", "#ff2d2d", "#2d9bff", "#00d17a", "#d12dff", "#ff8c00")  # label 1, 2, ...
 
 
-def _canonical(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    image = nib.as_closest_canonical(nib.load(path))
-    return np.asarray(image.dataobj), image.header.get_zooms()[:3]
+def _canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The volume in RAS axis order (a trailing singleton axis dropped) and its affine."""
+    image = nib.as_closest_canonical(nib.squeeze_image(nib.load(path)))
+    return np.asarray(image.dataobj), image.affine
 
 
 def lesion_slice(labels: np.ndarray) -> int:
@@ -32,14 +33,16 @@ def overlay_png(image: Path, prediction: Path, out: Path, reference: Path | None
                 names: dict[int, str] | None = None, title: str = "") -> Path:
     """Write `out`: the image, then the reference (if given) and the prediction over it, on the axial slice
     through the most lesion (of the reference, else of the prediction). All files must share one grid."""
-    pixels, zooms = _canonical(image)
-    predicted = _canonical(prediction)[0].astype(int)
+    pixels, affine = _canonical(image)
+    labels = [("reference", reference)] if reference is not None else []
     panels = [("image", None)]
-    if reference is not None:
-        panels.append(("reference", _canonical(reference)[0].astype(int)))
-    panels.append(("prediction", predicted))
-    if any(p is not None and p.shape != pixels.shape[:3] for _, p in panels):
-        raise ValueError(f"{image.name}: the image and the label maps are on different grids")
+    for heading, path in [*labels, ("prediction", prediction)]:
+        values, grid = _canonical(path)
+        if values.shape != pixels.shape[:3] or not np.allclose(grid, affine, atol=1e-3):
+            raise ValueError(f"{path.name} is not on the grid of {image.name}")
+        panels.append((heading, values.astype(int)))
+    predicted = panels[-1][1]
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     z = lesion_slice(panels[1][1] if reference is not None else predicted)
     shown = np.rot90(pixels[..., z] if pixels.ndim == 3 else pixels[..., z, 0])
     low, high = np.percentile(shown, [1, 99]) if shown.size else (0, 1)

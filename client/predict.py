@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -24,6 +25,8 @@ from mome.common.cases import INPUT_KEYS, geometry_of, preprocess_case
 from mome.common.patches import Window
 from mome.common.preprocess import to_input_grid
 from mome.common.sitedata import BadCase, SiteLayout, SiteReport, case_ids, channel_file, read_case, read_layout
+
+log = logging.getLogger("mome.client")
 
 
 
@@ -134,8 +137,11 @@ def segment_cases(predict_probs: Predictor, cases: Iterable[dict], spec: LabelSp
         written.append(atomic_write_bytes(out_dir / f"{case['case_id']}.nii.gz", gzip.compress(image.to_bytes()),
                                           mode=0o644))
         if overlays:
-            overlay_png(Path(case["reference"]), written[-1], out_dir / f"{case['case_id']}.png",
-                        names=spec.value_names(), title=case["case_id"])
+            try:  # the picture is a convenience: its failure loses no segmentation
+                overlay_png(Path(case["reference"]), written[-1], out_dir / f"{case['case_id']}.png",
+                            names=spec.value_names(), title=case["case_id"])
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s: no overlay picture (%s: %s)", case["case_id"], type(exc).__name__, exc)
     return written
 
 

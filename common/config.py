@@ -229,12 +229,13 @@ def config_from_mapping(values: Mapping[str, Any]) -> Config:
 def request_config(record: Mapping[str, Any]) -> Config:
     """A message's config record as a Config, built once per distinct record: a site's guard, its policy check and
     the handler of one message all read the same request."""
-    return _cached_config(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in record.items())))
+    return _cached_config(tuple(sorted((k, type(v).__name__, tuple(v) if isinstance(v, list) else v)
+                                       for k, v in record.items())))
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_config(items: tuple) -> Config:
-    return config_from_mapping({k: list(v) if isinstance(v, tuple) else v for k, v in items})
+    return config_from_mapping({k: list(v) if isinstance(v, tuple) else v for k, _, v in items})
 
 
 def _coerce(value: Any, kind: type) -> Any:

@@ -160,7 +160,8 @@ def foreign_files(layout: SiteLayout) -> list[str]:
         for p in sorted((layout.site_dir / folder).iterdir()) if (layout.site_dir / folder).is_dir() else []:
             if p.name.startswith(".") or (named.match(p.name) if named else p.name.endswith(layout.file_ending)):
                 continue
-            kind = f"a {p.suffix} file" if p.suffix not in (".nii", ".gz") else "not named as a case"
+            kind = (f"a {p.suffix} file" if p.suffix not in ("", ".nii", ".gz")
+                    else "a folder" if p.is_dir() else "not named as a case")
             found.append(f"{folder}/{p.name}: {kind}, not used; a case is "
                          f"{'<case>_<cccc>' if named else '<case>'}{layout.file_ending} (NIfTI, dataset.json's "
                          "file_ending; convert .mha/.nrrd with SimpleITK, DICOM with dcm2niix)")

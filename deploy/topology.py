@@ -13,6 +13,7 @@ from mome.deploy.certs import CA_CERT, ENROLLED_SIGNING, SERVER_CERT, SERVER_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
 RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink
+SERVICE_PREFIXES = ("worker-", "superexec-", "enrol-", "exec-")  # per-site service and network names
 CONNECTION = "coordinator"  # name of the SuperLink connection in the Flower CLI's config.toml
 IMAGE = "mome-fl:0.1.0"
 DEFAULT_DATA, DEFAULT_CERTS, DEFAULT_OUTPUTS = "./data", "./certs", "./runs/compose"
@@ -113,6 +114,8 @@ class Topology:
             raise ValueError(f"site id(s) {', '.join(map(repr, bad))} not of the form {SITE_ID_PATTERN.pattern}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"a site id is named twice: {', '.join(ids)}")
+        if taken := [s for s in ids if s in (SUPERLINK, RUN) or s.startswith(SERVICE_PREFIXES)]:
+            raise ValueError(f"site id(s) {', '.join(taken)}: the name of a coordinator or site service; choose another")
         return cls(ids, str(data_dir), **kwargs)
 
     @classmethod

@@ -59,6 +59,8 @@ def _unflatten(arrays: dict, meta: dict) -> ServerState:
     for key in WEIGHTS:
         values[key] = weights.get(key, {}) if meta[f"{key}:present"] else None
     values["experts"] = {site: values["experts"].get(site, {}) for site in meta["experts:sites"]}
+    if "recipe" not in values and isinstance(old := values.get("fingerprint"), dict):  # written before the rename
+        values["recipe"] = recipe(old.get("config", {}), old.get("plan", []))
     return ServerState.from_dict(values)
 
 

@@ -29,9 +29,9 @@ class RunStatus:
 
 
 def strategy_folder(path: Path) -> Path:
-    """The strategy's output folder: `path` itself if it holds checkpoints or metrics.json, else its one
-    sub-folder that does (`runs/compose` -> `runs/compose/mome`)."""
-    if (path / "checkpoints").is_dir() or (path / "metrics.json").is_file() and not _strategies(path):
+    """The strategy's output folder: `path` itself if a run wrote there (config.json at its start, checkpoints,
+    metrics.json), else its one sub-folder that does (`runs/compose` -> `runs/compose/mome`)."""
+    if _is_run(path) and not _strategies(path):
         return path
     found = _strategies(path)
     if len(found) == 1:
@@ -42,8 +42,12 @@ def strategy_folder(path: Path) -> Path:
     raise ValueError(f"{path} holds several runs ({', '.join(p.name for p in found)}): name one")
 
 
+def _is_run(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.json", "checkpoints", "metrics.json"))
+
+
 def _strategies(path: Path) -> list[Path]:
-    return sorted(p for p in path.glob("*/") if (p / "checkpoints").is_dir()) if path.is_dir() else []
+    return sorted(p for p in path.glob("*/") if _is_run(p)) if path.is_dir() else []
 
 
 def _latest(folder: Path) -> Path | None:
@@ -73,8 +77,10 @@ def run_status(path: Path) -> RunStatus:
         status.replied = sorted(history[-1].get("sites", {})) if history else []
         status.dropped = list(meta.get("dropped", []))
         status.refused = [e for e in meta.get("identity", []) if e.get("event") == "refused"]
-    metrics = status.folder / "metrics.json"
-    if metrics.is_file() and (status.saved_at is None or metrics.stat().st_mtime >= status.saved_at):
+    metrics, started = status.folder / "metrics.json", status.folder / "config.json"
+    newest = max([t for t in (status.saved_at, started.stat().st_mtime if started.is_file() else None) if t],
+                 default=None)  # a metrics.json from before this (re)start is an earlier attempt's
+    if metrics.is_file() and (newest is None or metrics.stat().st_mtime >= newest):
         ended = json.loads(metrics.read_text())
         status.outcome, status.error = ended.get("status"), ended.get("error")
     return status

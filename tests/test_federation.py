@@ -111,6 +111,13 @@ def test_status_says_where_a_run_stands_from_its_checkpoints(mome_run, tmp_path,
     out = capsys.readouterr().out
     assert f"steps finished: 2 of {len(steps)}; last: {steps[1]}" in out and f"now: {steps[2]}" in out, out
     assert "ended" not in out and "replied in the last step: site-a, site-b" in out
+    shutil.copy2(run_dir / "mome" / "metrics.json", midway.parent)  # an earlier attempt's, then a restart:
+    (midway.parent / "config.json").write_text((run_dir / "mome" / "config.json").read_text())
+    assert mome(["status", str(midway.parent)]) == 0 and "ended" not in capsys.readouterr().out
+    starting = tmp_path / "starting" / "mome"  # the run has begun (config.json) but finished no step
+    starting.mkdir(parents=True)
+    shutil.copy(run_dir / "mome" / "config.json", starting)
+    assert mome(["status", str(starting.parent)]) == 0 and "no step finished yet" in capsys.readouterr().out
     assert mome(["status", str(tmp_path / "nothing")]) == 2
     assert "no run here" in capsys.readouterr().err
 

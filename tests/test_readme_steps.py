@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,10 +88,10 @@ def followed(tmp_path_factory):
     coord.cwd.mkdir()
     sites = {}
     for site, folder, port in zip(SITES, data, free_ports(len(SITES))):
-        root = tmp / site
-        shell = Shell(root, {"/srv/mome": str(root / "srv"), "/run/mome": str(root / "run"), "site-a": site,
+        root, run = tmp / site, Path(tempfile.mkdtemp(prefix="mome-run-"))  # a socket path stays short
+        shell = Shell(root, {"/srv/mome": str(root / "srv"), "/run/mome": str(run), "site-a": site,
                              "coordinator.example.org:9092": fleet, "9095": str(port)})
-        (root / "run").mkdir(parents=True, mode=0o700)
+        root.mkdir()
         shutil.copytree(folder, root / "srv" / site)
         for command in block_with(hospital, "mome check-data") + block_with(hospital, "mome site-key"):
             shell.run(command)
@@ -117,7 +118,8 @@ def followed(tmp_path_factory):
             for site, shell in sites.items():
                 worker, supernode, superexec = block_with(hospital, "mome site serve")
                 procs.append(shell.start(worker, logs / f"worker-{site}.log"))
-                _wait(lambda: check_health(f"unix://{shell.cwd}/run/worker.sock", 1.0), procs[-1], "the worker")
+                socket = f"unix://{shell.substitutions['/run/mome']}/worker.sock"
+                _wait(lambda: check_health(socket, 1.0), procs[-1], "the worker")
                 procs.append(shell.start(supernode, logs / f"supernode-{site}.log"))
                 port = int(shell.substitutions["9095"])
                 _wait(lambda: port_open(port), procs[-1], "the SuperNode's runtime API")
@@ -130,6 +132,8 @@ def followed(tmp_path_factory):
         finally:
             for proc in reversed(procs):
                 stop_tree(proc)
+            for shell in sites.values():
+                shutil.rmtree(shell.substitutions["/run/mome"], ignore_errors=True)
     yield {"code": code, "status": status, "watched": watched, "sites": sites, "coord": coord, "logs": logs,
            "hospital": hospital, "coordinator": coordinator, "metrics": dep.metrics_path()}
 
