@@ -183,7 +183,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per preset")
     p.add_argument("--strategies", default=",".join(Strategy), help="comma-separated strategies")
     p.add_argument("--no-late-join", action="store_true", help="skip the hospital that joins late (`mome adapt` "
-                   "per run: a few minutes each)")
+                   "per run); a later bench without it adds the late join to the stored runs")
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--cases", type=int, default=None, help="training cases per (non few-shot) site")
     p.add_argument("--run-config", default="", help="overrides for every run")

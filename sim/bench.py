@@ -64,7 +64,7 @@ def _scored_run(plan: BenchPlan, preset: str, seed: int, run_dir: Path) -> dict:
         stored = json.loads(path.read_text())
         if stored.get("stamp") == stamp:
             log.info("%s: already scored with this config, reused", run_dir)
-            if "late_join" not in stored and plan.late_join:
+            if not stored.get("late_join") and plan.late_join:  # stored by --no-late-join: add it, keep the rest
                 stored["late_join"] = late_join(plan, preset, seed, run_dir)
                 write_json(path, stored)
             return stored

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,6 +82,21 @@ def test_a_finished_run_is_reused_and_the_report_is_written(bench_run, tmp_path)
     assert "## mixed (1 seed: 0)" in text and "| local-ensemble |" in text and "Late join" in text
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert (out / "mixed" / "seed-0" / "metrics.json").stat().st_mtime_ns == stamp  # the CLI reused it too
+
+
+def test_a_run_stored_without_the_late_join_gets_it_and_keeps_its_training(bench_run, tmp_path):
+    plan, out, results = bench_run
+    copy = tmp_path / "bench"
+    shutil.copytree(out, copy)
+    scores = copy / "mixed" / "seed-0" / "case_scores.json"
+    stored = json.loads(scores.read_text())
+    scores.write_text(json.dumps({**stored, "late_join": {}}))  # as `mome bench --no-late-join` leaves it
+    trained = (copy / "mixed" / "seed-0" / "metrics.json").stat().st_mtime_ns
+    assert run_bench(replace(plan, late_join=False), copy)["mixed"][0]["late_join"] == {}
+    again = run_bench(plan, copy)["mixed"][0]
+    assert set(again["late_join"]["scores"]) == {"mome-adapted", "mome-given"}
+    assert again["scores"] == results["mixed"][0]["scores"]
+    assert (copy / "mixed" / "seed-0" / "metrics.json").stat().st_mtime_ns == trained
 
 
 def test_bench_refuses_bad_input_before_training(tmp_path, capsys):
