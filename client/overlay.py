@@ -42,7 +42,7 @@ def overlay_png(image: Path, prediction: Path, out: Path, reference: Path | None
             raise ValueError(f"{path.name} is not on the grid of {image.name}")
         panels.append((heading, values.astype(int)))
     predicted = panels[-1][1]
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zooms = nib.affines.voxel_sizes(affine)
     z = lesion_slice(panels[1][1] if reference is not None else predicted)
     shown = np.rot90(pixels[..., z] if pixels.ndim == 3 else pixels[..., z, 0])
     low, high = np.percentile(shown, [1, 99]) if shown.size else (0, 1)

@@ -20,7 +20,7 @@ from mome.common.config import Config
 from mome.common.labels import LabelSpec
 from mome.common.preprocess import canonical, case_geometry, voxel_spacing
 from mome.common.sitedata import (BadCase, SiteDataError, SiteLayout, SiteReport, discover_cases, foreign_files,
-                                  label_path, read_case, read_layout)
+                                  image_file, label_path, read_case, read_layout)
 from mome.common.wire import site_id_from_name
 
 
@@ -119,7 +119,8 @@ CACHE_VERSION = 3  # bump when preprocessing changes what a cached case holds
 def _cache_key(layout: SiteLayout, case: str, split: str, with_label: bool, cfg: Config, row: dict | None) -> str:
     """Changes with the case's files (name, size, mtime), the plan's spacing and everything else preprocessing
     reads."""
-    files = [layout.site_dir / f"images{split}" / f"{case}_{c:04d}{layout.file_ending}" for c in layout.channel_modality]
+    folder = layout.site_dir / f"images{split}"
+    files = [image_file(folder, case, c, layout.file_ending) for c in layout.channel_modality]
     files += [label_path(layout, case, split)] if with_label else []
     stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
     facts = [CACHE_VERSION, split, stats, cfg.target_spacing, cfg.modalities, cfg.clinical_fields, cfg.gate_pool, row,

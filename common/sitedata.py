@@ -14,6 +14,7 @@ import numpy as np
 from mome.common.config import Config
 from mome.common.labels import LabelSpec, label_spec_from_dataset_json
 from mome.common.preprocess import affine_problem
+DEFAULT_FILE_ENDING = ".nii.gz"  # dataset.json without a file_ending (nnU-Net's default)
 
 # Spellings seen in public datasets for the federation's sequence names.
 MODALITY_ALIASES = {
@@ -122,7 +123,8 @@ def read_layout(site_dir: Path, cfg: Config, report: SiteReport) -> SiteLayout:
     if not mapping:
         raise SiteDataError(f"{path}: no channel maps onto the vocabulary {','.join(vocab)}")
     report.modalities = [vocab[m] for m in sorted(mapping.values())]
-    return SiteLayout(site_dir, spec, mapping, str(meta.get("file_ending", ".nii.gz")), missing, cfg.max_voxels)
+    ending = str(meta.get("file_ending", DEFAULT_FILE_ENDING))
+    return SiteLayout(site_dir, spec, mapping, ending, missing, cfg.max_voxels)
 
 
 def _channel_index(channels: dict[int, str], name: str | int) -> int:
@@ -132,6 +134,11 @@ def _channel_index(channels: dict[int, str], name: str | int) -> int:
         if value == name:
             return index
     raise ValueError(f"missing_channels names unknown channel {name!r}")
+
+
+def image_file(folder: Path, case: str, channel: int, file_ending: str) -> Path:
+    """nnU-Net's image file of one channel of a case: <case>_<cccc><file_ending>."""
+    return folder / f"{case}_{channel:04d}{file_ending}"
 
 
 def channel_file(file_ending: str) -> re.Pattern:
@@ -207,7 +214,7 @@ def read_case(layout: SiteLayout, case: str, split: str, n_modalities: int, with
     present = np.zeros(n_modalities, dtype=np.float32)
     shape = affine = None
     for channel, modality in layout.channel_modality.items():
-        path = image_dir / f"{case}_{channel:04d}{layout.file_ending}"
+        path = image_file(image_dir, case, channel, layout.file_ending)
         if not path.exists():
             if allow_missing or channel in layout.missing.get(case, set()):
                 continue

@@ -13,7 +13,8 @@ from mome.deploy.certs import CA_CERT, ENROLLED_SIGNING, SERVER_CERT, SERVER_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
 RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink
-SERVICE_PREFIXES = ("worker-", "superexec-", "enrol-", "exec-")  # per-site service and network names
+WORKER, SUPEREXEC, ENROL, EXEC = "worker-", "superexec-", "enrol-", "exec-"  # + site id: its services, network
+SERVICE_PREFIXES = (WORKER, SUPEREXEC, ENROL, EXEC)
 CONNECTION = "coordinator"  # name of the SuperLink connection in the Flower CLI's config.toml
 IMAGE = "mome-fl:0.1.0"
 DEFAULT_DATA, DEFAULT_CERTS, DEFAULT_OUTPUTS = "./data", "./certs", "./runs/compose"
@@ -115,7 +116,8 @@ class Topology:
         if len(set(ids)) != len(ids):
             raise ValueError(f"a site id is named twice: {', '.join(ids)}")
         if taken := [s for s in ids if s in (SUPERLINK, RUN) or s.startswith(SERVICE_PREFIXES)]:
-            raise ValueError(f"site id(s) {', '.join(taken)}: the name of a coordinator or site service; choose another")
+            raise ValueError(f"site id(s) {', '.join(taken)}: the name of a coordinator or site service; "
+                             "choose another")
         return cls(ids, str(data_dir), **kwargs)
 
     @classmethod
@@ -158,7 +160,7 @@ class Topology:
 
     def flwr_home(self, name: str) -> str:
         """Each process gets its own Flower home (installed app bundles, CLI config)."""
-        cli = name in (RUN, "cli") or name.startswith("enrol-")  # the Flower CLI: holds the connection config
+        cli = name in (RUN, "cli") or name.startswith(ENROL)  # the Flower CLI: holds the connection config
         if self.containers:
             return "/flwr" if cli else f"/tmp/flwr-{name}"
         return f"{self.state_dir or self.out_dir}/flwr-home/{'cli' if cli else name}"
@@ -278,7 +280,7 @@ class Topology:
     def enrol(self, index: int) -> Service:
         """Coordinator side: register a site's public key so the SuperLink accepts that SuperNode."""
         site = self.site_ids[index]
-        name = f"enrol-{site}"
+        name = ENROL + site
         pub = f"{self._see('certs', self.certs_dir)}/{site}.pub" if self.containers else self.site_key(site, True)
         mounts = (Mount(self.site_key(site, public=True), pub),) + self._cert_mounts(CA_CERT)
         return Service(name, "enrol", ("flwr", "supernode", "register", pub, CONNECTION, "--name", site),
@@ -309,16 +311,16 @@ class Topology:
 
 
 def worker_name(site: str) -> str:
-    return f"worker-{site}"
+    return WORKER + site
 
 
 def superexec_name(site: str) -> str:
-    return f"superexec-{site}"
+    return SUPEREXEC + site
 
 
 def exec_network(site: str) -> str:
     """Compose network of one site's SuperNode and its SuperExec (the runtime API), which nothing else joins."""
-    return f"exec-{site}"
+    return EXEC + site
 
 
 def format_node_config(config: Mapping[str, str]) -> str:

@@ -78,9 +78,8 @@ def run_status(path: Path) -> RunStatus:
         status.dropped = list(meta.get("dropped", []))
         status.refused = [e for e in meta.get("identity", []) if e.get("event") == "refused"]
     metrics, started = status.folder / "metrics.json", status.folder / "config.json"
-    newest = max([t for t in (status.saved_at, started.stat().st_mtime if started.is_file() else None) if t],
-                 default=None)  # a metrics.json from before this (re)start is an earlier attempt's
-    if metrics.is_file() and (newest is None or metrics.stat().st_mtime >= newest):
+    since = [t for t in (status.saved_at, started.stat().st_mtime if started.is_file() else None) if t is not None]
+    if metrics.is_file() and metrics.stat().st_mtime >= max(since, default=0):  # else an earlier attempt's
         ended = json.loads(metrics.read_text())
         status.outcome, status.error = ended.get("status"), ended.get("error")
     return status

@@ -72,6 +72,7 @@ def site_overlays(run_dir: Path, strategy: str, site_dirs: list[Path]) -> dict[s
     from mome.client.overlay import overlay_png
     from mome.client.predict import predict
     from mome.common.labels import label_spec_from_dataset_json
+    from mome.common.sitedata import DEFAULT_FILE_ENDING, image_file
     from mome.common.wire import site_id_from_name
 
     pictures = {}
@@ -86,12 +87,12 @@ def site_overlays(run_dir: Path, strategy: str, site_dirs: list[Path]) -> dict[s
         try:
             written, _ = predict(bundle, [site], folder, only={case}, allow_missing=True)
             meta = json.loads((site / "dataset.json").read_text())
-            ending = meta.get("file_ending", ".nii.gz")
+            ending = meta.get("file_ending", DEFAULT_FILE_ENDING)
             present = [int(k) for k in meta["channel_names"]
-                       if (site / "imagesTs" / f"{case}_{int(k):04d}{ending}").exists()]
+                       if image_file(site / "imagesTs", case, int(k), ending).exists()]
             # the sequence a reader looks at a tumour in first: FLAIR, then T1ce and T2
             channel = min(present, key=lambda k: (SHOWN_FIRST.get(meta["channel_names"][str(k)].upper(), 9), k))
-            image = site / "imagesTs" / f"{case}_{channel:04d}{ending}"
+            image = image_file(site / "imagesTs", case, channel, ending)
             pictures[site_id] = overlay_png(
                 image, written[0], folder / f"{case}.png", reference=labelled[0],
                 names=label_spec_from_dataset_json(meta).value_names(),
