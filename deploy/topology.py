@@ -13,6 +13,7 @@ from mome.deploy.certs import CA_CERT, ENROLLED_SIGNING, SERVER_CERT, SERVER_KEY
 
 SUPERLINK = "superlink"  # compose service of the coordinator's SuperLink (also a name in its TLS certificate)
 RUN = "run"  # one-shot service that submits the federation (`flwr run`) to the SuperLink
+CLI_HOME = "cli"  # deploy-local's Flower home of the CLI (the run and the enrolments share its connection config)
 WORKER, SUPEREXEC, ENROL, EXEC = "worker-", "superexec-", "enrol-", "exec-"  # + site id: its services, network
 SERVICE_PREFIXES = (WORKER, SUPEREXEC, ENROL, EXEC)
 CONNECTION = "coordinator"  # name of the SuperLink connection in the Flower CLI's config.toml
@@ -115,7 +116,7 @@ class Topology:
             raise ValueError(f"site id(s) {', '.join(map(repr, bad))} not of the form {SITE_ID_PATTERN.pattern}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"a site id is named twice: {', '.join(ids)}")
-        if taken := [s for s in ids if s in (SUPERLINK, RUN) or s.startswith(SERVICE_PREFIXES)]:
+        if taken := [s for s in ids if s in (SUPERLINK, RUN, CLI_HOME) or s.startswith(SERVICE_PREFIXES)]:
             raise ValueError(f"site id(s) {', '.join(taken)}: the name of a coordinator or site service; "
                              "choose another")
         return cls(ids, str(data_dir), **kwargs)
@@ -160,10 +161,10 @@ class Topology:
 
     def flwr_home(self, name: str) -> str:
         """Each process gets its own Flower home (installed app bundles, CLI config)."""
-        cli = name in (RUN, "cli") or name.startswith(ENROL)  # the Flower CLI: holds the connection config
+        cli = name == RUN or name.startswith(ENROL)  # the Flower CLI: holds the connection config
         if self.containers:
             return "/flwr" if cli else f"/tmp/flwr-{name}"
-        return f"{self.state_dir or self.out_dir}/flwr-home/{'cli' if cli else name}"
+        return f"{self.state_dir or self.out_dir}/flwr-home/{CLI_HOME if cli else name}"
 
     @property
     def superlink_host(self) -> str:

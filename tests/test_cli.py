@@ -13,7 +13,8 @@ from mome.cli.main import main as mome
                                   ["synth", "--out", "X", "--size", "4"], ["certs", "--out", "X", "--sites", "0"],
                                   ["compose", "--out", "X", "--sites", "ucl,Bad_Id"],
                                   ["compose", "--out", "X", "--sites", "ucl,ucl"],
-                                  ["compose", "--out", "X", "--sites", "superlink,ucl"], ["status", "X"]])
+                                  ["compose", "--out", "X", "--sites", "superlink,ucl"],
+                                  ["compose", "--out", "X", "--sites", "cli,ucl"], ["status", "X"]])
 def test_bad_input_is_one_line_and_exit_code_2(argv, tmp_path, capsys):
     argv = [str(tmp_path / a) if a == "X" else a for a in argv]
     assert mome(argv) == 2
