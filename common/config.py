@@ -49,6 +49,7 @@ class Strategy(StrEnum):
             raise ValueError(f"unknown strategy {name!r}; choose from {' | '.join(cls)}") from None
 
 
+PERSONALISE = ("prior", "gate")  # the gate's output bias alone, or all of the gate
 FINAL_MIXTURES = ("personal", "validated")  # the personalised gate's mixture; or chosen on validation cases
 
 
@@ -101,6 +102,8 @@ class Config:
     gate_prior_lr: float = 3e-2  # lr of the gate's output bias, its case-independent preference over experts
     own_prior_cases: float = 1.0  # MoME: the kept gate gives the own expert >= this/(this + cases it was tuned on)
     personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
+    personalise: str = "prior"  # what MoME's personalisation (and `mome adapt`) fits: the gate's "prior" or whole "gate"
+    personal_prior_lr: float = 0.1  # lr of the gate's output bias in personalisation
     final_mixture: str = "personal"  # what a MoME site keeps: "personal", or "validated" (client/choice.py)
     # federation
     strategy: str = "mome"  # a Strategy
@@ -136,6 +139,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.gate_aggregation not in set(GateAggregation):
             raise ValueError(f"gate-aggregation {self.gate_aggregation!r}; choose from {' | '.join(GateAggregation)}")
+        if self.personalise not in PERSONALISE:
+            raise ValueError(f"personalise {self.personalise!r}; choose from {' | '.join(PERSONALISE)}")
         if self.final_mixture not in FINAL_MIXTURES:
             raise ValueError(f"final-mixture {self.final_mixture!r}; choose from {' | '.join(FINAL_MIXTURES)}")
         if not 0.0 <= self.gate_trim_fraction < 0.5:  # Flower's trimmed mean cuts this share from each tail

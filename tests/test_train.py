@@ -143,6 +143,23 @@ def test_gate_prior_moves_at_its_own_lr():
     assert 0 < max(moved.values()) < 1.1 * cfg.lr, moved
 
 
+def test_personalisation_fits_only_the_prior_unless_asked_for_the_whole_gate():
+    """personalise=prior (default): the per-case routing stays the federation's; personalise=gate: all of it moves."""
+    cases = blob_cases(2, 16, seed=2, signature=4.0)
+    experts = [build_expert(CFG, F, n_out=2, seed=s) for s in (0, 1)]
+    cfg = CFG.replace(gate_pool=4)
+    gate = build_gate(cfg, F, n_experts=2)
+    prior = next(n for n, p in gate.named_parameters() if p is gate.prior)
+    for mode in ("prior", "gate"):
+        local = personalise_gate(gate, experts, cases, cfg.replace(personalise=mode), "regions", steps=2)
+        moved = {n: float((p.detach() - q.detach()).abs().max())
+                 for (n, p), q in zip(local.named_parameters(), gate.parameters())}
+        assert moved[prior] > 0.5 * (cfg.personal_prior_lr if mode == "prior" else cfg.gate_prior_lr), moved
+        others = max(v for n, v in moved.items() if n != prior)
+        assert (others == 0) if mode == "prior" else (others > 0), (mode, moved)
+        assert all(p.requires_grad for p in local.parameters())  # a kept gate trains like any other
+
+
 def test_local_trains_one_model_per_site_and_centralized_one_for_all():
     sites = [tuple(blob_cases(2, 16, seed=s + k) for k in (0, 10)) for s in (5, 6)]
     cfg = CFG.replace(expert_epochs=1, clinical_fields="a=num:1,b=num:1,c=num:1")  # the blobs' F = 3 fields
