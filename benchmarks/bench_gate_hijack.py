@@ -8,10 +8,11 @@ global gate (the softmax of its prior, the part of the routing that is the same 
 beyond its place) and the mean weight the honest sites' own gates give its expert on their held-out cases.
 --undefended adds the attacked run under the pre-#26 rules (weighted FedAvg of the gate, no clipping); --control one
 where the same site sends back the gate it was sent, unchanged (what the attack costs beyond that site's missing
-honest update).
+honest update). --reference takes the run without the attacker from a `mome bench` folder (its MoME run on the same
+preset and seed, the same sites and config) instead of running it again.
 
     python benchmarks/bench_gate_hijack.py [--seed 0] [--preset mixed] [--undefended] [--control] [--only-extra]
-                                        [--run-config ".."]
+                                        [--run-config ".."] [--reference BENCH_DIR]
                                         [--out docs/bench/gate-hijack]
 """
 
@@ -71,6 +72,17 @@ def abstain(attacker: str):
     return _gate_reply(attacker, lambda sent, names: sent)
 
 
+def reference_run(bench_dir: Path, preset: str, seed: int, cfg) -> tuple[list[Path], Path]:
+    """(site folders, MoME run) of a `mome bench` run with this preset, seed and config; refused if they differ."""
+    run = bench_dir / preset / f"seed-{seed}"
+    stored = json.loads((run / "mome" / "config.json").read_text())
+    planned = {"strategy", "start_sites", "target_spacing", "patch_size"}  # set by the run itself
+    differ = sorted(k for k, v in cfg.to_dict().items() if k not in planned and stored.get(k) != v)
+    if differ:
+        raise SystemExit(f"{run}: not this config ({', '.join(differ)} differ)")
+    return sorted(p for p in (run / "data").iterdir() if p.is_dir()), run / "mome"
+
+
 def summary(out: Path, attacker: str) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     state = load_latest(out / "checkpoints")
@@ -107,16 +119,23 @@ def main() -> None:
     parser.add_argument("--only-extra", action="store_true", help="skip the two main runs (for --control or "
                         "--undefended alone)")
     parser.add_argument("--run-config", default="", help="run-config overrides (e.g. a smaller budget)")
+    parser.add_argument("--reference", type=Path, help="a `mome bench` folder: its MoME run on this preset and seed "
+                        "is the run without the attacker")
     parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
     args = parser.parse_args()
     cfg = config_from_mapping({**DEMO_BUDGET, **parse_run_config(args.run_config), "seed": args.seed})
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sites = generate_federation(root / "data", sites=4, preset=args.preset, seed=args.seed, size=cfg.size)
+        if args.reference:
+            sites, reference = reference_run(args.reference, args.preset, args.seed, cfg)
+        else:
+            sites = generate_federation(root / "data", sites=4, preset=args.preset, seed=args.seed, size=cfg.size)
         attacker = sites[-1].name
+        if args.reference and not args.only_extra:
+            runs["without the attacker"] = summary(reference, attacker)
         plans = [] if args.only_extra else [
-            ("without the attacker", cfg, []),
+            *([] if args.reference else [("without the attacker", cfg, [])]),
             ("attacked, defaults", cfg, [hijack(attacker, cfg.max_update_ratio, cfg.max_update_norm)])]
         if args.control:
             plans.append(("attacker abstains, defaults", cfg, [abstain(attacker)]))
@@ -130,6 +149,7 @@ def main() -> None:
             print(f"{name}: {json.dumps(runs[name])}", flush=True)
     flags = [f for f, on in (("--undefended", args.undefended), ("--control", args.control),
                              ("--only-extra", args.only_extra)) if on]
+    flags += [f"--reference {args.reference}"] if args.reference else []
     command = " ".join(["python benchmarks/bench_gate_hijack.py", f"--seed {args.seed} --preset {args.preset}",
                         *flags, *([f"--run-config {args.run_config!r}"] if args.run_config else [])])
     head = (f"# Gate hijack: {attacker} of 4 pushes its own expert at every gate round\n\n`{command}`, {args.preset} "
