@@ -9,10 +9,11 @@ beyond its place) and the mean weight the honest sites' own gates give its exper
 --undefended adds the attacked run under the pre-#26 rules (weighted FedAvg of the gate, no clipping); --control one
 where the same site sends back the gate it was sent, unchanged (what the attack costs beyond that site's missing
 honest update). --reference takes the run without the attacker from a `mome bench` folder (its MoME run on the same
-preset and seed, the same sites and config) instead of running it again.
+preset and seed, the same sites and config) instead of running it again; --keep keeps the runs (DIR/run-N) for
+benchmarks/bench_gate_path.py.
 
     python benchmarks/bench_gate_hijack.py [--seed 0] [--preset mixed] [--undefended] [--control] [--only-extra]
-                                        [--run-config ".."] [--reference BENCH_DIR]
+                                        [--run-config ".."] [--reference BENCH_DIR] [--keep DIR]
                                         [--out docs/bench/gate-hijack]
 """
 
@@ -121,12 +122,13 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="run-config overrides (e.g. a smaller budget)")
     parser.add_argument("--reference", type=Path, help="a `mome bench` folder: its MoME run on this preset and seed "
                         "is the run without the attacker")
+    parser.add_argument("--keep", type=Path, help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
     args = parser.parse_args()
     cfg = config_from_mapping({**DEMO_BUDGET, **parse_run_config(args.run_config), "seed": args.seed})
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.keep or Path(tmp)
         if args.reference:
             sites, reference = reference_run(args.reference, args.preset, args.seed, cfg)
         else:
