@@ -7,7 +7,8 @@ MoME as another, or on two machines) into one folder that `mome bench` reads as 
 Each OUT/<preset>/seed-N links the data and strategy runs of every folder that has that run (--strategies: only
 those, in every run); its case_scores.json holds
 all their scores and costs under the stamp that command expects (the default demo budget, 4 sites), and the late
-join: each folder's, plus the part no folder could run (FedAvg's adaptation, when FedAvg ran in another job than
+join: each folder's (where two folders ran the same strategy, the first folder's run counts, for the late join
+as for the scores), plus the part no folder could run (FedAvg's adaptation, when FedAvg ran in another job than
 MoME), computed here on the same late site; none where a folder ran with --no-late-join. Folders whose sites differ
 (other data) are refused.
 """
@@ -36,7 +37,7 @@ def merge_run(out: Path, runs: list[Path], keep: set[str] | None) -> dict:
     merged = {**stored[0], "scores": {}, "cost": {}}
     late = [s["late_join"] for s in stored if s.get("late_join", {}).get("scores")]
     skipped = any(s.get("late_join") == {} for s in stored)  # `mome bench --no-late-join` ran one of them
-    merged["late_join"] = {**late[0], "scores": {k: v for j in late for k, v in j["scores"].items()}} \
+    merged["late_join"] = {**late[0], "scores": {k: v for j in reversed(late) for k, v in j["scores"].items()}} \
         if late and not skipped else {}
     for run, scored in zip(runs, stored):
         for strategy in scored["scores"]:
