@@ -239,9 +239,10 @@ def personalise_gate(
 
     personalise=prior (the default) fits only the gate's output bias, its case-independent trust in each expert, at
     personal-prior-lr. A site personalises on a handful of cases: the thousands of weights of the per-case routing,
-    fitted to three cases, end wherever their start sends them (a site's Dice moved by 0.03 between two global gates
-    a tenth of the way apart, docs/bench/gate-hijack.md), where the K numbers of the prior settle from any start.
-    The per-case routing stays the federation's, learnt on every site's held-out cases."""
+    fitted to three cases, carry whatever the global gate they started from got wrong or right into what the site
+    keeps (docs/bench/gate-path.md: along the path between two global gates a site kept 0.015 of Dice difference
+    with the whole gate fitted, 0.006 with the prior), where K numbers are what three cases can set. The per-case
+    routing stays the federation's, learnt on every site's held-out cases."""
     local = copy.deepcopy(gate)
     optimizer = None
     if cfg.personalise == "prior":
