@@ -1,8 +1,8 @@
 """`mome adapt`: a hospital that took no part in the federation fits the model it was given to its own few labelled
-cases, then segments its new ones. A mixture keeps its experts frozen and personalises its gate on the cases (as every
-site does in the federation's last step); a single shared model is fine-tuned on them (as `fedavg-ft` does). The
-adapted bundle is saved first, then scored on labelled held-out cases (where there are any) and the unlabelled ones
-are segmented: `Site.finalise`, as at the end of a federation."""
+cases, then segments its new ones. A mixture keeps its experts frozen and fits all of its gate to the cases (a
+member of the federation fits only its gate's prior: its cases already trained the routing); a single shared model
+is fine-tuned on them (as `fedavg-ft` does). The adapted bundle is saved first, then scored on labelled held-out
+cases (where there are any) and the unlabelled ones are segmented: `Site.finalise`, as at the end of a federation."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ def adapt(bundle_dir: Path, site_dir: Path, out_dir: Path, passes: int | None = 
     if given.gate is not None:
         gate = site.gate(len(models), given.gate)
         steps = passes * math.ceil(len(cases) / given.cfg.batch_size)
-        adapted_gate = personalise_gate(gate, models, site.batches(cases), given.cfg, site.kind, steps)
+        # the whole gate: a member's held-out cases trained the gate's per-case routing in the gate rounds, so its
+        # personalisation sets only its trust in each expert (`personalise`); a late site's never did
+        whole = given.cfg.replace(personalise="gate")
+        adapted_gate = personalise_gate(gate, models, site.batches(cases), whole, site.kind, steps)
         before = mixture_predictor(models, gate, site.kind, site.window)
         after = mixture_predictor(models, adapted_gate, site.kind, site.window)
         bundle = Bundle(given.cfg, given.label_spec, given.experts, state_to_numpy(adapted_gate), given.strategy,

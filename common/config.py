@@ -102,7 +102,7 @@ class Config:
     gate_prior_lr: float = 3e-2  # lr of the gate's output bias, its case-independent preference over experts
     own_prior_cases: float = 1.0  # MoME: the kept gate gives the own expert >= this/(this + cases it was tuned on)
     personalise_epochs: int = 3  # fedavg-ft's local fine-tuning; MoME personalises its gate for as many steps
-    personalise: str = "prior"  # what MoME's personalisation (and `mome adapt`) fits: the gate's "prior" or whole "gate"
+    personalise: str = "prior"  # what a MoME site's personalisation fits: the gate's "prior" or the whole "gate"
     personal_prior_lr: float = 0.1  # lr of the gate's output bias in personalisation
     final_mixture: str = "personal"  # what a MoME site keeps: "personal", or "validated" (client/choice.py)
     # federation
