@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from mome.common.bundle import load_bundle
 from mome.common.config import parse_run_config
 from mome.deploy.health import check_health, port_open
 from mome.deploy.local import LocalDeployment
@@ -181,3 +183,6 @@ def test_a_hospital_that_took_no_part_adapts_the_federations_model(followed):
     shutil.copytree(followed["metrics"].parent / "model", shell.cwd / "srv" / "federation-model")  # from the coordinator
     shell.run(block_with(followed["hospital"], "mome adapt")[0])
     assert (shell.cwd / "srv" / "adapted" / "model" / "weights.npz").exists()
+    given, adapted = (load_bundle(shell.cwd / "srv" / d) for d in ("federation-model", "adapted/model"))
+    routing = [k for k in given.gate if k != "mlp.2.bias"]  # all but the prior: a late site fits the whole gate
+    assert any(not np.array_equal(given.gate[k], adapted.gate[k]) for k in routing)
