@@ -25,15 +25,18 @@ from mome.common.wire import SHARED_EXPERT
 from mome.server.checkpoint import load_latest
 
 
-def final_dice(run: Path, other: Path, t: float, site_dir: Path, mode: str, cache: Path) -> float:
-    """The site's kept mixture's mean Dice on its held-out cases, its last step replayed from g(t)."""
+def gate_pair(run: Path, other: Path) -> tuple[dict, dict, dict, dict]:
+    """(the experts as sent, run's global gate, other's global gate, run's config) of two runs of one federation."""
     a, b = load_latest(run / "checkpoints"), load_latest(other / "checkpoints")
     if any(not np.array_equal(a.experts[s][k], b.experts[s][k]) for s in a.experts for k in a.experts[s]):
         raise SystemExit(f"{run} and {other} hold different experts: not one federation's two gates")
-    stored = json.loads((run / "config.json").read_text())
-    cfg = config_from_mapping({**stored, "personalise": mode})
     experts = {s: a.experts[s] for s in sorted(a.experts)} | {SHARED_EXPERT: a.base}
-    gate = {k: (1 - t) * v + t * b.gate[k] for k, v in a.gate.items()}
+    return experts, a.gate, b.gate, json.loads((run / "config.json").read_text())
+
+
+def final_dice(experts: dict, gate: dict, stored: dict, site_dir: Path, mode: str, cache: Path) -> float:
+    """The site's kept mixture's mean Dice on its held-out cases, its last step replayed from `gate`."""
+    cfg = config_from_mapping({**stored, "personalise": mode})
     torch.set_num_threads(1)  # as in the simulation: the same numbers as the runs themselves at t = 0 and 1
     site = Site.open(site_dir, cfg, out_dir=cache)
     metrics, _ = site.finalise_mixture(experts, gate)
@@ -52,12 +55,14 @@ def main() -> None:
     args = parser.parse_args()
     sites = args.sites.split(",") if args.sites else sorted(p.name for p in args.data.iterdir() if p.is_dir())
     steps = [float(t) for t in args.steps.split(",")]
+    experts, gate_a, gate_b, stored = gate_pair(args.run_a, args.run_b)
+    path = [{k: (1 - t) * v + t * gate_b[k] for k, v in gate_a.items()} for t in steps]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             for site in sites:
                 rows[f"{site}, personalise={mode}"] = [
-                    final_dice(args.run_a, args.run_b, t, args.data / site, mode, Path(tmp) / site) for t in steps]
+                    final_dice(experts, gate, stored, args.data / site, mode, Path(tmp) / site) for gate in path]
                 print(mode, site, rows[f"{site}, personalise={mode}"], flush=True)
     head = ["| site, mode | " + " | ".join(f"t = {t:g}" for t in steps) + " | largest move from t = 0 |",
             "|---" * (len(steps) + 2) + "|"]

@@ -14,6 +14,7 @@ import numpy as np
 from mome.common.config import Config
 from mome.common.labels import LabelSpec, label_spec_from_dataset_json
 from mome.common.preprocess import affine_problem
+
 DEFAULT_FILE_ENDING = ".nii.gz"  # dataset.json without a file_ending (nnU-Net's default)
 
 # Spellings seen in public datasets for the federation's sequence names.

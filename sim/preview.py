@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from mome.common.sitedata import DEFAULT_FILE_ENDING, image_file
 from mome.sim.synth import SEQUENCES
 
 log = logging.getLogger("mome.sim")
@@ -27,7 +28,7 @@ def _preview_row(site: Path) -> tuple[str, dict[str, np.ndarray], np.ndarray]:
     lacks = set(meta.get("missing_channels", {}).get(case, []))
     slices = {}
     for k, seq in meta["channel_names"].items():
-        path = site / "imagesTr" / f"{case}_{int(k):04d}.nii.gz"
+        path = image_file(site / "imagesTr", case, int(k), DEFAULT_FILE_ENDING)
         if seq not in lacks and path.exists():
             slices[seq] = np.asarray(nib.load(path).dataobj[:, :, z], np.float32)
     knobs = meta.get("synthetic", {})
@@ -72,7 +73,6 @@ def site_overlays(run_dir: Path, strategy: str, site_dirs: list[Path]) -> dict[s
     from mome.client.overlay import overlay_png
     from mome.client.predict import predict
     from mome.common.labels import label_spec_from_dataset_json
-    from mome.common.sitedata import DEFAULT_FILE_ENDING, image_file
     from mome.common.wire import site_id_from_name
 
     pictures = {}

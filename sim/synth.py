@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from mome.common.sitedata import site_id
+from mome.common.sitedata import DEFAULT_FILE_ENDING, image_file, site_id
 from mome.sim.scanner import ORIENTATIONS, save_scan, scanner_grid, scanner_profile
 
 PRESETS: tuple[str, ...] = ("iid", "scanner-shift", "convention-shift", "few-shot", "missing-modality", "mixed")
@@ -265,7 +265,7 @@ def _write_case(spec: SiteSpec, site: Path, split: str, case_id: str, case: int,
     for k, seq in enumerate(spec.channels):
         if seq not in missing:
             img = render(anat, seq, spec, bias, _rng(seed, spec.index, case, _CHANNEL + SEQUENCES.index(seq)))
-            _save(img, affine, site / f"images{split}" / f"{case_id}_{k:04d}.nii.gz", spec)
+            _save(img, affine, image_file(site / f"images{split}", case_id, k, DEFAULT_FILE_ENDING), spec)
     label = apply_convention(anat.label, anat.brain, spec.convention, spec.margin, clinical["risk"])
     _save(label, affine, site / f"labels{split}" / f"{case_id}.nii.gz", spec, label=True)
     return {"case_id": case_id, **clinical}, missing
